@@ -1,0 +1,155 @@
+"""``fmforge`` command line: parse arguments, call the verb's function, print user errors as one line.
+
+Nothing else lives here: every verb is a plain importable function (see each ``_cmd_*`` for which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fmforge import __version__
+from fmforge.errors import FmforgeError
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> None:
+    from fmforge.data.prepare import prepare_data
+
+    prepare_data(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                 val_fraction=args.val_fraction, text_field=args.text_field, overwrite=args.overwrite,
+                 drop_near_duplicates=args.drop_near_duplicates)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from fmforge.config import load_config
+    from fmforge.train.loop import train
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={args.data}")
+    if args.out:
+        overrides.append(f"train.out_dir={args.out}")
+    cfg = load_config(args.config, overrides)
+    result = train(cfg, resume=args.resume)
+    if result.preempted:
+        sys.exit(0)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from fmforge.deploy.generate import generate
+
+    text = generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device)
+    print(text)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from fmforge.eval.perplexity import evaluate
+
+    evaluate(args.run_dir, data_dir=args.data, max_batches=args.max_batches, batch_size=args.batch_size,
+             device=args.device, json_out=args.json)
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from fmforge.quickstart import quickstart
+
+    quickstart(out=args.out, minutes=args.minutes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fmforge",
+        description="Pretrain, evaluate and sample foundation models, from raw data to weights, on one CPU or a GPU cluster.",
+        epilog="Start with `fmforge quickstart`: it trains a tiny language model on text every Python install "
+               "carries, in a few minutes on a laptop CPU. Each verb has its own --help.",
+    )
+    p.add_argument("--version", action="version", version=f"fmforge {__version__}")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    data = verbs.add_parser("data", help="prepare datasets (clean, dedup, tokenize, shard)",
+                            description="Prepare datasets for training.")
+    data_verbs = data.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
+    dp = data_verbs.add_parser(
+        "prepare", help="raw text → tokenizer + token shards + manifest",
+        description="Read text files, directories or globs (.txt .md .py .rst .jsonl .parquet), normalize "
+                    "Unicode, drop exact duplicates, report near-duplicates, train a byte-level BPE tokenizer "
+                    "(or load one) and write token shards plus manifest.json. Bad records are counted by "
+                    "reason, skipped and summarized.")
+    dp.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories or quoted globs")
+    dp.add_argument("--out", required=True, metavar="DATA_DIR", help="output directory")
+    tok = dp.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", metavar="PATH", help="use this tokenizer.json or HF tokenizer directory")
+    tok.add_argument("--vocab-size", type=int, default=8192, metavar="N",
+                     help="train a byte-level BPE tokenizer of this size (default: 8192)")
+    dp.add_argument("--val-fraction", type=float, default=0.01, metavar="F",
+                    help="fraction of documents held out for validation (default: 0.01)")
+    dp.add_argument("--text-field", default="text", metavar="NAME",
+                    help="field holding the text in .jsonl/.parquet records (default: text)")
+    dp.add_argument("--drop-near-duplicates", action="store_true",
+                    help="drop near-duplicate documents too (default: only report them)")
+    dp.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
+    dp.set_defaults(func=_cmd_data_prepare)
+
+    tr = verbs.add_parser(
+        "train", help="pretrain a model from a config",
+        description="Pretrain a causal language model. CONFIG is a YAML file (see configs/); any key can be "
+                    "overridden as key.sub=value, e.g. train.max_steps=200 optim.lr=1e-3. Unknown keys and "
+                    "wrong types are rejected before any work. The resolved config, metrics.jsonl, "
+                    "TensorBoard events, checkpoints and final weights go to the run directory.")
+    tr.add_argument("config", metavar="CONFIG.yaml")
+    tr.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    tr.add_argument("--data", metavar="DATA_DIR", help="prepared data directory (sets data.path)")
+    tr.add_argument("--out", metavar="RUN_DIR", help="run directory (sets train.out_dir)")
+    tr.add_argument("--resume", metavar="auto|PATH",
+                    help="auto: continue from the newest valid checkpoint in RUN_DIR (fresh start if none); "
+                         "PATH: from that checkpoint directory")
+    tr.set_defaults(func=_cmd_train)
+
+    ge = verbs.add_parser("generate", help="sample text from a trained model",
+                          description="Sample a continuation of PROMPT with a KV cache. temperature 0 is greedy.")
+    ge.add_argument("run_dir", metavar="RUN_DIR")
+    ge.add_argument("--prompt", default="", metavar="TEXT")
+    ge.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
+    ge.add_argument("--temperature", type=float, default=0.8, metavar="T")
+    ge.add_argument("--top-k", type=int, default=None, metavar="K")
+    ge.add_argument("--top-p", type=float, default=None, metavar="P")
+    ge.add_argument("--seed", type=int, default=None, metavar="S", help="fix the sampling RNG (reproducible output)")
+    ge.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ge.set_defaults(func=_cmd_generate)
+
+    ev = verbs.add_parser("eval", help="validation loss, perplexity and bits per byte",
+                          description="Evaluate a trained model on the validation split of its data, or on "
+                                      "the validation split of another prepared directory (--data).")
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("--data", metavar="DATA_DIR", help="prepared data directory (default: the run's own data)")
+    ev.add_argument("--max-batches", type=int, default=None, metavar="N", help="cap the evaluated batches")
+    ev.add_argument("--batch-size", type=int, default=8, metavar="B")
+    ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.set_defaults(func=_cmd_eval)
+
+    qs = verbs.add_parser(
+        "quickstart", help="the whole pipeline on built-in data, on CPU, in minutes",
+        description="Build a corpus from the Python standard library's sources and pydoc topics (no "
+                    "downloads), train a tokenizer, pretrain a tiny Llama-style model, evaluate it against the "
+                    "unigram baseline and print samples.")
+    qs.add_argument("--out", default="runs/quickstart", metavar="DIR", help="output directory (default: runs/quickstart)")
+    qs.add_argument("--minutes", type=float, default=4.0, metavar="M", help="training time budget (default: 4)")
+    qs.set_defaults(func=_cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FmforgeError as err:
+        print(f"fmforge: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("fmforge: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `fmforge generate ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

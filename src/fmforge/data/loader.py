@@ -1,0 +1,133 @@
+"""Packed token windows and a deterministic, resumable global-batch order.
+
+Documents sit in the shards as ``[bos] text [eos]`` back to back; a window is ``seq_len + 1`` consecutive
+tokens (inputs and shifted targets), so documents are packed across window edges as in GPT-2/nanoGPT.
+
+Order contract (DESIGN.md): the sequence of global batches is a function of (seed, epoch) only. Rank r of
+world w takes rows ``[r*G/w, (r+1)*G/w)`` of every global batch of G windows, so the same seed and global
+batch give the same data at any world size; the loader position is just (epoch, cursor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fmforge.data.prepare import load_manifest
+from fmforge.data.shards import read_shard
+from fmforge.errors import FmforgeError
+
+
+class TokenWindows:
+    """All ``seq_len + 1``-token windows of one split, stepping by ``seq_len`` inside each shard."""
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int):
+        data_dir = Path(data_dir)
+        self.manifest = load_manifest(data_dir)
+        self.seq_len = seq_len
+        self.shards = [read_shard(data_dir / s["file"]) for s in self.manifest["shards"] if s["split"] == split]
+        counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if self.starts[-1] == 0:
+            tokens = sum(len(s) for s in self.shards)
+            raise FmforgeError(f"{split} split of {data_dir} has {tokens} tokens: too few for one window of "
+                               f"data.seq_len + 1 = {seq_len + 1}")
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def window(self, i: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.starts, i, side="right") - 1)
+        off = (i - int(self.starts[shard])) * self.seq_len
+        return self.shards[shard][off: off + self.seq_len + 1]
+
+    def batch(self, indices) -> torch.Tensor:
+        """``[len(indices), seq_len + 1]`` int64 tensor of the given windows."""
+        return torch.from_numpy(np.stack([self.window(int(i)) for i in indices]).astype(np.int64))
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    cursor: int = 0  # index in this epoch's permutation where the next global batch starts
+
+
+class GlobalBatchLoader:
+    """Yields, for each optimizer step, this rank's micro-batches ``(inputs, targets)`` of one global batch.
+
+    A global batch never spans epochs: the permutation's tail that does not fill one is skipped, so every
+    rank and every world size agrees on where epochs begin.
+    """
+
+    def __init__(self, windows: TokenWindows, global_batch: int, micro_batch: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if global_batch % (micro_batch * world_size):
+            raise FmforgeError(f"global batch of {global_batch} sequences is not a multiple of "
+                               f"micro_batch_size ({micro_batch}) x world size ({world_size})")
+        if len(windows) < global_batch:
+            raise FmforgeError(f"the train split has {len(windows)} windows of {windows.seq_len + 1} tokens, fewer "
+                               f"than one global batch ({global_batch}); prepare more data or lower "
+                               "train.global_batch_tokens")
+        self.windows = windows
+        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.state = LoaderState()
+        self._perm_epoch: int | None = None
+        self._perm: np.ndarray | None = None
+
+    @property
+    def accum_steps(self) -> int:
+        return self.global_batch // (self.micro_batch * self.world_size)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_global_batch_indices(self) -> np.ndarray:
+        if self.state.cursor + self.global_batch > len(self.windows):
+            self.state = LoaderState(epoch=self.state.epoch + 1, cursor=0)
+        start = self.state.cursor
+        indices = self.permutation(self.state.epoch)[start: start + self.global_batch]
+        self.state.cursor += self.global_batch
+        return indices
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches for the next optimizer step."""
+        indices = self.next_global_batch_indices()
+        per_rank = self.global_batch // self.world_size
+        mine = indices[self.rank * per_rank: (self.rank + 1) * per_rank]
+        micro = []
+        for i in range(0, per_rank, self.micro_batch):
+            rows = self.windows.batch(mine[i: i + self.micro_batch])
+            micro.append((rows[:, :-1], rows[:, 1:]))
+        return micro
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "cursor": self.state.cursor, "seed": self.seed,
+                "global_batch": self.global_batch, "windows": len(self.windows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = {"seed": self.seed, "global_batch": self.global_batch, "windows": len(self.windows)}
+        for key, value in expected.items():
+            if state[key] != value:
+                raise FmforgeError(f"the checkpoint's data order does not match this run: its {key} was "
+                                   f"{state[key]}, this run's is {value}")
+        self.state = LoaderState(epoch=int(state["epoch"]), cursor=int(state["cursor"]))
+
+
+def eval_windows(windows: TokenWindows, batch_size: int, max_batches: int | None = None):
+    """Validation batches in file order (deterministic, every window once), optionally capped."""
+    n = len(windows)
+    if max_batches is not None:
+        n = min(n, max_batches * batch_size)
+    for start in range(0, n, batch_size):
+        rows = windows.batch(range(start, min(start + batch_size, n)))
+        yield rows[:, :-1], rows[:, 1:]

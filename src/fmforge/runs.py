@@ -1,0 +1,73 @@
+"""The final artifacts of a run directory: ``model.safetensors`` + ``model.json`` (architecture) + tokenizer.
+
+Everything that consumes a trained model (generate, eval, export, serve) loads it through here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from fmforge.config import ModelConfig
+from fmforge.errors import FmforgeError
+
+MODEL_FORMAT_VERSION = 1
+
+
+def save_pretrained(model: torch.nn.Module, model_cfg: ModelConfig, run_dir: str | Path,
+                    tokenizer_file: str | Path | None = None) -> None:
+    """Write weights, architecture and tokenizer into ``run_dir`` (each file written whole, then renamed)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "model.safetensors.tmp"
+    # save_model handles tied weights (shared storage), which plain save_file refuses.
+    save_model(model, str(tmp), metadata={"format": "fmforge", "version": str(MODEL_FORMAT_VERSION)})
+    tmp.replace(run_dir / "model.safetensors")
+    arch = {"format_version": MODEL_FORMAT_VERSION, "family": "decoder", **model_cfg.model_dump(mode="json")}
+    (run_dir / "model.json").write_text(json.dumps(arch, indent=2) + "\n")
+    if tokenizer_file is not None and Path(tokenizer_file).resolve() != (run_dir / "tokenizer.json").resolve():
+        shutil.copyfile(tokenizer_file, run_dir / "tokenizer.json")
+
+
+def read_model_config(run_dir: str | Path) -> ModelConfig:
+    path = Path(run_dir) / "model.json"
+    if not path.is_file():
+        raise FmforgeError(f"no trained model in {run_dir}: {path.name} is missing (has the run finished?)")
+    try:
+        arch = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise FmforgeError(f"{path} is not valid JSON") from None
+    arch.pop("format_version", None)
+    arch.pop("family", None)
+    return ModelConfig(**arch)
+
+
+def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """Return ``(model, tokenizer)`` from a finished run directory, model in eval mode on ``device``."""
+    from fmforge.data.tokenizer import load_tokenizer
+    from fmforge.models.gpt import GPT
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FmforgeError(f"run directory not found: {run_dir}")
+    cfg = read_model_config(run_dir)
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise FmforgeError(f"no trained model in {run_dir}: model.safetensors is missing")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except Exception as err:  # safetensors raises its own error types for a corrupt header
+        raise FmforgeError(f"cannot read {weights}: {err}") from None
+    if missing or unexpected:
+        raise FmforgeError(f"{weights} does not match model.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.reset_buffers()
+    model.eval()
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    return model, tokenizer

@@ -1,0 +1,158 @@
+"""Atomic, checksummed training checkpoints: ``RUN_DIR/checkpoints/step_NNNNNNN/``.
+
+A checkpoint directory holds ``model.safetensors`` (weights), ``train_state.pt`` (optimizer, scheduler,
+loader position, RNG states, step) and ``meta.json`` (step, config, sha256 of each file). It is written
+under a temporary name, every file fsynced, then renamed into place, so a kill at any moment leaves either
+the old set of checkpoints or the new one — never a half-written checkpoint that looks valid. ``latest``
+names the newest one written; resume still verifies checksums and falls back past a corrupt one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from fmforge.errors import FmforgeError
+
+FORMAT_VERSION = 1
+PREFIX = "step_"
+
+
+class CorruptCheckpoint(FmforgeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:07d}"
+
+
+def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, train_state: dict, config: dict,
+                    keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest`` at it and prune to the newest ``keep_last``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".tmp_{final.name}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(train_state, tmp / "train_state.pt")
+    files = {}
+    for name in ("model.safetensors", "train_state.pt"):
+        _fsync(tmp / name)
+        files[name] = _sha256(tmp / name)
+    meta = {"format_version": FORMAT_VERSION, "step": step, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": files, "config": config}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    _fsync(tmp / "meta.json")
+    _fsync(tmp)
+    if final.exists():  # re-saving the same step (e.g. preempted right after an interval save)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync(root)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name + "\n")
+    pointer.replace(root / "latest")
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint directories under ``root``, oldest first (temporaries excluded)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Return the checkpoint's meta after checking every file against its checksum."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise CorruptCheckpoint(f"checkpoint {path} has no meta.json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CorruptCheckpoint(f"checkpoint {path} has an unreadable meta.json") from None
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"checkpoint {path} is missing {name}")
+        if _sha256(f) != digest:
+            raise CorruptCheckpoint(f"checkpoint {path}: {name} fails its checksum")
+    return meta
+
+
+def latest_valid_checkpoint(root: str | Path, warn=print) -> Path | None:
+    """Newest checkpoint whose checksums hold; corrupt ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CorruptCheckpoint as err:
+            warn(f"warning: {err}; falling back to an older checkpoint")
+    return None
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, device: torch.device) -> tuple[dict, dict]:
+    """Load weights into ``model``; return ``(train_state, meta)`` for the caller to restore the rest."""
+    path = Path(path)
+    meta = verify_checkpoint(path)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
+    if missing or unexpected:
+        raise FmforgeError(f"checkpoint {path} does not fit this model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}): was model.* changed?")
+    train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+    return train_state, meta

@@ -1,0 +1,56 @@
+"""AdamW with the usual no-decay groups, and the learning-rate schedules (warmup + cosine / WSD / constant)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fmforge.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices of Linear layers only: norms, biases and embeddings (and a head tied to them) are not
+    decayed, following GPT-2/nanoGPT and most LLM recipes."""
+    no_decay: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, nn.Embedding) or name.endswith("bias") or p.ndim < 2:
+                no_decay.add(id(p))
+    decay, keep = [], []
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        if p.requires_grad:
+            (keep if id(p) in no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    fused = cfg.fused
+    if fused is None:  # fused kernels exist for CUDA and (torch >= 2.4) CPU
+        fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, fused=fused)
+
+
+def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Multiplier on ``cfg.lr`` for optimizer step ``step`` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        span = max(1, max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    # WSD (warmup-stable-decay, Hu et al. 2024 "MiniCPM"): flat, then a linear decay over the last fraction.
+    decay_steps = max(1, int(max_steps * cfg.decay_fraction))
+    decay_start = max_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    return floor + (1 - floor) * max(0.0, 1 - (step - decay_start) / decay_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))

@@ -1,0 +1,66 @@
+import pytest
+
+from conftest import run_cli
+from fmforge.config import build_config, load_config
+from fmforge.errors import FmforgeError
+
+
+def test_unknown_key_is_rejected_naming_it():
+    with pytest.raises(FmforgeError, match=r"train\.max_stepz: unknown key"):
+        build_config({"train": {"max_stepz": 10}})
+
+
+def test_wrong_type_is_rejected_naming_key_and_value():
+    with pytest.raises(FmforgeError, match=r"optim\.lr: .*'fast'"):
+        build_config({}, ["optim.lr=fast"])
+
+
+def test_bad_choice_is_rejected():
+    with pytest.raises(FmforgeError, match=r"model\.arch"):
+        build_config({"model": {"arch": "mamba"}})
+
+
+@pytest.mark.parametrize("override", ["train.max_steps", "=3", "train..max_steps=3", "train.max-steps=3"])
+def test_bad_override_syntax_is_rejected(override):
+    with pytest.raises(FmforgeError, match="bad override"):
+        build_config({}, [override])
+
+
+def test_overrides_parse_yaml_scalars_and_win_over_file(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  max_steps: 5\noptim:\n  lr: 0.1\n")
+    cfg = load_config(cfg_file, ["train.max_steps=7", "optim.lr=1e-3", "train.compile=true"])
+    assert (cfg.train.max_steps, cfg.optim.lr, cfg.train.compile) == (7, 1e-3, True)
+
+
+def test_named_size_fills_only_unset_fields_and_arch_defaults():
+    m = build_config({"model": {"arch": "gpt2", "size": "gpt2-124m", "n_layer": 2}}).model.resolved(vocab_size=50257)
+    assert (m.n_layer, m.d_model, m.n_head, m.vocab_size, m.norm, m.pos, m.tie_embeddings) == (
+        2, 768, 12, 50304, "layernorm", "learned", True)
+    llama = build_config({"model": {"size": "llama-1b"}}).model.resolved(vocab_size=32000, seq_len=2048)
+    assert (llama.n_kv_head, llama.d_ff, llama.rope_theta, llama.mlp) == (8, 8192, 500000.0, "swiglu")
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")):
+        cfg = load_config(path)
+        cfg.model.resolved(vocab_size=50257, seq_len=cfg.data.seq_len)
+
+
+def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  max_stepz: 10\n")
+    for args in ([cfg_file], [cfg_file.with_name("missing.yaml")], [cfg_file, "train.max_steps"]):
+        proc = run_cli("train", *args, "--data", tmp_path, "--out", tmp_path / "run")
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fmforge: error:"), proc.stderr
+    assert "unknown key" in run_cli("train", cfg_file).stderr
+
+
+def test_every_verb_explains_itself():
+    for verb in ([], ["data", "prepare"], ["train"], ["generate"], ["eval"], ["quickstart"]):
+        proc = run_cli(*verb, "--help")
+        assert proc.returncode == 0 and "usage: fmforge" in proc.stdout and len(proc.stdout) > 200, verb
