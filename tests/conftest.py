@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # A fixed, varied slice of real code and prose: ~0.6 MB.

@@ -82,11 +82,14 @@ def test_loader_resumes_from_its_state(prepared):
 
 
 def test_training_on_real_text_falls_below_the_unigram_baseline(prepared, tmp_path):
-    result, _ = _train(prepared, tmp_path / "run", **{"model.size": "micro", "train.max_steps": 120,
+    result, _ = _train(prepared, tmp_path / "run", **{"model.size": "micro", "train.max_steps": 150,
+                                                         "train.global_batch_tokens": 2048,
+                                                         "train.micro_batch_size": 16,
                                                          "train.eval_interval": 0, "train.eval_batches": 8,
-                                                         "checkpoint.interval": 0, "train.log_interval": 20})
+                                                         "checkpoint.interval": 0, "train.log_interval": 25})
     baseline = unigram_baseline(prepared)
-    assert result.val_loss < 0.85 * baseline, (result.val_loss, baseline)
+    # ~300k tokens of training on a 0.9M-parameter model; measured 0.74 of the baseline.
+    assert result.val_loss < 0.8 * baseline, (result.val_loss, baseline)
     metrics = read_metrics(tmp_path / "run")
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses[-1] < losses[0] - 1.0

@@ -18,8 +18,11 @@ from fmforge.errors import FmforgeError
 MODEL_FORMAT_VERSION = 1
 
 
+TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
+
+
 def save_pretrained(model: torch.nn.Module, model_cfg: ModelConfig, run_dir: str | Path,
-                    tokenizer_file: str | Path | None = None) -> None:
+                    tokenizer_dir: str | Path | None = None) -> None:
     """Write weights, architecture and tokenizer into ``run_dir`` (each file written whole, then renamed)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -29,8 +32,10 @@ def save_pretrained(model: torch.nn.Module, model_cfg: ModelConfig, run_dir: str
     tmp.replace(run_dir / "model.safetensors")
     arch = {"format_version": MODEL_FORMAT_VERSION, "family": "decoder", **model_cfg.model_dump(mode="json")}
     (run_dir / "model.json").write_text(json.dumps(arch, indent=2) + "\n")
-    if tokenizer_file is not None and Path(tokenizer_file).resolve() != (run_dir / "tokenizer.json").resolve():
-        shutil.copyfile(tokenizer_file, run_dir / "tokenizer.json")
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != run_dir.resolve():
+        for name in TOKENIZER_FILES:  # the map names bos/eos/pad roles that tokenizer.json alone may not
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copyfile(Path(tokenizer_dir) / name, run_dir / name)
 
 
 def read_model_config(run_dir: str | Path) -> ModelConfig:

@@ -232,7 +232,7 @@ def train(cfg: Config, resume: str | None = None, echo=print) -> TrainResult:
     if saved_at != step:
         save(step)
     logger.close()
-    save_pretrained(model, cfg.model, run_dir, Path(cfg.data.path) / "tokenizer.json")
+    save_pretrained(model, cfg.model, run_dir, cfg.data.path)
     tail = f", val loss {val_loss:.4f}" if val_loss is not None else ""
     echo(f"done: {step} steps, train loss {loss:.4f}{tail}; weights in {run_dir / 'model.safetensors'}")
     return TrainResult(run_dir, step, loss, val_loss, preempted=False)

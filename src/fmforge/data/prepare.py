@@ -1,0 +1,314 @@
+"""``fmforge data prepare``: raw text → cleaned, deduplicated documents → tokenizer → token shards + manifest.
+
+Two streaming passes, so the corpus never has to fit in memory:
+
+1. read, normalize, dedup; each kept document goes to a staging JSONL in the output directory with its
+   split (decided from the document's content hash, so the same document always lands in the same split);
+2. (after training the tokenizer on the staged train split, unless one was given) encode the staged
+   documents in large batches — the Rust tokenizer spreads each batch over every core — and append
+   ``[bos] + ids + [eos]`` to the shards of their split.
+
+The manifest is written last and atomically: a directory with a manifest.json is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from fmforge import __version__
+from fmforge.data.clean import ExactDeduper, MinHashDeduper, normalize, text_digest
+from fmforge.data.shards import ShardWriter, shard_dtype
+from fmforge.data.sources import DocumentReader, resolve_inputs
+from fmforge.data.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
+from fmforge.errors import FmforgeError
+
+FORMAT = "fmforge-text"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+STAGING = ".staging.jsonl"
+ENCODE_BATCH_DOCS = 2048
+ENCODE_BATCH_CHARS = 4_000_000  # bounds memory (each token is a Rust Encoding entry until converted)
+# Exactly the names this module writes; nothing else in the output directory is ever deleted. Leftovers of
+# an interrupted run (temp files, staging) are unmistakably ours; the final names could be a user's files.
+_NAMES = r"((train|val)_\d{6}\.bin|manifest\.json|tokenizer\.json|special_tokens_map\.json)"
+_OUR_OUTPUTS = re.compile(rf"^{_NAMES}$")
+_OUR_LEFTOVERS = re.compile(rf"^{_NAMES}\.tmp$|^\.staging\.jsonl$")
+
+
+@dataclass
+class _Kept:
+    """What pass 1 kept, and which staged lines must switch split (see ``_balance_splits``)."""
+
+    count: int = 0
+    val: int = 0
+    exact_duplicates: int = 0
+    near_duplicates: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    # (u, line) of the train document most like a val one, and of the val document most like a train one
+    best_train: tuple[float, int] = (2.0, -1)
+    best_val: tuple[float, int] = (-1.0, -1)
+    moved: dict[int, str] = field(default_factory=dict)
+
+
+def _validate(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: float, shard_tokens: int,
+              overwrite: bool) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise FmforgeError(f"val_fraction must be at least 0 and below 1, got {val_fraction}")
+    if tokenizer is None and vocab_size < 256 + 3:
+        raise FmforgeError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least 259 "
+                           "(256 bytes + 3 special tokens)")
+    if shard_tokens < 1:
+        raise FmforgeError(f"shard_tokens must be positive, got {shard_tokens}")
+    if out.exists() and not out.is_dir():
+        raise FmforgeError(f"output {out} exists and is not a directory")
+    if overwrite or not out.exists():
+        return
+    if (out / MANIFEST).exists():
+        raise FmforgeError(f"{out} already holds prepared data; pass --overwrite to replace it")
+    clashes = sorted(p.name for p in out.iterdir() if _OUR_OUTPUTS.match(p.name))
+    if clashes:
+        raise FmforgeError(f"{out} already holds {', '.join(clashes[:3])}{' ...' if len(clashes) > 3 else ''} "
+                           "(an interrupted run, or not ours); pass --overwrite to replace them")
+
+
+def _remove_our_files(out: Path) -> None:
+    # The manifest goes first: from then on the directory no longer claims to hold complete data.
+    (out / MANIFEST).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if p.is_file() and (_OUR_OUTPUTS.match(p.name) or _OUR_LEFTOVERS.match(p.name)):
+            p.unlink()
+
+
+def _split_of(digest: bytes, val_fraction: float) -> tuple[str, float]:
+    u = int.from_bytes(digest[:8], "little") / 2**64  # uniform in [0, 1), a pure function of the content
+    return ("val" if u < val_fraction else "train"), u
+
+
+def _clean_and_stage(reader: DocumentReader, staging: Path, val_fraction: float, drop_near: bool) -> _Kept:
+    """Pass 1: normalize, drop exact duplicates, detect near-duplicates, stage kept documents."""
+    kept = _Kept()
+    exact, near = ExactDeduper(), MinHashDeduper()
+    with open(staging, "w", encoding="utf-8") as f:
+        for doc in reader:
+            text = normalize(doc.text)
+            digest = text_digest(text)
+            if exact.is_duplicate(digest):
+                kept.exact_duplicates += 1
+                kept.dropped["exact_duplicate"] += 1
+                continue
+            if near.is_near_duplicate(text):
+                kept.near_duplicates += 1
+                if drop_near:
+                    kept.dropped["near_duplicate"] += 1
+                    continue
+            split, u = _split_of(digest, val_fraction)
+            line = kept.count
+            if split == "val":
+                kept.val += 1
+                kept.best_val = max(kept.best_val, (u, line))
+            else:
+                kept.best_train = min(kept.best_train, (u, line))
+            f.write(json.dumps({"split": split, "text": text}, ensure_ascii=False) + "\n")
+            kept.count += 1
+    return kept
+
+
+def _balance_splits(kept: _Kept, val_fraction: float) -> None:
+    """Guarantee one val document (when asked for and there are two or more) and one train document, by
+    moving the document whose hash is closest to the boundary: still deterministic from content alone."""
+    if kept.count - kept.val == 0 and kept.count:
+        kept.moved[kept.best_val[1]] = "train"
+        kept.val -= 1
+    elif val_fraction > 0 and kept.val == 0 and kept.count >= 2:
+        kept.moved[kept.best_train[1]] = "val"
+        kept.val += 1
+
+
+def _staged(staging: Path, moved: dict[int, str]) -> Iterator[tuple[str, str]]:
+    with open(staging, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            record = json.loads(line)
+            yield moved.get(i, record["split"]), record["text"]
+
+
+def _encode_and_shard(tok: TextTokenizer, staged: Iterator[tuple[str, str]], writers: dict[str, ShardWriter],
+                      n_bytes: Counter) -> None:
+    """Pass 2: encode in big batches (parallel in Rust) and append each document with its delimiters."""
+    prefix = [tok.bos_id] if tok.bos_id is not None else []
+    suffix = [tok.eos_id]
+
+    def flush(batch: list[tuple[str, str]]) -> None:
+        ids = tok.encode_batch([text for _, text in batch])
+        tokens: dict[str, list[int]] = {split: [] for split in writers}
+        for (split, text), doc_ids in zip(batch, ids):
+            out = tokens[split]
+            out += prefix
+            out += doc_ids
+            out += suffix
+            n_bytes[split] += len(text.encode("utf-8"))
+        for split, toks in tokens.items():
+            if toks:
+                writers[split].write(np.array(toks, dtype=writers[split].dtype))
+
+    batch: list[tuple[str, str]] = []
+    chars = 0
+    for split, text in staged:
+        batch.append((split, text))
+        chars += len(text)
+        if len(batch) >= ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
+            flush(batch)
+            batch, chars = [], 0
+    if batch:
+        flush(batch)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _reasons(dropped: Counter) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = None, vocab_size: int = 8192,
+                 val_fraction: float = 0.01, text_field: str = "text", shard_tokens: int = 50_000_000,
+                 overwrite: bool = False, drop_near_duplicates: bool = False,
+                 log: Callable[[str], None] | None = print) -> dict:
+    """Turn raw text files into a prepared data directory: ``manifest.json``, ``tokenizer.json`` and
+    ``train_*.bin`` / ``val_*.bin`` token shards. Returns the manifest.
+
+    inputs: files, directories (recursive: .txt .md .py .rst .jsonl .parquet) or globs.
+    tokenizer: a tokenizer.json or HF tokenizer directory to use; otherwise a byte-level BPE of
+        ``vocab_size`` is trained on the train split.
+    val_fraction: share of documents held out, chosen by content hash (deterministic).
+    text_field: the field holding the text in .jsonl / .parquet records.
+    drop_near_duplicates: near-duplicates are always counted; this also removes them.
+    Bad records (invalid UTF-8, binary, empty, malformed JSON, missing field) are counted and skipped.
+    """
+    say = log or (lambda _msg: None)
+    start = time.perf_counter()
+    out = Path(out)
+    _validate(out, tokenizer, vocab_size, val_fraction, shard_tokens, overwrite)
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
+    reader = DocumentReader(resolve_inputs(inputs), text_field)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_our_files(out)
+    staging = out / STAGING
+    try:
+        say(f"reading {len(reader.files)} files")
+        kept = _clean_and_stage(reader, staging, val_fraction, drop_near_duplicates)
+        dropped = reader.dropped + kept.dropped
+        if kept.count == 0:
+            raise FmforgeError(f"nothing usable in the inputs: read {reader.read} documents, all dropped "
+                               f"({_reasons(dropped) or 'no records found'})")
+        _balance_splits(kept, val_fraction)
+        n_train, n_val = kept.count - kept.val, kept.val
+        if tok is None:
+            say(f"training a {vocab_size}-token byte-level BPE on {n_train} train documents")
+            tok = train_tokenizer((t for s, t in _staged(staging, kept.moved) if s == "train"), vocab_size)
+        dtype = shard_dtype(tok.vocab_size)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        say(f"tokenizing {kept.count} documents on {cores} cores")
+        t_encode = time.perf_counter()
+        writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split, n in
+                   (("train", n_train), ("val", n_val)) if n}
+        n_bytes: Counter = Counter()
+        try:
+            _encode_and_shard(tok, _staged(staging, kept.moved), writers, n_bytes)
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        shards = [s for w in writers.values() for s in w.close()]
+        encode_s = time.perf_counter() - t_encode
+    finally:
+        staging.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):  # failed before writing anything: leave no trace
+            out.rmdir()
+
+    tokens = {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")}
+    if tokens["train"] == 0:
+        raise FmforgeError(f"nothing usable in the inputs: no train tokens ({_reasons(dropped) or 'no drops'})")
+    tok.save(out / TOKENIZER_FILE)
+    _write_json_atomic(out / SPECIAL_TOKENS_FILE, tok.special_tokens_map())
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fmforge_version": __version__,
+        "sources": [{"path": s.path, "bytes": s.bytes, "sha256": s.sha256} for s in reader.sources],
+        "documents": {"read": reader.read, "kept": kept.count, "train": n_train, "val": n_val,
+                      "exact_duplicates": kept.exact_duplicates, "near_duplicates": kept.near_duplicates},
+        # Among the documents that reached the near-duplicate check (valid, not exact duplicates).
+        "near_duplicate_rate": kept.near_duplicates / max(1, reader.read - reader.dropped.total()
+                                                          - kept.exact_duplicates),
+        "dropped": dict(sorted(dropped.items())),
+        "tokens": tokens,
+        "bytes": {"train": n_bytes["train"], "val": n_bytes["val"]},
+        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                      "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+                      "trained": tokenizer is None, "source": None if tokenizer is None else str(tokenizer)},
+        "dtype": dtype.name,
+        "shards": shards,
+        "normalization": "NFC",
+        "text_field": text_field,
+        "val_fraction": val_fraction,
+    }
+    _write_json_atomic(out / MANIFEST, manifest)
+    _summarize(say, out, manifest, time.perf_counter() - start, encode_s, drop_near_duplicates)
+    return manifest
+
+
+def _summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float, encode_s: float,
+               dropped_near: bool) -> None:
+    docs, tokens = m["documents"], m["tokens"]
+    action = "dropped" if dropped_near else "kept; --drop-near-duplicates removes them"
+    rate = (tokens["train"] + tokens["val"]) / max(encode_s, 1e-9)
+    say(f"prepared {out} in {elapsed:.1f}s")
+    say(f"  documents: read {docs['read']}, kept {docs['kept']} (train {docs['train']}, val {docs['val']})")
+    say(f"  dropped: {_reasons(Counter(m['dropped'])) or 'none'}")
+    say(f"  near-duplicates: {docs['near_duplicates']} ({m['near_duplicate_rate']:.2%}, {action})")
+    say(f"  tokens: train {tokens['train']:,}, val {tokens['val']:,} in {len(m['shards'])} {m['dtype']} shards "
+        f"({rate:,.0f} tokens/s)")
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """Read and sanity-check a prepared data directory's manifest."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FmforgeError(f"prepared data directory not found: {data_dir}")
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        raise FmforgeError(f"no {MANIFEST} in {data_dir}: create it with `fmforge data prepare INPUT --out {data_dir}`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FmforgeError(f"{path} is not valid JSON; prepare the data again with --overwrite") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise FmforgeError(f"{path} is not an fmforge text-data manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FmforgeError(f"{path} has format version {version!r}; this fmforge reads up to {FORMAT_VERSION}, upgrade it")
+    missing = [k for k in ("shards", "tokens", "tokenizer", "dtype") if k not in manifest]
+    if missing:
+        raise FmforgeError(f"{path} is incomplete: missing {', '.join(missing)}")
+    return manifest

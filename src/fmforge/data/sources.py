@@ -1,0 +1,220 @@
+"""Find input files and read them as a stream of documents, counting (never raising on) bad records.
+
+Inputs are files, directories (searched recursively for known extensions, hidden folders skipped) or
+globs. Plain-text files are one document each; ``.jsonl`` is one document per line and ``.parquet`` one per
+row, the text taken from ``text_field``. Every source file's size and sha256 are recorded for the manifest,
+hashed from the same bytes that are parsed so no file is read twice.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fmforge.errors import FmforgeError
+
+TEXT_EXTENSIONS = (".txt", ".md", ".py", ".rst")
+KNOWN_EXTENSIONS = TEXT_EXTENSIONS + (".jsonl", ".parquet")
+PARQUET_BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str
+    bytes: int
+    sha256: str
+
+
+def _is_glob(item: str) -> bool:
+    return any(c in item for c in "*?[")
+
+
+def _walk(directory: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .venv, .cache ...
+        found += [Path(root, f) for f in sorted(files)
+                  if not f.startswith(".") and f.lower().endswith(KNOWN_EXTENSIONS)]
+    return found
+
+
+def resolve_inputs(inputs: list[str]) -> list[Path]:
+    """Expand inputs into a sorted-per-input, de-duplicated list of files. A missing path, a glob that
+    matches nothing, or a directory without any known file is a user error."""
+    if not inputs:
+        raise FmforgeError("no inputs given")
+    files: list[Path] = []
+    for item in inputs:
+        item = str(item)
+        if _is_glob(item):
+            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            if not matches:
+                raise FmforgeError(f"no files match {item!r}")
+            # Files a pattern matches count as named explicitly: the user chose them, whatever the extension.
+            for m in map(Path, matches):
+                files += _walk(m) if m.is_dir() else [m]
+        else:
+            p = Path(item).expanduser()
+            if not p.exists():
+                raise FmforgeError(f"input not found: {item}")
+            if p.is_dir():
+                found = _walk(p)
+                if not found:
+                    raise FmforgeError(f"input directory {item} holds no {' '.join(KNOWN_EXTENSIONS)} files")
+                files += found
+            else:
+                files.append(p)
+    seen, unique = set(), []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def _import_pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise FmforgeError("reading .parquet files needs pyarrow: pip install fmforge[parquet]") from None
+    return pa, pq
+
+
+def _bad_text(text: str) -> str | None:
+    """The drop reason for a decoded text, or None when it is usable."""
+    if "\x00" in text:
+        return "binary"
+    if not text.strip():
+        return "empty"
+    try:  # JSON can smuggle in lone surrogates ("\\ud800") that no UTF-8 writer or tokenizer accepts
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "invalid_utf8"
+    return None
+
+
+class DocumentReader:
+    """Iterate documents from files. After (or during) iteration: ``read`` records seen, ``dropped`` a Counter
+    of skipped records by reason (read == yielded + sum(dropped)), ``sources`` the files with size and hash."""
+
+    def __init__(self, files: list[Path], text_field: str = "text"):
+        self.files = [Path(f) for f in files]
+        self.text_field = text_field
+        self.read = 0
+        self.dropped: Counter[str] = Counter()
+        self.sources: list[SourceFile] = []
+        if any(f.suffix.lower() == ".parquet" for f in self.files):
+            _import_pyarrow()  # fail before any work, not halfway through the corpus
+
+    def __iter__(self) -> Iterator[Document]:
+        for path in self.files:
+            ext = path.suffix.lower()
+            try:
+                if ext == ".jsonl":
+                    yield from self._read_jsonl(path)
+                elif ext == ".parquet":
+                    yield from self._read_parquet(path)
+                else:
+                    yield from self._read_text(path)
+            except OSError:  # permissions, a file vanishing mid-run: a bad input, not a crash
+                self.read += 1
+                self.dropped["unreadable"] += 1
+
+    def _skip(self, reason: str, n: int = 1) -> None:
+        self.read += n
+        self.dropped[reason] += n
+
+    def _read_text(self, path: Path) -> Iterator[Document]:
+        data = path.read_bytes()
+        self.sources.append(SourceFile(str(path), len(data), hashlib.sha256(data).hexdigest()))
+        # NUL bytes mean binary (or UTF-16, which is valid UTF-8 but not text we can use).
+        if b"\x00" in data:
+            self._skip("binary")
+            return
+        try:
+            text = data.decode("utf-8-sig")  # a byte-order mark is an encoding artifact, not text
+        except UnicodeDecodeError:
+            self._skip("invalid_utf8")
+            return
+        if reason := _bad_text(text):
+            self._skip(reason)
+            return
+        self.read += 1
+        yield Document(text, str(path))
+
+    def _read_jsonl(self, path: Path) -> Iterator[Document]:
+        sha, size = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f):
+                sha.update(line)
+                size += len(line)
+                if lineno == 0 and line.startswith(b"\xef\xbb\xbf"):
+                    line = line[3:]
+                if not line.strip():  # blank lines separate nothing; they are not records
+                    continue
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    self._skip("invalid_utf8")
+                    continue
+                except json.JSONDecodeError:
+                    self._skip("malformed_jsonl")
+                    continue
+                if not isinstance(record, dict):
+                    self._skip("malformed_jsonl")
+                    continue
+                text = record.get(self.text_field)
+                if not isinstance(text, str):
+                    self._skip("missing_text_field")
+                    continue
+                if reason := _bad_text(text):
+                    self._skip(reason)
+                    continue
+                self.read += 1
+                yield Document(text, str(path))
+        self.sources.append(SourceFile(str(path), size, sha.hexdigest()))
+
+    def _read_parquet(self, path: Path) -> Iterator[Document]:
+        pa, pq = _import_pyarrow()
+        # Memory-map once: the hash and the parquet reader share the same pages, and nothing is loaded whole.
+        with pa.memory_map(str(path)) as mm:
+            buf = mm.read_buffer()
+            self.sources.append(SourceFile(str(path), buf.size, hashlib.sha256(buf).hexdigest()))
+            try:
+                pf = pq.ParquetFile(pa.BufferReader(buf))
+            except (pa.ArrowException, OSError):
+                self._skip("malformed_parquet")
+                return
+            if self.text_field not in pf.schema_arrow.names:
+                self._skip("missing_text_field", pf.metadata.num_rows)
+                return
+            try:
+                for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[self.text_field]):
+                    column = batch.column(0)
+                    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                        self._skip("missing_text_field", len(column))
+                        continue
+                    for text in column.to_pylist():
+                        if text is None:
+                            self._skip("missing_text_field")
+                        elif reason := _bad_text(text):
+                            self._skip(reason)
+                        else:
+                            self.read += 1
+                            yield Document(text, str(path))
+            except pa.ArrowException:  # a corrupt page partway through: keep what was read, count the file
+                self._skip("malformed_parquet")
