@@ -32,7 +32,8 @@ QUICKSTART_CONFIG = {
 
 def stdlib_sources() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    # Tests are not library code; encodings/ is code-page tables and pydoc_data/ the topics added as prose.
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
 
 

@@ -1,0 +1,210 @@
+"""The one transformer block every fmforge family is built from: norm, attention, MLP, pre-norm residuals.
+
+Encoder vs decoder is a mask and a head, not a different block: ``Attention(causal=...)`` is the only switch.
+Parameter names are chosen so Hugging Face checkpoints map onto them one tensor at a time:
+
+    attn.qkv   = concat(q_proj, k_proj, v_proj)     (GPT-2: c_attn, stored transposed by HF's Conv1D)
+    attn.proj  = o_proj                             (GPT-2: attn.c_proj)
+    mlp.c_fc / mlp.c_proj                           (GPT-2 GELU MLP)
+    mlp.w1 = gate_proj, mlp.w3 = up_proj, mlp.w2 = down_proj   (Llama SwiGLU)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fmforge.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def init_linear(layer: nn.Linear, std: float, truncated: bool) -> None:
+    """GPT-2 draws from N(0, std); Llama/torchtitan truncates at 3 std so no weight starts as an outlier."""
+    if truncated:
+        nn.init.trunc_normal_(layer.weight, std=std, a=-3 * std, b=3 * std)
+    else:
+        nn.init.normal_(layer.weight, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+# ---------------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [max_len, head_dim] in fp32, in the rotate-half layout of HF Llama: frequency i
+    rotates the pair (i, i + head_dim/2), so HF q/k weights load without a permutation."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, heads, head_dim] by the angles of its positions; cos/sin are [T, head_dim]."""
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # the dtype cast matches HF
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated for ``max_len`` positions; ``length`` are filled.
+
+    Writing at ``start_pos < length`` overwrites from there on (rolling back a rejected continuation)."""
+
+    def __init__(self, batch_size: int, n_kv_head: int, max_len: int, head_dim: int, device=None, dtype=None):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(2)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv_head, T, head_dim] at positions start_pos.. and return all keys/values so far."""
+        end = start_pos + k.size(2)
+        if start_pos > self.length or end > self.max_len:
+            raise ValueError(f"KV cache: cannot write positions [{start_pos}, {end}) with {self.length} filled "
+                             f"of {self.max_len}")
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads (n_kv_head <= n_head), optional RoPE and KV cache."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.causal = causal
+        self.dropout = cfg.dropout
+        # One matmul for q, k and v: a single wide GEMM beats three narrow ones.
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start_pos: int = 0, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, d] at positions start_pos..start_pos+T-1; ``rope`` holds cos/sin for exactly those positions.
+        ``attn_mask`` (no-cache path only) is a boolean mask, True = may attend, broadcastable to
+        [B, n_head, T, T], e.g. key padding for encoders; with causal=True it is and-ed with causality."""
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
+
+        is_causal, mask = self.causal, attn_mask
+        if cache is not None:
+            if attn_mask is not None or not self.causal:
+                raise ValueError("KV cache decoding is for causal attention without an extra mask")
+            k, v = cache.update(start_pos, k, v)
+            if start_pos > 0:
+                # Queries follow a cached prefix: one token sees every key (no mask); a chunk of T tokens
+                # needs the causal mask shifted by start_pos (SDPA's is_causal aligns it top-left, wrongly).
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
+        elif mask is not None and is_causal:
+            mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            is_causal = False
+
+        groups = self.n_head // self.n_kv_head
+        enable_gqa = groups > 1
+        if enable_gqa and mask is not None:
+            # The fused kernels take GQA only without a mask (HF's rule too); otherwise SDPA would drop to
+            # its math path, so expand the kv heads ourselves.
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            enable_gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_drop(self.proj(y))
+
+    def init_weights(self, std: float, out_std: float, truncated: bool) -> None:
+        init_linear(self.qkv, std, truncated)
+        init_linear(self.proj, out_std, truncated)
+
+
+# ---------------------------------------------------------------------------------------------------- MLPs
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: d -> d_ff -> d with tanh-approximated GELU (what GPT-2 was trained with)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One fused kernel; HF's GPT-2 spells this formula out in eight elementwise ops.
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+    def init_weights(self, std: float, out_std: float, truncated: bool) -> None:
+        init_linear(self.c_fc, std, truncated)
+        init_linear(self.c_proj, out_std, truncated)
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP: w2(silu(w1 x) * w3 x). Separate gate/up Linears: fusing them measured slower on CPU."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+    def init_weights(self, std: float, out_std: float, truncated: bool) -> None:
+        init_linear(self.w1, std, truncated)
+        init_linear(self.w3, std, truncated)
+        init_linear(self.w2, out_std, truncated)
+
+
+# ---------------------------------------------------------------------------------------------------- block
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, causal=causal)
+        self.norm2 = make_norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start_pos: int = 0, cache: KVCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, start_pos, cache, attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+    def init_weights(self, std: float, out_std: float, truncated: bool) -> None:
+        """``out_std`` is for the projections that write into the residual stream (attn.proj and the MLP's
+        last Linear): each block adds to the stream, so scaling them down keeps its variance from growing
+        with depth."""
+        self.norm1.reset_parameters()
+        self.norm2.reset_parameters()
+        self.attn.init_weights(std, out_std, truncated)
+        self.mlp.init_weights(std, out_std, truncated)

@@ -1,0 +1,124 @@
+"""Decoder-only language model (GPT-2 and Llama families) on the shared blocks of ``blocks.py``.
+
+The two families differ only in config (see ``registry.ARCH_DEFAULTS``): positions (learned vs rotary), norm
+(LayerNorm vs RMSNorm), MLP (GELU vs SwiGLU), biases, weight tying, and the init below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from fmforge.config import ModelConfig
+from fmforge.models.blocks import Block, KVCache, make_norm, rope_tables
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        """``cfg`` must be resolved (``ModelConfig.resolved``): every shape field set."""
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.pos == "rope":
+            # Non-persistent: derived from the config, so never saved; filled by reset_buffers() (via init_weights).
+            self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _apply(self, fn, recurse=True):
+        # Moving between devices of different kinds (meta -> cpu in to_empty, as runs.load_pretrained does)
+        # makes a new Parameter per module and silently unties the head from the embedding; tie them again.
+        super()._apply(fn, recurse)
+        if self.cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.tie_weights()
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2: N(0, init_std), residual-stream projections scaled by 1/sqrt(2 n_layer) (Radford et al. 2019).
+        Llama: truncated normal, residual-stream projections of layer i scaled by 1/sqrt(2 (i + 1)) (torchtitan's
+        depth init). Biases zero, norms one. Safe to call again after ``to_empty``."""
+        cfg = self.cfg
+        std, truncated = cfg.init_std, cfg.arch != "gpt2"
+        embeddings = [self.tok_emb, self.pos_emb] + ([] if cfg.tie_embeddings else [self.lm_head])
+        for module in embeddings:
+            if module is None:
+                continue
+            if truncated:
+                nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
+            else:
+                nn.init.normal_(module.weight, std=std)
+        for i, block in enumerate(self.blocks):
+            depth = cfg.n_layer if cfg.arch == "gpt2" else i + 1
+            block.init_weights(std, std / math.sqrt(2 * depth), truncated)
+        self.norm_f.reset_parameters()
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute the RoPE tables on the model's current device (``to_empty`` leaves them uninitialized)."""
+        if self.cfg.pos == "rope":
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
+                                   device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def forward(self, idx: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab_size] in the compute dtype for tokens idx [B, T] at positions start_pos...
+        With ``cache`` (from ``new_cache``) keys/values are stored for later calls: prefill at start_pos=0,
+        then feed new tokens at start_pos = tokens so far."""
+        B, T = idx.shape
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.cfg.max_seq_len}")
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
+        rope = None
+        if self.cfg.pos == "rope":
+            rope = (self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, start_pos, None if cache is None else cache[i])
+        return self.lm_head(self.norm_f(x))
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
+        """One empty KV cache per layer for up to ``max_len`` positions; device/dtype default to the weights'."""
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
+        weight = self.tok_emb.weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        return [KVCache(batch_size, self.cfg.n_kv_head, max_len, self.cfg.head_dim, device, dtype)
+                for _ in range(self.cfg.n_layer)]
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, tied weights once. ``exclude_embeddings`` leaves out the token and position
+        embeddings and the output head (Kaplan et al.'s "non-embedding" N)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L H Q T, where N counts
+        every weight that multiplies activations: the non-embedding parameters plus the output head's
+        d_model x vocab matmul (counted even when tied, since the head matmul runs either way). Embedding
+        lookups are gathers, not matmuls, so they are left out. Used for MFU."""
+        cfg = self.cfg
+        n = self.num_params(exclude_embeddings=True) + cfg.d_model * cfg.vocab_size
+        return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
