@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import run_cli
+
 from fmforge.config import build_config, load_config
 from fmforge.errors import FmforgeError
 

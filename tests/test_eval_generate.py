@@ -4,8 +4,8 @@ import json
 import math
 
 import pytest
-
 from conftest import run_cli, tiny_overrides
+
 from fmforge.config import build_config
 from fmforge.train.loop import train
 

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import read_metrics, run_cli, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_cli, tiny_overrides
 from fmforge.config import build_config
 from fmforge.data.loader import GlobalBatchLoader, TokenWindows
 from fmforge.errors import FmforgeError
