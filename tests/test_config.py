@@ -64,3 +64,17 @@ def test_every_verb_explains_itself():
     for verb in ([], ["data", "prepare"], ["train"], ["generate"], ["eval"], ["quickstart"]):
         proc = run_cli(*verb, "--help")
         assert proc.returncode == 0 and "usage: fmforge" in proc.stdout and len(proc.stdout) > 200, verb
+
+
+def test_train_overrides_may_follow_options(tmp_path):
+    from fmforge.cli import build_parser, main
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("{}\n")
+    with pytest.raises(SystemExit) as exit_info:  # reaches config validation, which rejects the bad key
+        main(["train", str(cfg_file), "--out", str(tmp_path / "r"), "train.max_stepz=3", "--data", str(tmp_path)])
+    assert exit_info.value.code == 2
+    args, extra = build_parser().parse_known_args(["train", "c.yaml", "--out", "r", "a.b=1"])
+    assert extra == ["a.b=1"]
+    with pytest.raises(SystemExit):
+        main(["eval", "run", "a.b=1"])

@@ -135,13 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "downloads), train a tokenizer, pretrain a tiny Llama-style model, evaluate it against the "
                     "unigram baseline and print samples.")
     qs.add_argument("--out", default="runs/quickstart", metavar="DIR", help="output directory (default: runs/quickstart)")
-    qs.add_argument("--minutes", type=float, default=4.0, metavar="M", help="training time budget (default: 4)")
+    qs.add_argument("--minutes", type=float, default=6.0, metavar="M", help="training time budget (default: 6)")
     qs.set_defaults(func=_cmd_quickstart)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `train CFG --out DIR a.b=c`: argparse stops filling the overrides positional at the first option, so
+    # key=value words after options arrive as extras; only train takes them.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.verb == "train" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except FmforgeError as err:

@@ -73,7 +73,7 @@ def _seconds_per_step(cfg, vocab_size: int) -> float:
     return min(times[1:])
 
 
-def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, echo=print) -> dict:
+def quickstart(out: str | Path = "runs/quickstart", minutes: float = 6.0, echo=print) -> dict:
     """Run the embedded end-to-end demo into ``out`` and return its evaluation."""
     from fmforge.data.prepare import prepare_data
     from fmforge.deploy.generate import generate
@@ -115,7 +115,8 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 4.0, echo=p
          f"({result['val_loss']:.3f} vs {result['unigram_loss']:.3f} nats/token)")
 
     echo("== 4/4 samples (temperature 0.8, top-k 50, seed 0)")
-    for prompt in ("def ", "import os\n", "The "):
+    # Prompts end at a word, not a space: BPE tokens carry their leading space.
+    for prompt in ("def main(", "import os\n", "The"):
         text = generate(out / "run", prompt, max_new_tokens=120, temperature=0.8, top_k=50, seed=0, device="auto")
         echo(f"--- prompt {prompt!r}\n{text}\n")
     minutes_taken = (time.perf_counter() - t_start) / 60
