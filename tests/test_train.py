@@ -183,3 +183,34 @@ def test_global_batch_that_does_not_divide_is_a_clear_error(prepared, tmp_path):
         _train(prepared, tmp_path / "r", **{"train.global_batch_tokens": 500})
     with pytest.raises(FmforgeError, match="micro_batch_size"):
         _train(prepared, tmp_path / "r", **{"train.micro_batch_size": 3})
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_abandoned_future_aside(prepared, tmp_path):
+    out = tmp_path / "run"
+    _train(prepared, out, **{"train.max_steps": 30})
+    ckpts = out / "checkpoints"
+    result, messages = _train(prepared, out, resume=str(ckpts / "step_0000010"),
+                              **{"train.max_steps": 25, "checkpoint.interval": 5, "checkpoint.keep_last": 2})
+    assert result.step == 25 and any("moved 2 newer checkpoint(s)" in m for m in messages)
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000020", "step_0000025"]
+    assert (ckpts / "latest").read_text().strip() == "step_0000025"
+    aside = next(ckpts.glob("abandoned_after_step_0000010_*"))
+    assert sorted(p.name for p in aside.iterdir()) == ["step_0000020", "step_0000030"]  # kept, not deleted
+
+
+def test_a_checkpoint_half_written_by_a_killed_process_is_ignored_and_cleaned(prepared, tmp_path):
+    out = tmp_path / "run"
+    _train(prepared, out, **{"train.max_steps": 10})
+    stale = out / "checkpoints" / ".tmp_step_0000015"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    result, _ = _train(prepared, out, resume="auto", **{"train.max_steps": 20})
+    assert result.step == 20 and not stale.exists()
+
+
+def test_run_dir_paths_are_taken_literally(prepared, tmp_path):
+    out = tmp_path / "run #2"
+    proc = run_cli("train", _empty_config(out), *tiny_overrides(prepared, tmp_path / "ignored",
+                                                                 **{"train.max_steps": 2}), "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").is_file()

@@ -25,15 +25,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from fmforge.config import load_config
     from fmforge.train.loop import train
 
-    overrides = list(args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    # Paths are set as plain strings, not as overrides: YAML would read `run #2` as `run` and 2024 as an int.
     if args.data:
-        overrides.append(f"data.path={args.data}")
+        cfg.data.path = args.data
     if args.out:
-        overrides.append(f"train.out_dir={args.out}")
-    cfg = load_config(args.config, overrides)
-    result = train(cfg, resume=args.resume)
-    if result.preempted:
-        sys.exit(0)
+        cfg.train.out_dir = args.out
+    train(cfg, resume=args.resume)
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:

@@ -6,13 +6,17 @@ explicit) is written to ``RUN_DIR/config.yaml`` and is enough to reproduce the r
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
 
 from fmforge.errors import FmforgeError
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 
 
 class Section(BaseModel):
@@ -25,24 +29,24 @@ class ModelConfig(Section):
 
     arch: Literal["gpt2", "llama"] = "llama"
     size: str | None = None
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_kv_head: int | None = None
-    d_model: int | None = None
-    d_ff: int | None = None
-    vocab_size: int | None = None
-    max_seq_len: int | None = None
+    n_layer: PositiveInt | None = None
+    n_head: PositiveInt | None = None
+    n_kv_head: PositiveInt | None = None
+    d_model: PositiveInt | None = None
+    d_ff: PositiveInt | None = None
+    vocab_size: PositiveInt | None = None
+    max_seq_len: PositiveInt | None = None
     norm: Literal["layernorm", "rmsnorm"] | None = None
     mlp: Literal["gelu", "swiglu"] | None = None
     pos: Literal["learned", "rope"] | None = None
     bias: bool | None = None
     tie_embeddings: bool | None = None
-    rope_theta: float | None = None
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    init_std: float = 0.02
+    rope_theta: PositiveFloat | None = None
+    norm_eps: PositiveFloat = 1e-5
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    init_std: PositiveFloat = 0.02
     # Pad the embedding/head to a multiple of this many rows: matmuls on 50257 rows are slow, 50304 fast.
-    vocab_multiple: int = 64
+    vocab_multiple: PositiveInt = 64
 
     def resolved(self, vocab_size: int | None = None, seq_len: int | None = None) -> ModelConfig:
         """Every field filled: explicit value > named size > arch default. ``vocab_size``/``seq_len`` come
@@ -59,6 +63,9 @@ class ModelConfig(Section):
         for key, val in ARCH_DEFAULTS[self.arch].items():
             if values.get(key) is None:
                 values[key] = val
+        if values["vocab_size"] is not None and vocab_size is not None and values["vocab_size"] < vocab_size:
+            raise FmforgeError(f"model.vocab_size ({values['vocab_size']}) is smaller than the tokenizer's "
+                               f"vocabulary ({vocab_size})")
         if values["vocab_size"] is None:
             if vocab_size is None:
                 raise FmforgeError("model.vocab_size: not set and no tokenizer to take it from")
@@ -94,42 +101,42 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     path: str | None = None  # a prepared data directory (fmforge data prepare)
-    seq_len: int = 256
+    seq_len: PositiveInt = 256
 
 
 class OptimConfig(Section):
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
+    lr: PositiveFloat = 3e-4
+    min_lr_ratio: Fraction = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: NonNegativeFloat = 0.1
+    beta1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    beta2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.95
+    eps: PositiveFloat = 1e-8
+    grad_clip: NonNegativeFloat = 1.0  # 0 disables clipping
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to min lr
+    warmup_steps: NonNegativeInt = 100
+    decay_fraction: Fraction = 0.2  # wsd: the last fraction of steps decays to min lr
     fused: bool | None = None  # None: fused AdamW wherever the device supports it
 
 
 class TrainConfig(Section):
     out_dir: str | None = None
-    seed: int = 1337
-    max_steps: int = 1000
-    global_batch_tokens: int = 65536
-    micro_batch_size: int = 8
+    seed: NonNegativeInt = 1337
+    max_steps: PositiveInt = 1000
+    global_batch_tokens: PositiveInt = 65536
+    micro_batch_size: PositiveInt = 8
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
     compile: bool = False
-    eval_interval: int = 200
-    eval_batches: int = 20
-    log_interval: int = 10
-    peak_tflops: float | None = None  # for MFU where the device is not in the peak table (e.g. CPU)
-    threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
+    eval_interval: NonNegativeInt = 200  # 0: validate only at the end
+    eval_batches: PositiveInt = 20
+    log_interval: PositiveInt = 10
+    peak_tflops: PositiveFloat | None = None  # for MFU where the device is not in the peak table (e.g. CPU)
+    threads: PositiveInt | None = None  # torch intra-op threads on CPU; None leaves torch's default
 
 
 class CheckpointConfig(Section):
-    interval: int = 500  # steps between checkpoints; 0: only at the end and on preemption
-    keep_last: int = 3
+    interval: NonNegativeInt = 500  # steps between checkpoints; 0: only at the end and on preemption
+    keep_last: PositiveInt = 3
 
 
 class LogConfig(Section):
@@ -183,7 +190,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    raw = apply_overrides(dict(raw or {}), list(overrides))
+    raw = apply_overrides(copy.deepcopy(raw or {}), list(overrides))
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

@@ -49,9 +49,10 @@ def write_pydoc_topics(path: Path) -> int:
 
 def _seconds_per_step(cfg, vocab_size: int) -> float:
     """Time two optimizer steps of the real model on random tokens, to fit max_steps to the time budget."""
+    from fmforge.device import pick_device
     from fmforge.models.gpt import GPT
     from fmforge.objectives.clm import clm_loss
-    from fmforge.train.loop import autocast_for, pick_device
+    from fmforge.train.loop import autocast_for
     from fmforge.train.optim import build_optimizer
 
     device = pick_device(cfg.train.device)

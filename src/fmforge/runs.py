@@ -23,7 +23,8 @@ TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
 
 def save_pretrained(model: torch.nn.Module, model_cfg: ModelConfig, run_dir: str | Path,
                     tokenizer_dir: str | Path | None = None) -> None:
-    """Write weights, architecture and tokenizer into ``run_dir`` (each file written whole, then renamed)."""
+    """Write weights, architecture and tokenizer into ``run_dir``. Weights and architecture are written
+    under a temporary name and renamed, so a reader never sees half a file."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "model.safetensors.tmp"
@@ -31,7 +32,8 @@ def save_pretrained(model: torch.nn.Module, model_cfg: ModelConfig, run_dir: str
     save_model(model, str(tmp), metadata={"format": "fmforge", "version": str(MODEL_FORMAT_VERSION)})
     tmp.replace(run_dir / "model.safetensors")
     arch = {"format_version": MODEL_FORMAT_VERSION, "family": "decoder", **model_cfg.model_dump(mode="json")}
-    (run_dir / "model.json").write_text(json.dumps(arch, indent=2) + "\n")
+    (run_dir / "model.json.tmp").write_text(json.dumps(arch, indent=2) + "\n")
+    (run_dir / "model.json.tmp").replace(run_dir / "model.json")
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != run_dir.resolve():
         for name in TOKENIZER_FILES:  # the map names bos/eos/pad roles that tokenizer.json alone may not
             if (Path(tokenizer_dir) / name).is_file():

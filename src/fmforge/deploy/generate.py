@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from fmforge.device import pick_device
 from fmforge.errors import FmforgeError
 
 
@@ -95,17 +96,6 @@ def sample(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: fl
     return new
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FmforgeError(f"device {device!r} requested but CUDA is not available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise FmforgeError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
-
-
 def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              device: str = "auto") -> str:
@@ -118,7 +108,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 200, temper
     from fmforge.runs import load_pretrained
 
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p)
-    dev = _resolve_device(device)
+    dev = pick_device(device)
     model, tok = load_pretrained(run_dir, dev)
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + list(tok.encode(prompt))
     if not ids:

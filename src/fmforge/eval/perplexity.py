@@ -77,9 +77,14 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, max_batche
              batch_size: int = 8, device: str = "auto", json_out: bool = False, echo=print) -> dict:
     """The ``fmforge eval`` verb: loss, perplexity and bits per byte on a prepared validation split."""
     from fmforge.data.loader import TokenWindows, eval_windows
+    from fmforge.device import pick_device
     from fmforge.runs import load_pretrained
-    from fmforge.train.loop import autocast_for, pick_device
+    from fmforge.train.loop import autocast_for
 
+    if batch_size < 1:
+        raise FmforgeError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_batches is not None and max_batches < 1:
+        raise FmforgeError(f"--max-batches must be at least 1, got {max_batches}")
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():

@@ -79,9 +79,9 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, train_s
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
-    tmp = root / f".tmp_{final.name}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in root.glob(".tmp_*"):  # left by a process killed mid-save: never a valid checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp_{final.name}"
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(train_state, tmp / "train_state.pt")
@@ -94,10 +94,14 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, train_s
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _fsync(tmp / "meta.json")
     _fsync(tmp)
-    if final.exists():  # re-saving the same step (e.g. preempted right after an interval save)
-        shutil.rmtree(final)
+    old = None
+    if final.exists():  # re-saving a step: move the old one aside first so the step never goes missing
+        old = root / f".tmp_old_{final.name}"
+        final.rename(old)
     tmp.rename(final)
     _fsync(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     pointer = root / ".latest.tmp"
     pointer.write_text(final.name + "\n")
     pointer.replace(root / "latest")
@@ -124,8 +128,13 @@ def verify_checkpoint(path: str | Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text())
         files = meta["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        step = int(meta["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise CorruptCheckpoint(f"checkpoint {path} has an unreadable meta.json") from None
+    if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
+        raise CorruptCheckpoint(f"checkpoint {path} has an unreadable meta.json (no file checksums)")
+    if path.name.startswith(PREFIX) and path.name != f"{PREFIX}{step:07d}":
+        raise CorruptCheckpoint(f"checkpoint {path} says it is step {step}")
     for name, digest in files.items():
         f = path / name
         if not f.is_file():
@@ -136,14 +145,34 @@ def verify_checkpoint(path: str | Path) -> dict:
 
 
 def latest_valid_checkpoint(root: str | Path, warn=print) -> Path | None:
-    """Newest checkpoint whose checksums hold; corrupt ones are skipped with a warning."""
-    for path in reversed(list_checkpoints(root)):
+    """The checkpoint ``latest`` names if its checksums hold, else the newest one that holds; corrupt ones
+    are skipped with a warning."""
+    pointer = Path(root) / "latest"
+    named = Path(root) / pointer.read_text().strip() if pointer.is_file() else None
+    candidates = list(reversed(list_checkpoints(root)))
+    if named is not None and named in candidates:
+        candidates.remove(named)
+        candidates.insert(0, named)
+    for path in candidates:
         try:
             verify_checkpoint(path)
             return path
         except CorruptCheckpoint as err:
             warn(f"warning: {err}; falling back to an older checkpoint")
     return None
+
+
+def set_aside_newer(root: str | Path, step: int, warn=print) -> None:
+    """Resuming from an older checkpoint forks history: move the abandoned future's checkpoints out of the
+    way (kept, never deleted) so pruning and ``--resume auto`` only ever see the new line."""
+    newer = [p for p in list_checkpoints(root) if int(p.name[len(PREFIX):]) > step]
+    if not newer:
+        return
+    aside = Path(root) / f"abandoned_after_{PREFIX}{step:07d}_{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for p in newer:
+        p.rename(aside / p.name)
+    warn(f"warning: resuming from step {step}: moved {len(newer)} newer checkpoint(s) to {aside}")
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, device: torch.device) -> tuple[dict, dict]:

@@ -21,6 +21,7 @@ import torch
 
 from fmforge.config import Config, config_to_dict, save_config
 from fmforge.data.loader import GlobalBatchLoader, TokenWindows, eval_windows
+from fmforge.device import pick_device
 from fmforge.errors import FmforgeError
 from fmforge.eval.perplexity import evaluate_batches
 from fmforge.models.gpt import GPT
@@ -38,14 +39,6 @@ class TrainResult:
     loss: float | None
     val_loss: float | None
     preempted: bool
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FmforgeError("train.device is cuda but no CUDA device is visible")
-    return torch.device(name)
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -84,6 +77,8 @@ def _prepare_run_dir(cfg: Config, resume: str | None, echo) -> tuple[Path, Path 
     if not cfg.train.out_dir:
         raise FmforgeError("train.out_dir is not set: pass --out RUN_DIR")
     run_dir = Path(cfg.train.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FmforgeError(f"--out {run_dir} exists and is not a directory")
     ckpt_root = run_dir / "checkpoints"
     if resume is None:
         if ckpt.list_checkpoints(ckpt_root) or (run_dir / "model.safetensors").exists():
@@ -93,11 +88,14 @@ def _prepare_run_dir(cfg: Config, resume: str | None, echo) -> tuple[Path, Path 
         path = ckpt.latest_valid_checkpoint(ckpt_root, warn=echo)
         if path is None:
             echo(f"no valid checkpoint in {ckpt_root}: starting from step 0")
-        return run_dir, path
-    path = Path(resume)
-    if not path.is_dir():
-        raise FmforgeError(f"checkpoint not found: {path}")
-    ckpt.verify_checkpoint(path)
+            return run_dir, None
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise FmforgeError(f"checkpoint not found: {path}")
+    step = int(ckpt.verify_checkpoint(path)["step"])
+    if path.parent.resolve() == ckpt_root.resolve():
+        ckpt.set_aside_newer(ckpt_root, step, warn=echo)
     return run_dir, path
 
 
@@ -106,6 +104,7 @@ def train(cfg: Config, resume: str | None = None, echo=print) -> TrainResult:
     t, o = cfg.train, cfg.optim
     if not cfg.data.path:
         raise FmforgeError("data.path is not set: pass --data DATA_DIR (a directory from `fmforge data prepare`)")
+    cfg.data.path = str(Path(cfg.data.path).resolve())  # config.yaml must work from any directory
     run_dir, resume_from = _prepare_run_dir(cfg, resume, echo)
     train_windows = TokenWindows(cfg.data.path, "train", cfg.data.seq_len)
     tok_info = train_windows.manifest["tokenizer"]
@@ -220,22 +219,18 @@ def train(cfg: Config, resume: str | None = None, echo=print) -> TrainResult:
                 saved_at = step
                 t_last = time.perf_counter()
 
-        preempted = step < t.max_steps
-        if preempted:
-            name = signal.Signals(stop.signal).name
-            if saved_at != step:
-                save(step)
+        # Still under the signal handler: a SIGTERM from here on is absorbed, the run finishes its last writes.
+        if saved_at != step:
+            save(step)
+        if step < t.max_steps:
             logger.close()
-            echo(f"{name}: checkpoint written at step {step}; continue with --resume auto")
+            echo(f"{signal.Signals(stop.signal).name}: checkpoint written at step {step}; continue with --resume auto")
             return TrainResult(run_dir, step, loss, val_loss, preempted=True)
-
-    val_loss = validate()
-    if val_loss is not None:
-        logger.log({"step": step, "val_loss": val_loss})
-    if saved_at != step:
-        save(step)
-    logger.close()
-    save_pretrained(model, cfg.model, run_dir, cfg.data.path)
+        val_loss = validate()
+        if val_loss is not None:
+            logger.log({"step": step, "val_loss": val_loss})
+        logger.close()
+        save_pretrained(model, cfg.model, run_dir, cfg.data.path)
     losses = "".join(f", {name} {value:.4f}" for name, value in (("train loss", loss), ("val loss", val_loss))
                      if value is not None)
     echo(f"done: {step} steps{losses}; weights in {run_dir / 'model.safetensors'}")
