@@ -141,7 +141,7 @@ def test_sigterm_writes_a_checkpoint_exits_cleanly_and_resume_continues(prepared
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(prepared, tmp_path):
     out = tmp_path / "run"
     _train(prepared, out, **{"train.max_steps": 20})
-    newest = out / "checkpoints" / "step_0000020" / "model.safetensors"
+    newest = out / "checkpoints" / "step_0000020" / "__0_0.distcp"
     data = bytearray(newest.read_bytes())
     data[-5] ^= 0xFF
     newest.write_bytes(bytes(data))
@@ -167,7 +167,8 @@ def test_checkpoints_keep_only_the_last_k_and_point_to_the_latest(prepared, tmp_
     assert names == ["step_0000040", "step_0000050"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000050"
     meta = json.loads((out / "checkpoints" / "step_0000050" / "meta.json").read_text())
-    assert meta["step"] == 50 and set(meta["files"]) == {"model.safetensors", "train_state.pt"}
+    assert meta["step"] == 50 and meta["world_size"] == 1
+    assert set(meta["files"]) == {".metadata", "__0_0.distcp", "rng_0.pt", "train_state.pt"}
 
 
 def test_gradient_accumulation_matches_one_big_micro_batch(prepared, tmp_path):
@@ -203,7 +204,7 @@ def test_a_checkpoint_half_written_by_a_killed_process_is_ignored_and_cleaned(pr
     _train(prepared, out, **{"train.max_steps": 10})
     stale = out / "checkpoints" / ".tmp_step_0000015"
     stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"partial")
+    (stale / "__0_0.distcp").write_bytes(b"partial")
     result, _ = _train(prepared, out, resume="auto", **{"train.max_steps": 20})
     assert result.step == 20 and not stale.exists()
 

@@ -25,13 +25,44 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from fmforge.config import load_config
     from fmforge.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process starts
+    if (args.nproc_per_node > 1 or args.max_restarts > 0) and "LOCAL_RANK" not in os.environ:
+        sys.exit(_torchrun(args))
     # Paths are set as plain strings, not as overrides: YAML would read `run #2` as `run` and 2024 as an int.
     if args.data:
         cfg.data.path = args.data
     if args.out:
         cfg.train.out_dir = args.out
     train(cfg, resume=args.resume)
+
+
+def _torchrun(args: argparse.Namespace) -> int:
+    """Re-run this same `fmforge train` under torchrun on this machine. A restarted worker group must pick
+    up where the failed one stopped, so --max-restarts implies --resume auto."""
+    import subprocess
+
+    if args.nproc_per_node < 1:
+        raise FmforgeError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    resume = args.resume or ("auto" if args.max_restarts > 0 else None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+           f"--max-restarts={args.max_restarts}", "-m", "fmforge", "train", args.config, *args.overrides]
+    for flag, value in (("--data", args.data), ("--out", args.out), ("--resume", resume)):
+        if value:
+            cmd += [flag, value]
+    return subprocess.call(cmd)
+
+
+def _cmd_launch(args: argparse.Namespace) -> None:
+    from fmforge.launch.cli import launch
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FmforgeError(f"bad --option {item!r}: expected key=value")
+        options[key] = value
+    launch(args.target, args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node, out=args.out,
+           submit=args.submit, data=args.data, run_dir=args.run_dir, overrides=args.overrides, options=options)
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -102,7 +133,32 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", metavar="auto|PATH",
                     help="auto: continue from the newest valid checkpoint in RUN_DIR (fresh start if none); "
                          "PATH: from that checkpoint directory")
+    tr.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                    help="data-parallel processes on this machine, started through torchrun (GPUs: one per GPU; "
+                         "CPU: gloo). Multi-node jobs: see `fmforge launch`")
+    tr.add_argument("--max-restarts", type=int, default=0, metavar="R",
+                    help="restart all processes up to R times after a failure, resuming from the newest "
+                         "checkpoint (implies --resume auto)")
     tr.set_defaults(func=_cmd_train)
+
+    la = verbs.add_parser(
+        "launch", help="write (and submit) a multi-node training job: slurm, k8s, sagemaker, skypilot",
+        description="Write the job that runs `fmforge train CONFIG --resume auto` under torchrun (c10d "
+                    "rendezvous) on NODES machines: an sbatch script (slurm), a Kubeflow PyTorchJob (k8s), a "
+                    "CreateTrainingJob request (sagemaker) or a task YAML (skypilot). The config is validated "
+                    "first. --submit also submits it. Scheduler settings: --option key=value (e.g. "
+                    "partition=gpu, image=..., role_arn=...); unknown keys are rejected and listed.")
+    la.add_argument("target", choices=["slurm", "k8s", "sagemaker", "skypilot"])
+    la.add_argument("config", metavar="CONFIG.yaml")
+    la.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    la.add_argument("--nodes", type=int, default=1, metavar="N")
+    la.add_argument("--gpus-per-node", type=int, default=8, metavar="G")
+    la.add_argument("--data", metavar="DATA_DIR", help="prepared data, as the nodes see it")
+    la.add_argument("--run-dir", metavar="RUN_DIR", help="the job's run directory, as the nodes see it")
+    la.add_argument("--out", metavar="DIR", help="where to write the artifact (default: launch/TARGET/)")
+    la.add_argument("--option", action="append", default=[], metavar="key=value", help="scheduler setting (repeatable)")
+    la.add_argument("--submit", action="store_true", help="submit the job after writing it")
+    la.set_defaults(func=_cmd_launch)
 
     ge = verbs.add_parser("generate", help="sample text from a trained model",
                           description="Sample a continuation of PROMPT with a KV cache. temperature 0 is greedy.")
@@ -144,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     # key=value words after options arrive as extras; only train takes them.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.verb == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        if args.verb in ("train", "launch") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -134,6 +134,15 @@ class TrainConfig(Section):
     threads: PositiveInt | None = None  # torch intra-op threads on CPU; None leaves torch's default
 
 
+class ParallelConfig(Section):
+    """How the same run spreads over processes started by torchrun (``--nproc-per-node``, Slurm, k8s)."""
+
+    dp: Literal["ddp", "fsdp", "hsdp"] = "fsdp"  # data parallel flavour when WORLD_SIZE > 1
+    dp_shard: PositiveInt | None = None  # hsdp: ranks per shard group (default: processes per node)
+    ac: Literal["none", "full", "selective"] = "none"  # activation checkpointing per block
+    timeout_minutes: PositiveFloat = 10.0  # collective timeout before a hung rank fails the job
+
+
 class CheckpointConfig(Section):
     interval: NonNegativeInt = 500  # steps between checkpoints; 0: only at the end and on preemption
     keep_last: PositiveInt = 3
@@ -149,6 +158,7 @@ class Config(Section):
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
 

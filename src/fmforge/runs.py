@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from fmforge.config import ModelConfig
 from fmforge.errors import FmforgeError
@@ -21,15 +22,17 @@ MODEL_FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
 
 
-def save_pretrained(model: torch.nn.Module, model_cfg: ModelConfig, run_dir: str | Path,
+def save_pretrained(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, run_dir: str | Path,
                     tokenizer_dir: str | Path | None = None) -> None:
     """Write weights, architecture and tokenizer into ``run_dir``. Weights and architecture are written
     under a temporary name and renamed, so a reader never sees half a file."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "model.safetensors.tmp"
-    # save_model handles tied weights (shared storage), which plain save_file refuses.
-    save_model(model, str(tmp), metadata={"format": "fmforge", "version": str(MODEL_FORMAT_VERSION)})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if model_cfg.tie_embeddings:  # one tensor under two names: store it once, as the embedding
+        tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(tmp), metadata={"format": "fmforge", "version": str(MODEL_FORMAT_VERSION)})
     tmp.replace(run_dir / "model.safetensors")
     arch = {"format_version": MODEL_FORMAT_VERSION, "family": "decoder", **model_cfg.model_dump(mode="json")}
     (run_dir / "model.json.tmp").write_text(json.dumps(arch, indent=2) + "\n")
@@ -69,9 +72,14 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
         model = GPT(cfg)
     model.to_empty(device=device)
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
-    except Exception as err:  # safetensors raises its own error types for a corrupt header
+        tensors = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as err:
         raise FmforgeError(f"cannot read {weights}: {err}") from None
+    if cfg.tie_embeddings:  # stored once; older files may carry it under the head's name
+        tensors.setdefault("tok_emb.weight", tensors.get("lm_head.weight"))
+        tensors.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict({k: v for k, v in tensors.items() if v is not None}, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise FmforgeError(f"{weights} does not match model.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.reset_buffers()

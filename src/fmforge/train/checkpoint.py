@@ -1,7 +1,8 @@
 """Atomic, checksummed training checkpoints: ``RUN_DIR/checkpoints/step_NNNNNNN/``.
 
-A checkpoint directory holds ``model.safetensors`` (weights), ``train_state.pt`` (optimizer, scheduler,
-loader position, RNG states, step) and ``meta.json`` (step, config, sha256 of each file). It is written
+A checkpoint directory holds the model and optimizer as torch Distributed Checkpoint shards (``.metadata``,
+``__R_0.distcp``), ``train_state.pt`` (scheduler, loader position, step), ``rng_R.pt`` (each rank's RNG
+states) and ``meta.json`` (step, world size, config, sha256 of each file). It is written
 under a temporary name, every file fsynced, then renamed into place, so a kill at any moment leaves either
 the old set of checkpoints or the new one — never a half-written checkpoint that looks valid. ``latest``
 names the newest one written; resume still verifies checksums and falls back past a corrupt one.
@@ -9,19 +10,23 @@ names the newest one written; resume still verifies checksums and falls back pas
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from fmforge.errors import FmforgeError
+from fmforge.train.distributed import DistInfo, barrier
 
 FORMAT_VERSION = 1
 PREFIX = "step_"
@@ -69,44 +74,66 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns when no process group exists; one process is a supported world size here, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:07d}"
 
 
-def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, train_state: dict, config: dict,
-                    keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically, point ``latest`` at it and prune to the newest ``keep_last``."""
+def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    train_state: dict, config: dict, keep_last: int, info: DistInfo) -> Path:
+    """Write checkpoint ``step`` on every rank (collective), point ``latest`` at it, prune to ``keep_last``.
+
+    Model and optimizer go through torch Distributed Checkpoint, each rank writing its own shards, so the
+    checkpoint loads at any world size and in any data-parallel mode; ``train_state`` (scheduler, loader
+    position, step) is global and written by rank 0; RNG states are per rank.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
-    for stale in root.glob(".tmp_*"):  # left by a process killed mid-save: never a valid checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_{final.name}"
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(train_state, tmp / "train_state.pt")
-    files = {}
-    for name in ("model.safetensors", "train_state.pt"):
-        _fsync(tmp / name)
-        files[name] = _sha256(tmp / name)
-    meta = {"format_version": FORMAT_VERSION, "step": step, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": files, "config": config}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    _fsync(tmp / "meta.json")
-    _fsync(tmp)
-    old = None
-    if final.exists():  # re-saving a step: move the old one aside first so the step never goes missing
-        old = root / f".tmp_old_{final.name}"
-        final.rename(old)
-    tmp.rename(final)
-    _fsync(root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    pointer.replace(root / "latest")
-    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_*"):  # left by a process killed mid-save: never a valid checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    barrier(info)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _single_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(rng_state(), tmp / f"rng_{info.rank}.pt")
+    if info.is_main:
+        torch.save(train_state, tmp / "train_state.pt")
+    barrier(info)
+    if info.is_main:
+        files = {}
+        for f in sorted(p for p in tmp.iterdir() if p.is_file()):
+            _fsync(f)
+            files[f.name] = _sha256(f)
+        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": info.world_size,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "config": config}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        _fsync(tmp / "meta.json")
+        _fsync(tmp)
+        old = None
+        if final.exists():  # re-saving a step: move the old one aside first so the step never goes missing
+            old = root / f".tmp_old_{final.name}"
+            final.rename(old)
+        tmp.rename(final)
+        _fsync(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name + "\n")
+        pointer.replace(root / "latest")
+        for stale in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
+    barrier(info)
     return final
 
 
@@ -175,13 +202,21 @@ def set_aside_newer(root: str | Path, step: int, warn=print) -> None:
     warn(f"warning: resuming from step {step}: moved {len(newer)} newer checkpoint(s) to {aside}")
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, device: torch.device) -> tuple[dict, dict]:
-    """Load weights into ``model``; return ``(train_state, meta)`` for the caller to restore the rest."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    info: DistInfo) -> tuple[dict, dict]:
+    """Load model and optimizer state in place (resharded to this world size); restore this rank's RNG
+    (rank 0's when the checkpoint had fewer ranks). Returns ``(train_state, meta)``."""
     path = Path(path)
     meta = verify_checkpoint(path)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
-    if missing or unexpected:
-        raise FmforgeError(f"checkpoint {path} does not fit this model (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}): was model.* changed?")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    try:
+        with _single_process_ok():
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    except Exception as err:  # DCP reports missing/mismatched keys and shapes in its own exception types
+        raise FmforgeError(f"checkpoint {path} does not fit this model or optimizer (was model.* "
+                           f"changed?): {str(err).splitlines()[0][:300]}") from None
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    rng_file = path / f"rng_{info.rank}.pt"
+    set_rng_state(torch.load(rng_file if rng_file.exists() else path / "rng_0.pt", weights_only=True))
     train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
     return train_state, meta

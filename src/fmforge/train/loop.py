@@ -18,18 +18,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from fmforge.config import Config, config_to_dict, save_config
 from fmforge.data.loader import GlobalBatchLoader, TokenWindows, eval_windows
-from fmforge.device import pick_device
 from fmforge.errors import FmforgeError
 from fmforge.eval.perplexity import evaluate_batches
 from fmforge.models.gpt import GPT
 from fmforge.objectives.clm import clm_loss
 from fmforge.runs import save_pretrained
 from fmforge.train import checkpoint as ckpt
+from fmforge.train.distributed import (
+    DistInfo,
+    any_rank,
+    barrier,
+    init_distributed,
+    mean_across_ranks,
+    preflight,
+    shutdown,
+)
 from fmforge.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from fmforge.train.optim import build_optimizer, build_scheduler
+from fmforge.train.parallel import parallelize, uses_fsdp
 
 
 @dataclass
@@ -99,28 +110,67 @@ def _prepare_run_dir(cfg: Config, resume: str | None, echo) -> tuple[Path, Path 
     return run_dir, path
 
 
+def _resolve_on_main(info: DistInfo, fn):
+    """Run ``fn`` on rank 0 only (it may touch the run directory) and hand its result, or its user error, to
+    every rank, so all ranks agree and none waits forever on a rank that failed."""
+    result = error = None
+    if info.is_main:
+        try:
+            result = fn()
+        except FmforgeError as err:
+            error = str(err)
+    if info.distributed:
+        box = [result, error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise FmforgeError(error)
+    return result
+
+
 def train(cfg: Config, resume: str | None = None, echo=print) -> TrainResult:
-    """Pretrain the causal LM described by ``cfg``. ``resume``: None, "auto" or a checkpoint directory."""
-    t, o = cfg.train, cfg.optim
+    """Pretrain the causal LM described by ``cfg``. ``resume``: None, "auto" or a checkpoint directory.
+
+    Run it as one process, or under torchrun for data parallelism (DDP / FSDP2 / HSDP per
+    ``parallel.dp``): every rank runs this same function on its slice of each global batch."""
     if not cfg.data.path:
         raise FmforgeError("data.path is not set: pass --data DATA_DIR (a directory from `fmforge data prepare`)")
     cfg.data.path = str(Path(cfg.data.path).resolve())  # config.yaml must work from any directory
-    run_dir, resume_from = _prepare_run_dir(cfg, resume, echo)
+    info = init_distributed(cfg.train.device, cfg.parallel.timeout_minutes)
+    if not info.is_main:
+        echo = _silent
+    try:
+        return _train(cfg, resume, echo, info)
+    finally:
+        shutdown()
+
+
+def _silent(*_args) -> None:
+    pass
+
+
+def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult:
+    t, o = cfg.train, cfg.optim
+    run_dir, resume_from = _resolve_on_main(info, lambda: _prepare_run_dir(cfg, resume, echo))
     train_windows = TokenWindows(cfg.data.path, "train", cfg.data.seq_len)
     tok_info = train_windows.manifest["tokenizer"]
     cfg.model = cfg.model.resolved(vocab_size=tok_info["vocab_size"], seq_len=cfg.data.seq_len)
     if t.global_batch_tokens % cfg.data.seq_len:
         raise FmforgeError(f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of "
                            f"data.seq_len ({cfg.data.seq_len})")
-    loader = GlobalBatchLoader(train_windows, t.global_batch_tokens // cfg.data.seq_len, t.micro_batch_size, t.seed)
+    loader = GlobalBatchLoader(train_windows, t.global_batch_tokens // cfg.data.seq_len, t.micro_batch_size,
+                               t.seed, rank=info.rank, world_size=info.world_size)
     try:
         val_windows = TokenWindows(cfg.data.path, "val", cfg.data.seq_len)
     except FmforgeError as err:
         echo(f"warning: no validation: {err}")
         val_windows = None
 
-    device = pick_device(t.device)
-    amp = autocast_for(device, t.precision)
+    device = info.device
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+    fsdp = uses_fsdp(cfg.parallel, info)
+    # FSDP casts parameters itself (MixedPrecisionPolicy); everywhere else bf16 means autocast.
+    amp = contextlib.nullcontext if fsdp else autocast_for(device, t.precision)
     if t.threads:
         torch.set_num_threads(t.threads)
     if device.type == "cuda":
@@ -131,87 +181,105 @@ def train(cfg: Config, resume: str | None = None, echo=print) -> TrainResult:
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
 
+    # Every rank builds the same full model from the same seed, so 1 process and N processes start equal.
     model = GPT(cfg.model).to(device)
-    optimizer = build_optimizer(model, o, device)
-    scheduler = build_scheduler(optimizer, o, t.max_steps)
-    step = 0
-    if resume_from is not None:
-        state, meta = ckpt.load_checkpoint(resume_from, model, device)
-        if meta["config"]["model"] != config_to_dict(cfg.model):
-            raise FmforgeError(f"checkpoint {resume_from} was trained with a different model config")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
-        step = int(state["step"])
-        echo(f"resumed from {resume_from} at step {step}")
-    # Compile the loss with the model: the fused chunked cross-entropy is where compile gains most on GPT-2
-    # shapes (H100, 124M: 304k tokens/s eager loss vs 410k compiled).
-    fwd_model = torch.compile(model) if t.compile else model
-    loss_fn = torch.compile(clm_loss) if t.compile else clm_loss
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    preflight(info, run_dir, checkpoint_bytes=int(n_params * 4 * 3 * 1.1))  # weights + AdamW moments, fp32
+    fwd_model = parallelize(model, cfg.parallel, info, t.compile, bf16)
+    optimizer = build_optimizer(model, o, device)
+    scheduler = build_scheduler(optimizer, o, t.max_steps)
+    # Compile the loss with the model: the fused chunked cross-entropy is where compile gains most on GPT-2
+    # shapes (H100, 124M: 304k tokens/s eager loss vs 410k compiled).
+    loss_fn = torch.compile(clm_loss) if t.compile else clm_loss
+    step = 0
+    if resume_from is not None:
+        state, meta = ckpt.load_checkpoint(resume_from, model, optimizer, info)
+        if meta["config"]["model"] != config_to_dict(cfg.model):
+            raise FmforgeError(f"checkpoint {resume_from} was trained with a different model config")
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        step = int(state["step"])
+        echo(f"resumed from {resume_from} at step {step} (saved by {meta.get('world_size', 1)} process(es), "
+             f"now {info.world_size})")
+
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
     peak = device_peak_tflops(device, t.peak_tflops)
-    echo(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters | device {device} | "
+    mode = f"{cfg.parallel.dp} x {info.world_size}" if info.distributed else "1 process"
+    echo(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters | device {device}, {mode} | "
          f"global batch {t.global_batch_tokens} tokens = {loader.accum_steps} x {t.micro_batch_size} x "
-         f"{cfg.data.seq_len} | {t.max_steps} steps | run dir {run_dir}")
-    logger = MetricsLogger(run_dir, t.max_steps, step, cfg.log.tensorboard, cfg.log.progress, echo=echo)
+         f"{cfg.data.seq_len} x {info.world_size} | {t.max_steps} steps | run dir {run_dir}")
+    logger = None
+    if info.is_main:
+        logger = MetricsLogger(run_dir, t.max_steps, step, cfg.log.tensorboard, cfg.log.progress, echo=echo)
+
+    def log(record: dict) -> None:
+        if logger is not None:
+            logger.log(record)
 
     def save(at_step: int) -> Path:
-        state = {"step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "loader": loader.state_dict(), "rng": ckpt.rng_state()}
-        return ckpt.save_checkpoint(run_dir / "checkpoints", at_step, model, state, config_to_dict(cfg),
-                                    cfg.checkpoint.keep_last)
+        state = {"step": at_step, "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
+        return ckpt.save_checkpoint(run_dir / "checkpoints", at_step, model, optimizer, state,
+                                    config_to_dict(cfg), cfg.checkpoint.keep_last, info)
 
     def validate() -> float | None:
+        # Every rank evaluates the same batches: FSDP needs all ranks in every forward.
         if val_windows is None:
             return None
         batches = eval_windows(val_windows, t.micro_batch_size, t.eval_batches)
         return evaluate_batches(fwd_model, batches, device, amp)["loss"]
 
     loss = val_loss = None
+    skipped = 0
     saved_at = step if resume_from is not None else -1
     t_last, tokens_since = time.perf_counter(), 0
     with _StopFlag() as stop:
         model.train()
-        while step < t.max_steps and stop.signal is None:
+        while step < t.max_steps and not any_rank(stop.signal is not None, info):
             lr = scheduler.get_last_lr()[0]
             loss_sum = torch.zeros((), device=device)
             micro_batches = loader.next_step()
-            for inputs, targets in micro_batches:
+            for i, (inputs, targets) in enumerate(micro_batches):
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
-                with amp():
+                with _grad_sync(fwd_model, info, last=i == len(micro_batches) - 1), amp():
                     logits = fwd_model(inputs)
-                micro_loss = loss_fn(logits, targets)
-                (micro_loss / len(micro_batches)).backward()
+                    micro_loss = loss_fn(logits, targets)
+                    (micro_loss / len(micro_batches)).backward()
                 loss_sum += micro_loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf)
-            optimizer.step()
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+            # The norm is global (gradients are already reduced), so every rank makes the same call.
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped += 1
+                echo(f"warning: step {step + 1}: non-finite loss or gradient; update skipped ({skipped} so far)")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_since += t.global_batch_tokens
 
             if step % t.log_interval == 0 or step == t.max_steps:
-                loss = (loss_sum / len(micro_batches)).item()
+                loss = mean_across_ranks(loss_sum / len(micro_batches), info).item()
                 dt = time.perf_counter() - t_last
                 record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                           "tokens_per_s": tokens_since / dt, "tokens": step * t.global_batch_tokens}
                 if peak:
-                    record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * 1e12)
+                    record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * 1e12 * info.world_size)
                 record["peak_mem_gb"] = peak_memory_gb(device)
-                logger.log(record)
+                if skipped:
+                    record["skipped_steps"] = skipped
+                log(record)
                 t_last, tokens_since = time.perf_counter(), 0
-            else:
+            elif logger is not None:
                 logger.advance(step)
             if t.eval_interval and step % t.eval_interval == 0 and step < t.max_steps:
                 val_loss = validate()
                 if val_loss is not None:
-                    logger.log({"step": step, "val_loss": val_loss})
+                    log({"step": step, "val_loss": val_loss})
                 model.train()
                 t_last = time.perf_counter()
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
@@ -223,15 +291,35 @@ def train(cfg: Config, resume: str | None = None, echo=print) -> TrainResult:
         if saved_at != step:
             save(step)
         if step < t.max_steps:
-            logger.close()
-            echo(f"{signal.Signals(stop.signal).name}: checkpoint written at step {step}; continue with --resume auto")
+            if logger is not None:
+                logger.close()
+            name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
+            echo(f"{name}: checkpoint written at step {step}; continue with --resume auto")
+            barrier(info)
             return TrainResult(run_dir, step, loss, val_loss, preempted=True)
         val_loss = validate()
         if val_loss is not None:
-            logger.log({"step": step, "val_loss": val_loss})
-        logger.close()
-        save_pretrained(model, cfg.model, run_dir, cfg.data.path)
+            log({"step": step, "val_loss": val_loss})
+        if logger is not None:
+            logger.close()
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if info.is_main:
+            save_pretrained(full, cfg.model, run_dir, cfg.data.path)
+        barrier(info)  # leave together: a rank tearing down gloo while another still talks to it aborts
     losses = "".join(f", {name} {value:.4f}" for name, value in (("train loss", loss), ("val loss", val_loss))
                      if value is not None)
     echo(f"done: {step} steps{losses}; weights in {run_dir / 'model.safetensors'}")
     return TrainResult(run_dir, step, loss, val_loss, preempted=False)
+
+
+def _grad_sync(fwd_model, info: DistInfo, last: bool):
+    """Reduce gradients across ranks only on the last micro-batch of a step (DDP no_sync / FSDP2 flag)."""
+    if not info.distributed or last:
+        if hasattr(fwd_model, "set_requires_gradient_sync"):
+            fwd_model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if hasattr(fwd_model, "no_sync"):
+        return fwd_model.no_sync()
+    if hasattr(fwd_model, "set_requires_gradient_sync"):
+        fwd_model.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()

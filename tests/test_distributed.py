@@ -1,0 +1,144 @@
+"""Multi-process training on CPU (gloo, 2 processes): the same global batch gives the same losses whatever
+the world size or data-parallel mode, checkpoints move between world sizes, and failures are survived."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_metrics, tiny_overrides
+
+import fmforge.train.loop as loop
+from fmforge.config import build_config
+from fmforge.errors import FmforgeError
+from fmforge.train.distributed import DistInfo, preflight
+
+STEPS = {"train.max_steps": 20, "checkpoint.interval": 10, "train.eval_interval": 0}
+
+
+def _cmd(prepared, out, nproc, *extra_args, **overrides):
+    cfg = out.parent / "empty.yaml"
+    cfg.write_text("{}\n")
+    return [sys.executable, "-m", "fmforge", "train", str(cfg), *tiny_overrides(prepared, out, **{**STEPS, **overrides}),
+            "--nproc-per-node", str(nproc), *extra_args]
+
+
+def _run(prepared, out, nproc, *extra_args, **overrides):
+    proc = subprocess.run(_cmd(prepared, out, nproc, *extra_args, **overrides), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _losses(run_dir):
+    return np.array([m["loss"] for m in read_metrics(run_dir) if "loss" in m])
+
+
+@pytest.fixture(scope="module")
+def single(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "single"
+    _run(prepared, out, 1)
+    return out
+
+
+@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+def test_two_process_data_parallel_matches_one_process_loss_for_loss(prepared, single, tmp_path, dp):
+    out = tmp_path / dp
+    proc = _run(prepared, out, 2, **{"parallel.dp": dp})
+    assert f"{dp} x 2" in proc.stdout
+    np.testing.assert_allclose(_losses(out), _losses(single), rtol=1e-5)
+
+
+def test_checkpoint_from_two_processes_resumes_in_one_and_back(prepared, single, tmp_path):
+    two = tmp_path / "fsdp2"
+    _run(prepared, two, 2, **{"parallel.dp": "fsdp"})
+    # 2 (FSDP) -> 1: continue from step 10 of the two-process run in one process.
+    down = tmp_path / "down"
+    proc = _run(prepared, down, 1, "--resume", str(two / "checkpoints" / "step_0000010"))
+    assert "saved by 2 process(es), now 1" in proc.stdout
+    np.testing.assert_allclose(_losses(down), _losses(single)[10:], rtol=1e-5)
+    # 1 -> 2 (DDP): continue from step 10 of the one-process run in two.
+    up = tmp_path / "up"
+    proc = _run(prepared, up, 2, "--resume", str(single / "checkpoints" / "step_0000010"), **{"parallel.dp": "ddp"})
+    assert "saved by 1 process(es), now 2" in proc.stdout
+    np.testing.assert_allclose(_losses(up), _losses(single)[10:], rtol=1e-5)
+
+
+def test_a_killed_rank_is_restarted_and_the_run_ends_where_an_unfaulted_one_does(prepared, single, tmp_path):
+    out = tmp_path / "faulty"
+    log = open(tmp_path / "faulty.log", "w")  # a file, not a pipe: nobody reads a pipe while we wait
+    proc = subprocess.Popen(_cmd(prepared, out, 2, "--max-restarts", "1", **{"parallel.dp": "ddp"}),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step_0000010").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before its first checkpoint"
+            time.sleep(0.01)
+        workers = _workers(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "faulty.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    output = (tmp_path / "faulty.log").read_text()
+    assert "resumed from" in output
+    assert read_metrics(out)[-1]["step"] == 20
+    np.testing.assert_allclose(_losses(out), _losses(single), rtol=1e-5)
+
+
+def _children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    return [int(p) for p in open(path).read().split()] if os.path.exists(path) else []
+
+
+def _workers(cli_pid: int) -> list[int]:
+    """`fmforge train --nproc-per-node` runs torchrun as its child; the workers are torchrun's children."""
+    return [w for torchrun in _children(cli_pid) for w in _children(torchrun)]
+
+
+def test_non_finite_loss_skips_the_update_and_the_run_goes_on(prepared, tmp_path, monkeypatch):
+    real, calls = loop.clm_loss, []
+
+    def poisoned(logits, targets):
+        calls.append(1)
+        loss = real(logits, targets)
+        return loss * float("nan") if len(calls) == 5 else loss  # step 3's first micro-batch
+
+    monkeypatch.setattr(loop, "clm_loss", poisoned)
+    messages = []
+    result = loop.train(build_config({}, tiny_overrides(prepared, tmp_path / "run", **{"train.max_steps": 8})),
+                        echo=messages.append)
+    assert result.step == 8 and np.isfinite(result.loss)
+    assert any("step 3: non-finite" in m for m in messages), messages
+    logged = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert [m.get("skipped_steps", 0) for m in logged] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert all(np.isfinite(m["grad_norm"]) for i, m in enumerate(logged) if i != 2)
+
+
+def test_activation_checkpointing_changes_memory_not_results(prepared, tmp_path):
+    runs = {}
+    for ac in ("none", "full", "selective"):
+        loop.train(build_config({}, tiny_overrides(prepared, tmp_path / ac, **{"train.max_steps": 4,
+                                                                              "parallel.ac": ac})), echo=lambda *_: None)
+        runs[ac] = _losses(tmp_path / ac)
+    np.testing.assert_allclose(runs["full"], runs["none"], rtol=1e-6)
+    np.testing.assert_allclose(runs["selective"], runs["none"], rtol=1e-6)
+
+
+def test_preflight_names_the_rank_and_the_failed_check(tmp_path):
+    info = DistInfo(0, 1, 0, 1, torch.device("cpu"))
+    preflight(info, tmp_path / "ok", checkpoint_bytes=1)
+    with pytest.raises(FmforgeError, match=r"preflight failed: rank 0: .* GB free .* a checkpoint needs"):
+        preflight(info, tmp_path / "ok", checkpoint_bytes=10**18)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(FmforgeError, match="rank 0: output .* is not writable"):
+        preflight(info, blocker / "run", checkpoint_bytes=1)
+    shutil.rmtree(tmp_path / "ok")
