@@ -99,8 +99,8 @@ def _children(pid: int) -> list[int]:
 
 
 def _workers(cli_pid: int) -> list[int]:
-    """`fmforge train --nproc-per-node` runs torchrun as its child; the workers are torchrun's children."""
-    return [w for torchrun in _children(cli_pid) for w in _children(torchrun)]
+    """`fmforge train --nproc-per-node` becomes torchrun (exec); the workers are its children."""
+    return _children(cli_pid)
 
 
 def test_non_finite_loss_skips_the_update_and_the_run_goes_on(prepared, tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process starts
     if (args.nproc_per_node > 1 or args.max_restarts > 0) and "LOCAL_RANK" not in os.environ:
-        sys.exit(_torchrun(args))
+        _torchrun(args)
     # Paths are set as plain strings, not as overrides: YAML would read `run #2` as `run` and 2024 as an int.
     if args.data:
         cfg.data.path = args.data
@@ -36,11 +36,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     train(cfg, resume=args.resume)
 
 
-def _torchrun(args: argparse.Namespace) -> int:
+def _torchrun(args: argparse.Namespace) -> None:
     """Re-run this same `fmforge train` under torchrun on this machine. A restarted worker group must pick
     up where the failed one stopped, so --max-restarts implies --resume auto."""
-    import subprocess
-
     if args.nproc_per_node < 1:
         raise FmforgeError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
     resume = args.resume or ("auto" if args.max_restarts > 0 else None)
@@ -49,7 +47,9 @@ def _torchrun(args: argparse.Namespace) -> int:
     for flag, value in (("--data", args.data), ("--out", args.out), ("--resume", resume)):
         if value:
             cmd += [flag, value]
-    return subprocess.call(cmd)
+    # Become torchrun (same PID): signals from a scheduler or Ctrl-C reach it and, through it, the workers.
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
 
 
 def _cmd_launch(args: argparse.Namespace) -> None:

@@ -26,9 +26,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from fmforge.errors import FmforgeError
-from fmforge.train.distributed import DistInfo, barrier
+from fmforge.train.distributed import DistInfo, barrier, run_on_main
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: single-process safetensors + torch.save (before DCP)
 PREFIX = "step_"
 
 
@@ -97,12 +97,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     root = Path(root)
     final = step_dir(root, step)
     tmp = root / f".tmp_{final.name}"
-    if info.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp_*"):  # left by a process killed mid-save: never a valid checkpoint
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    barrier(info)
+    run_on_main(info, lambda: _fresh_tmp(root, tmp))
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _single_process_ok():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
@@ -110,31 +105,49 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     if info.is_main:
         torch.save(train_state, tmp / "train_state.pt")
     barrier(info)
-    if info.is_main:
-        files = {}
-        for f in sorted(p for p in tmp.iterdir() if p.is_file()):
-            _fsync(f)
-            files[f.name] = _sha256(f)
-        meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": info.world_size,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "config": config}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        _fsync(tmp / "meta.json")
-        _fsync(tmp)
-        old = None
-        if final.exists():  # re-saving a step: move the old one aside first so the step never goes missing
-            old = root / f".tmp_old_{final.name}"
-            final.rename(old)
-        tmp.rename(final)
-        _fsync(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name + "\n")
-        pointer.replace(root / "latest")
-        for stale in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(stale, ignore_errors=True)
-    barrier(info)
+    # Hashing a large checkpoint takes minutes: every rank fsyncs and hashes its share of the files.
+    names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    mine = {}
+    for name in names[info.rank::info.world_size]:
+        _fsync(tmp / name)
+        mine[name] = _sha256(tmp / name)
+    shares = [mine]
+    if info.distributed:
+        shares = [None] * info.world_size
+        torch.distributed.all_gather_object(shares, mine)
+    files = dict(sorted((k, v) for share in shares for k, v in share.items()))
+    run_on_main(info, lambda: _publish(root, tmp, final, step, files, config, keep_last, info.world_size))
     return final
+
+
+def _fresh_tmp(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp_*"):  # left by a process killed mid-save: never a valid checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int, files: dict, config: dict, keep_last: int,
+             world_size: int) -> None:
+    """Rank 0: write meta.json, rename the finished directory into place, move ``latest``, prune."""
+    meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "config": config}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    _fsync(tmp / "meta.json")
+    _fsync(tmp)
+    old = None
+    if final.exists():  # re-saving a step: move the old one aside first so the step never goes missing
+        old = root / f".tmp_old_{final.name}"
+        final.rename(old)
+    tmp.rename(final)
+    _fsync(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name + "\n")
+    pointer.replace(root / "latest")
+    for stale in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -158,6 +171,9 @@ def verify_checkpoint(path: str | Path) -> dict:
         step = int(meta["step"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise CorruptCheckpoint(f"checkpoint {path} has an unreadable meta.json") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CorruptCheckpoint(f"checkpoint {path} has format version {meta.get('format_version')!r}; this "
+                                f"fmforge reads version {FORMAT_VERSION}")
     if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
         raise CorruptCheckpoint(f"checkpoint {path} has an unreadable meta.json (no file checksums)")
     if path.name.startswith(PREFIX) and path.name != f"{PREFIX}{step:07d}":
@@ -203,11 +219,13 @@ def set_aside_newer(root: str | Path, step: int, warn=print) -> None:
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    info: DistInfo) -> tuple[dict, dict]:
+                    info: DistInfo, verified: bool = False) -> tuple[dict, dict]:
     """Load model and optimizer state in place (resharded to this world size); restore this rank's RNG
-    (rank 0's when the checkpoint had fewer ranks). Returns ``(train_state, meta)``."""
+    (rank 0's when the checkpoint had fewer ranks). ``verified``: the checksums were already checked (by
+    rank 0 when it chose this checkpoint), so each rank does not hash everything again.
+    Returns ``(train_state, meta)``."""
     path = Path(path)
-    meta = verify_checkpoint(path)
+    meta = json.loads((path / "meta.json").read_text()) if verified else verify_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     try:
         with _single_process_ok():

@@ -67,6 +67,26 @@ def _store(rank: int, world: int, timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"fmforge/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def run_on_main(info: DistInfo, fn):
+    """Run ``fn`` on rank 0 only and hand its result, or its failure, to every rank: all ranks raise
+    together instead of the others waiting forever in the next collective for a rank that failed."""
+    result = error = None
+    if info.is_main:
+        try:
+            result = fn()
+        except FmforgeError as err:
+            error = str(err)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = f"rank 0 failed: {type(err).__name__}: {err}"
+    if info.distributed:
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise FmforgeError(error)
+    return result
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -116,6 +136,12 @@ def _local_checks(info: DistInfo, run_dir: Path, checkpoint_bytes: int) -> list[
     return problems
 
 
+def _write_token(run_dir: Path) -> str:
+    name = f".shared_probe_{uuid.uuid4().hex}"
+    (run_dir / name).write_text("fmforge")
+    return name
+
+
 def preflight(info: DistInfo, run_dir: Path, checkpoint_bytes: int, timeout_s: float = 60.0) -> None:
     """Before step 0: every rank can use its device, write the output and fit a checkpoint, and a collective
     round trip completes within ``timeout_s``. A failure names the rank and the check, on every rank."""
@@ -126,6 +152,14 @@ def preflight(info: DistInfo, run_dir: Path, checkpoint_bytes: int, timeout_s: f
         if not work.wait(timeout=timedelta(seconds=timeout_s)) or t.item() != info.world_size:
             raise FmforgeError(f"preflight failed on rank {info.rank}: all-reduce round trip did not return "
                                f"{info.world_size} within {timeout_s:.0f}s")
+        # Checkpoints are written by all ranks into one directory: it must be the same directory everywhere.
+        token = run_on_main(info, lambda: _write_token(run_dir))
+        if not (run_dir / token).is_file():
+            problems.append(f"rank {info.rank}: {run_dir} is not shared with rank 0 (checkpoints need a "
+                            "filesystem every node sees)")
+        dist.barrier()
+        if info.is_main:
+            (run_dir / token).unlink(missing_ok=True)
         gathered: list[list[str]] = [[] for _ in range(info.world_size)]
         dist.all_gather_object(gathered, problems)
         problems = [p for rank_problems in gathered for p in rank_problems]

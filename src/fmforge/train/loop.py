@@ -36,6 +36,7 @@ from fmforge.train.distributed import (
     init_distributed,
     mean_across_ranks,
     preflight,
+    run_on_main,
     shutdown,
 )
 from fmforge.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
@@ -110,24 +111,6 @@ def _prepare_run_dir(cfg: Config, resume: str | None, echo) -> tuple[Path, Path 
     return run_dir, path
 
 
-def _resolve_on_main(info: DistInfo, fn):
-    """Run ``fn`` on rank 0 only (it may touch the run directory) and hand its result, or its user error, to
-    every rank, so all ranks agree and none waits forever on a rank that failed."""
-    result = error = None
-    if info.is_main:
-        try:
-            result = fn()
-        except FmforgeError as err:
-            error = str(err)
-    if info.distributed:
-        box = [result, error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result, error = box
-    if error is not None:
-        raise FmforgeError(error)
-    return result
-
-
 def train(cfg: Config, resume: str | None = None, echo=print) -> TrainResult:
     """Pretrain the causal LM described by ``cfg``. ``resume``: None, "auto" or a checkpoint directory.
 
@@ -151,7 +134,8 @@ def _silent(*_args) -> None:
 
 def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult:
     t, o = cfg.train, cfg.optim
-    run_dir, resume_from = _resolve_on_main(info, lambda: _prepare_run_dir(cfg, resume, echo))
+    # Rank 0 alone inspects (and may tidy) the run directory; every rank gets its verdict.
+    run_dir, resume_from = run_on_main(info, lambda: _prepare_run_dir(cfg, resume, echo))
     train_windows = TokenWindows(cfg.data.path, "train", cfg.data.seq_len)
     tok_info = train_windows.manifest["tokenizer"]
     cfg.model = cfg.model.resolved(vocab_size=tok_info["vocab_size"], seq_len=cfg.data.seq_len)
@@ -194,7 +178,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
     loss_fn = torch.compile(clm_loss) if t.compile else clm_loss
     step = 0
     if resume_from is not None:
-        state, meta = ckpt.load_checkpoint(resume_from, model, optimizer, info)
+        state, meta = ckpt.load_checkpoint(resume_from, model, optimizer, info, verified=True)
         if meta["config"]["model"] != config_to_dict(cfg.model):
             raise FmforgeError(f"checkpoint {resume_from} was trained with a different model config")
         scheduler.load_state_dict(state["scheduler"])
@@ -243,8 +227,9 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
             for i, (inputs, targets) in enumerate(micro_batches):
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
-                with _grad_sync(fwd_model, info, last=i == len(micro_batches) - 1), amp():
-                    logits = fwd_model(inputs)
+                with _grad_sync(fwd_model, info, last=i == len(micro_batches) - 1):
+                    with amp():
+                        logits = fwd_model(inputs)
                     micro_loss = loss_fn(logits, targets)
                     (micro_loss / len(micro_batches)).backward()
                 loss_sum += micro_loss.detach()
@@ -288,13 +273,15 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                 t_last = time.perf_counter()
 
         # Still under the signal handler: a SIGTERM from here on is absorbed, the run finishes its last writes.
-        if saved_at != step:
+        # Step 0 has nothing to save (and an optimizer without state cannot be checkpointed faithfully).
+        if saved_at != step and step > 0:
             save(step)
         if step < t.max_steps:
             if logger is not None:
                 logger.close()
             name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
-            echo(f"{name}: checkpoint written at step {step}; continue with --resume auto")
+            echo(f"{name}: checkpoint written at step {step}; continue with --resume auto" if step else
+                 f"{name}: stopped before the first step; nothing to checkpoint")
             barrier(info)
             return TrainResult(run_dir, step, loss, val_loss, preempted=True)
         val_loss = validate()
@@ -303,8 +290,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
         if logger is not None:
             logger.close()
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if info.is_main:
-            save_pretrained(full, cfg.model, run_dir, cfg.data.path)
+        run_on_main(info, lambda: save_pretrained(full, cfg.model, run_dir, cfg.data.path))
         barrier(info)  # leave together: a rank tearing down gloo while another still talks to it aborts
     losses = "".join(f", {name} {value:.4f}" for name, value in (("train loss", loss), ("val loss", val_loss))
                      if value is not None)
@@ -313,13 +299,8 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
 
 
 def _grad_sync(fwd_model, info: DistInfo, last: bool):
-    """Reduce gradients across ranks only on the last micro-batch of a step (DDP no_sync / FSDP2 flag)."""
-    if not info.distributed or last:
-        if hasattr(fwd_model, "set_requires_gradient_sync"):
-            fwd_model.set_requires_gradient_sync(True)
-        return contextlib.nullcontext()
-    if hasattr(fwd_model, "no_sync"):
+    """DDP: all-reduce gradients only on a step's last micro-batch. FSDP2 reduce-scatters every micro-batch
+    (torchtitan's default): skipping it would keep full unsharded fp32 gradients on every rank."""
+    if info.distributed and not last and hasattr(fwd_model, "no_sync"):
         return fwd_model.no_sync()
-    if hasattr(fwd_model, "set_requires_gradient_sync"):
-        fwd_model.set_requires_gradient_sync(False)
     return contextlib.nullcontext()

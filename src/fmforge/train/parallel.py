@@ -39,7 +39,9 @@ def apply_data_parallel(model: nn.Module, pcfg: ParallelConfig, info: DistInfo, 
     if pcfg.dp == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        # No buffer broadcast: the only buffers are RoPE tables, identical on every rank by construction.
+        return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                   broadcast_buffers=False)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
