@@ -142,3 +142,26 @@ def test_preflight_names_the_rank_and_the_failed_check(tmp_path):
     with pytest.raises(FmforgeError, match="rank 0: output .* is not writable"):
         preflight(info, blocker / "run", checkpoint_bytes=1)
     shutil.rmtree(tmp_path / "ok")
+
+
+def test_a_loss_spike_rolls_back_to_the_last_checkpoint_and_skips_the_offending_batches(prepared, tmp_path,
+                                                                                       monkeypatch):
+    real, calls = loop.clm_loss, []
+
+    def spiky(logits, targets):
+        calls.append(1)
+        return real(logits, targets) * (30.0 if len(calls) == 49 else 1.0)  # step 25 (2 micro-batches a step)
+
+    monkeypatch.setattr(loop, "clm_loss", spiky)
+    messages = []
+    out = tmp_path / "run"
+    result = loop.train(build_config({}, tiny_overrides(prepared, out, **{
+        "train.max_steps": 40, "checkpoint.interval": 10, "train.spike_threshold": 6, "train.spike_warmup": 10})),
+        echo=messages.append)
+    assert result.step == 40
+    assert any("loss spike at step 25" in m and "rolling back to step 20" in m for m in messages), messages
+    logged = [m for m in read_metrics(out) if "loss" in m]
+    assert [m["step"] for m in logged] == list(range(1, 41))  # the abandoned steps 21-24 were replaced
+    assert logged[-1]["rollbacks"] == 1 and max(m["loss"] for m in logged[20:]) < 10
+    state = torch.load(out / "checkpoints" / "step_0000040" / "train_state.pt", weights_only=True)
+    assert state["loader"]["cursor"] == (40 + 5) * 8  # batches 21..25 were skipped, not replayed

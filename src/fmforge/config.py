@@ -131,7 +131,11 @@ class TrainConfig(Section):
     eval_batches: PositiveInt = 20
     log_interval: PositiveInt = 10
     peak_tflops: PositiveFloat | None = None  # for MFU where the device is not in the peak table (e.g. CPU)
-    threads: PositiveInt | None = None  # torch intra-op threads on CPU; None leaves torch's default
+    threads: PositiveInt | None = None
+    # Loss-spike rollback: a step whose loss exceeds the running mean by this many running standard
+    # deviations is not applied; the run rolls back to its last checkpoint and skips the offending batches.
+    spike_threshold: PositiveFloat | None = None
+    spike_warmup: NonNegativeInt = 50  # steps of loss history before spikes are judged  # torch intra-op threads on CPU; None leaves torch's default
 
 
 class ParallelConfig(Section):

@@ -215,7 +215,8 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
         return evaluate_batches(fwd_model, batches, device, amp)["loss"]
 
     loss = val_loss = None
-    skipped = 0
+    skipped = rollbacks = 0
+    spikes = SpikeDetector(t.spike_threshold, t.spike_warmup) if t.spike_threshold else None
     saved_at = step if resume_from is not None else -1
     t_last, tokens_since = time.perf_counter(), 0
     with _StopFlag() as stop:
@@ -233,6 +234,28 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                     micro_loss = loss_fn(logits, targets)
                     (micro_loss / len(micro_batches)).backward()
                 loss_sum += micro_loss.detach()
+            if spikes is not None:
+                step_loss = mean_across_ranks(loss_sum / len(micro_batches), info).item()  # same on all ranks
+                spike = spikes.is_spike(step_loss)
+                if spike and saved_at <= 0:
+                    echo(f"warning: loss spike at step {step + 1} ({step_loss:.4f}) but no checkpoint yet to "
+                         "roll back to; continuing")
+                if spike and saved_at > 0:
+                    rollbacks += 1
+                    echo(f"warning: loss spike at step {step + 1} ({step_loss:.4f}, running mean "
+                         f"{spikes.mean:.4f}): rolling back to step {saved_at} and skipping batches "
+                         f"{saved_at + 1}..{step + 1} ({rollbacks} rollback(s) so far)")
+                    optimizer.zero_grad(set_to_none=True)
+                    position = loader.state_dict()  # already past the offending batches: keep it
+                    state, _ = ckpt.load_checkpoint(ckpt.step_dir(run_dir / "checkpoints", saved_at), model,
+                                                    optimizer, info)
+                    scheduler.load_state_dict(state["scheduler"])
+                    loader.load_state_dict(position)
+                    step = int(state["step"])
+                    if logger is not None:
+                        logger.rewind(step)
+                    t_last, tokens_since = time.perf_counter(), 0
+                    continue
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf)
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
@@ -257,6 +280,8 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                 record["peak_mem_gb"] = peak_memory_gb(device)
                 if skipped:
                     record["skipped_steps"] = skipped
+                if rollbacks:
+                    record["rollbacks"] = rollbacks
                 log(record)
                 t_last, tokens_since = time.perf_counter(), 0
             elif logger is not None:
@@ -296,6 +321,28 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                      if value is not None)
     echo(f"done: {step} steps{losses}; weights in {run_dir / 'model.safetensors'}")
     return TrainResult(run_dir, step, loss, val_loss, preempted=False)
+
+
+class SpikeDetector:
+    """Running mean and variance of the step loss (exponential, ~100-step memory); a loss more than
+    ``threshold`` standard deviations above the mean, after ``warmup`` steps, is a spike. Spikes do not
+    update the statistics."""
+
+    def __init__(self, threshold: float, warmup: int, alpha: float = 0.01):
+        self.threshold, self.warmup, self.alpha = threshold, warmup, alpha
+        self.mean, self.var, self.seen = 0.0, 0.0, 0
+
+    def is_spike(self, loss: float) -> bool:
+        if self.seen >= self.warmup and loss > self.mean + self.threshold * math.sqrt(self.var):
+            return True
+        if self.seen == 0:
+            self.mean = loss
+        else:
+            delta = loss - self.mean
+            self.mean += self.alpha * delta
+            self.var = (1 - self.alpha) * (self.var + self.alpha * delta * delta)
+        self.seen += 1
+        return False
 
 
 def _grad_sync(fwd_model, info: DistInfo, last: bool):

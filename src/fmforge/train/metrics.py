@@ -103,6 +103,12 @@ class MetricsLogger:
         tmp.write_text("".join(k + "\n" for k in kept))
         tmp.replace(self.path)
 
+    def rewind(self, step: int) -> None:
+        """After a rollback to ``step``: drop the lines of the abandoned steps, which will be logged again."""
+        self.file.close()
+        self._truncate_after(step)
+        self.file = open(self.path, "a", buffering=1)
+
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         step = record["step"]
