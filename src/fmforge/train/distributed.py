@@ -106,6 +106,16 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def gather_floats(value: float, info: DistInfo) -> list[float]:
+    """``value`` from every rank, in rank order (e.g. per-rank step times)."""
+    if not info.distributed:
+        return [value]
+    mine = torch.tensor([value], dtype=torch.float64, device=info.device)
+    out = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(out, mine)
+    return [t.item() for t in out]
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True on every rank when it is true on one (e.g. a SIGTERM that reached a single rank)."""
     if not info.distributed:

@@ -33,12 +33,14 @@ from fmforge.train.distributed import (
     DistInfo,
     any_rank,
     barrier,
+    gather_floats,
     init_distributed,
     mean_across_ranks,
     preflight,
     run_on_main,
     shutdown,
 )
+from fmforge.train.memory import describe, estimate_memory
 from fmforge.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from fmforge.train.optim import build_optimizer, build_scheduler
 from fmforge.train.parallel import parallelize, uses_fsdp
@@ -170,6 +172,9 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     preflight(info, run_dir, checkpoint_bytes=int(n_params * 4 * 3 * 1.1))  # weights + AdamW moments, fp32
+    memory = estimate_memory(cfg.model, n_params, cfg.data.seq_len, t.micro_batch_size, info.world_size,
+                             cfg.parallel.dp, cfg.parallel.ac, bf16)
+    echo(describe(memory))
     fwd_model = parallelize(model, cfg.parallel, info, t.compile, bf16)
     optimizer = build_optimizer(model, o, device)
     scheduler = build_scheduler(optimizer, o, t.max_steps)
@@ -218,13 +223,16 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
     skipped = rollbacks = 0
     spikes = SpikeDetector(t.spike_threshold, t.spike_warmup) if t.spike_threshold else None
     saved_at = step if resume_from is not None else -1
-    t_last, tokens_since = time.perf_counter(), 0
+    t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
+    peak_reported = False
     with _StopFlag() as stop:
         model.train()
         while step < t.max_steps and not any_rank(stop.signal is not None, info):
             lr = scheduler.get_last_lr()[0]
             loss_sum = torch.zeros((), device=device)
+            t_data = time.perf_counter()
             micro_batches = loader.next_step()
+            data_wait += time.perf_counter() - t_data
             for i, (inputs, targets) in enumerate(micro_batches):
                 inputs = inputs.to(device, non_blocking=True)
                 targets = targets.to(device, non_blocking=True)
@@ -254,7 +262,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                     step = int(state["step"])
                     if logger is not None:
                         logger.rewind(step)
-                    t_last, tokens_since = time.perf_counter(), 0
+                    t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
                     continue
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf)
             if isinstance(grad_norm, DTensor):
@@ -268,6 +276,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            steps_since += 1
             tokens_since += t.global_batch_tokens
 
             if step % t.log_interval == 0 or step == t.max_steps:
@@ -278,24 +287,37 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                 if peak:
                     record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * 1e12 * info.world_size)
                 record["peak_mem_gb"] = peak_memory_gb(device)
+                record["data_wait_frac"] = data_wait / dt  # share of wall time spent waiting for batches
+                step_times = gather_floats(dt / steps_since, info)
+                if info.distributed:
+                    record["step_time_max"], record["step_time_min"] = max(step_times), min(step_times)
+                    median = sorted(step_times)[len(step_times) // 2]
+                    slow = [r for r, s in enumerate(step_times) if s > 1.2 * median]
+                    if slow:
+                        echo(f"warning: straggler rank(s) {slow}: {max(step_times):.3f} s/step vs median {median:.3f}")
+                if not peak_reported:
+                    peak_reported = True
+                    what = "GPU memory" if device.type == "cuda" else "process RSS, libraries included"
+                    echo(f"measured peak after {step} steps: {record['peak_mem_gb']:.2f} GB ({what}); "
+                         f"estimated {memory['total']:.3g} GB")
                 if skipped:
                     record["skipped_steps"] = skipped
                 if rollbacks:
                     record["rollbacks"] = rollbacks
                 log(record)
-                t_last, tokens_since = time.perf_counter(), 0
+                t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
             elif logger is not None:
                 logger.advance(step)
+            t_pause = time.perf_counter()  # validation and checkpoints do not count against throughput
             if t.eval_interval and step % t.eval_interval == 0 and step < t.max_steps:
                 val_loss = validate()
                 if val_loss is not None:
                     log({"step": step, "val_loss": val_loss})
                 model.train()
-                t_last = time.perf_counter()
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 save(step)
                 saved_at = step
-                t_last = time.perf_counter()
+            t_last += time.perf_counter() - t_pause
 
         # Still under the signal handler: a SIGTERM from here on is absorbed, the run finishes its last writes.
         # Step 0 has nothing to save (and an optimizer without state cannot be checkpointed faithfully).
