@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,85 @@ def test_checkpoint_from_two_processes_resumes_in_one_and_back(prepared, single,
     proc = _run(prepared, up, 2, "--resume", str(single / "checkpoints" / "step_0000010"), **{"parallel.dp": "ddp"})
     assert "saved by 1 process(es), now 2" in proc.stdout
     np.testing.assert_allclose(_losses(up), _losses(single)[10:], rtol=1e-5)
+
+
+def _grad_norms(run_dir):
+    return np.array([m["grad_norm"] for m in read_metrics(run_dir) if "grad_norm" in m])
+
+
+def test_tensor_parallel_two_ranks_matches_one_process_forward_and_backward_and_resumes_in_one(
+        prepared, single, tmp_path):
+    tp = tmp_path / "tp2"
+    proc = _run(prepared, tp, 2, **{"parallel.tp": 2})
+    assert "tp 2" in proc.stdout
+    np.testing.assert_allclose(_losses(tp), _losses(single), rtol=1e-5)  # forward
+    np.testing.assert_allclose(_grad_norms(tp), _grad_norms(single), rtol=1e-4)  # backward
+    # The DCP checkpoint of a tensor-parallel run reshards into one process.
+    down = tmp_path / "down"
+    _run(prepared, down, 1, "--resume", str(tp / "checkpoints" / "step_0000010"))
+    np.testing.assert_allclose(_losses(down), _losses(single)[10:], rtol=1e-5)
+
+
+def test_tensor_parallel_gpt2_with_biases_and_tied_head_matches_one_process(prepared, tmp_path):
+    gpt2 = {"model.arch": "gpt2", "model.n_kv_head": 4, "train.max_steps": 6}
+    _run(prepared, tmp_path / "one", 1, **gpt2)
+    _run(prepared, tmp_path / "tp2", 2, **gpt2, **{"parallel.tp": 2})
+    np.testing.assert_allclose(_losses(tmp_path / "tp2"), _losses(tmp_path / "one"), rtol=1e-5)
+    np.testing.assert_allclose(_grad_norms(tmp_path / "tp2"), _grad_norms(tmp_path / "one"), rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", [{"parallel.dp": "fsdp", "parallel.tp": 2},
+                                    {"parallel.dp": "hsdp", "parallel.dp_shard": 2}], ids=["fsdp2xtp2", "hsdp2x2"])
+def test_four_ranks_in_two_dimensions_match_one_process(prepared, single, tmp_path, layout):
+    out = tmp_path / "four"
+    # 8 sequences per step over 4 (hsdp) or 2 (fsdp x tp) data-parallel ranks: micro-batches of 2.
+    _run(prepared, out, 4, **layout, **{"train.micro_batch_size": 2})
+    np.testing.assert_allclose(_losses(out), _losses(single), rtol=1e-5)
+    np.testing.assert_allclose(_grad_norms(out), _grad_norms(single), rtol=1e-4)
+
+
+def test_a_tensor_parallel_degree_that_does_not_fit_is_refused_in_one_line(prepared, tmp_path):
+    with pytest.raises(FmforgeError, match=r"parallel.tp \(2\) must divide the number of processes \(1\)"):
+        loop.train(build_config({}, tiny_overrides(prepared, tmp_path / "run", **{"parallel.tp": 2})))
+
+
+def test_out_of_memory_halves_the_micro_batch_and_the_run_matches_one_started_that_way(prepared, tmp_path,
+                                                                                       monkeypatch):
+    small = tmp_path / "small"
+    loop.train(build_config({}, tiny_overrides(prepared, small, **{**STEPS, "train.micro_batch_size": 2})),
+               echo=lambda *_: None)
+    real = loop.clm_loss
+
+    def oom_above_two(logits, targets):
+        if logits.size(0) > 2:
+            raise torch.OutOfMemoryError("injected")
+        return real(logits, targets)
+
+    monkeypatch.setattr(loop, "clm_loss", oom_above_two)
+    messages, out = [], tmp_path / "big"
+    loop.train(build_config({}, tiny_overrides(prepared, out, **STEPS)), echo=messages.append)  # micro-batch 4
+    assert any("out of device memory at step 1: micro-batch 4 -> 2, accumulation 2 -> 4" in m for m in messages)
+    np.testing.assert_array_equal(_losses(out), _losses(small))
+    assert read_metrics(out)[0]["micro_batch_size"] == 2
+    # A resumed run starts at the size that fitted instead of running out of memory again.
+    messages.clear()
+    loop.train(build_config({}, tiny_overrides(prepared, out, **{**STEPS, "train.max_steps": 22})),
+               resume="auto", echo=messages.append)
+    assert any("train.micro_batch_size 4 -> 2" in m for m in messages), messages
+    assert not any("out of device memory" in m for m in messages)
+
+
+def test_out_of_memory_on_two_ranks_restarts_the_job_with_half_the_micro_batch(prepared, single, tmp_path):
+    env = {**os.environ, "FMFORGE_TEST_OOM_ABOVE": "2",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "data" / "inject_oom"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "oom"
+    proc = subprocess.run(_cmd(prepared, out, 2, "--max-restarts", "1", **{"parallel.dp": "ddp"}),
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "out of device memory at step 1 with micro-batch 4; the run restarts with 2" in proc.stderr + proc.stdout
+    assert "train.micro_batch_size 4 -> 2" in proc.stdout
+    np.testing.assert_allclose(_losses(out), _losses(single), rtol=1e-5)
 
 
 def test_a_killed_rank_is_restarted_and_the_run_ends_where_an_unfaulted_one_does(prepared, single, tmp_path):

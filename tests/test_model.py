@@ -10,7 +10,7 @@ from safetensors.torch import load_model, save_model
 
 from fmforge.config import ModelConfig
 from fmforge.models import build_model
-from fmforge.models.blocks import Attention, apply_rope, rope_tables
+from fmforge.models.blocks import Attention, apply_rope, fuse_qkv, rope_tables, split_qkv
 from fmforge.models.gpt import GPT
 from fmforge.objectives.clm import clm_loss
 
@@ -99,7 +99,8 @@ def test_grouped_query_attention_equals_explicit_repeat_interleave():
     x = torch.randn(2, 10, 64)
     cos, sin = rope_tables(cfg.head_dim, 10, cfg.rope_theta)
 
-    q, k, v = attn.qkv(x).view(2, 10, 12, 8).split([8, 2, 2], dim=2)
+    wq, wk, wv = split_qkv(attn.qkv.weight, 8, 2)
+    q, k, v = (F.linear(x, w).view(2, 10, -1, 8) for w in (wq, wk, wv))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     k, v = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)  # kv head j serves q heads 4j..4j+3
@@ -244,6 +245,9 @@ def test_logits_match_huggingface_gpt2():
             weight = sd[h + theirs + ".weight"]
             ours[f"blocks.{i}.{mine}.weight"] = weight.t() if weight.dim() == 2 else weight  # Conv1D: [in, out]
             ours[f"blocks.{i}.{mine}.bias"] = sd[h + theirs + ".bias"]
+        for name in ("weight", "bias"):  # c_attn is [q; k; v]: regroup per head
+            key = f"blocks.{i}.attn.qkv.{name}"
+            ours[key] = fuse_qkv(*ours[key].chunk(3), n_head=4, n_kv_head=4)
     model = GPT(cfg).eval()
     model.load_state_dict(ours, strict=True)
     idx = torch.randint(0, 128, (2, 32))
@@ -264,8 +268,8 @@ def test_logits_match_huggingface_llama_with_gqa():
             "norm_f.weight": sd["model.norm.weight"]}
     for i in range(2):
         h = f"model.layers.{i}."
-        ours[f"blocks.{i}.attn.qkv.weight"] = torch.cat(
-            [sd[h + f"self_attn.{p}_proj.weight"] for p in "qkv"])  # rotate-half on both sides: no permutation
+        ours[f"blocks.{i}.attn.qkv.weight"] = fuse_qkv(  # rotate-half on both sides: no permutation
+            *(sd[h + f"self_attn.{p}_proj.weight"] for p in "qkv"), n_head=4, n_kv_head=2)
         ours[f"blocks.{i}.attn.proj.weight"] = sd[h + "self_attn.o_proj.weight"]
         ours[f"blocks.{i}.norm1.weight"] = sd[h + "input_layernorm.weight"]
         ours[f"blocks.{i}.norm2.weight"] = sd[h + "post_attention_layernorm.weight"]
@@ -277,3 +281,15 @@ def test_logits_match_huggingface_llama_with_gqa():
     logits = model(idx)
     assert logits.abs().max() > 0.1  # perturbed weights: logits large enough for the tolerance to mean something
     torch.testing.assert_close(logits, hf(idx).logits, rtol=0, atol=1e-4)
+
+
+def test_fused_qkv_groups_whole_heads_so_a_row_shard_holds_complete_kv_groups():
+    hd, n_head, n_kv = 2, 4, 2
+    q = torch.arange(n_head * hd).float()[:, None] + 100  # q rows 100.., k rows 200.., v rows 300..
+    k = torch.arange(n_kv * hd).float()[:, None] + 200
+    v = torch.arange(n_kv * hd).float()[:, None] + 300
+    fused = fuse_qkv(q, k, v, n_head, n_kv)
+    first_half = fused[: len(fused) // 2, 0].tolist()  # what rank 0 of a 2-way row shard holds
+    assert first_half == [100, 101, 102, 103, 200, 201, 300, 301]  # q heads 0-1, their k and v head 0
+    for a, b in zip(split_qkv(fused, n_head, n_kv), (q, k, v)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

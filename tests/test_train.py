@@ -13,7 +13,7 @@ from conftest import read_metrics, run_cli, tiny_overrides
 from safetensors.torch import load_file
 
 from fmforge.config import build_config
-from fmforge.data.loader import GlobalBatchLoader, TokenWindows
+from fmforge.data.loader import GlobalBatchLoader, Prefetcher, TokenWindows
 from fmforge.errors import FmforgeError
 from fmforge.eval.perplexity import unigram_baseline
 from fmforge.train.loop import train
@@ -79,6 +79,41 @@ def test_loader_resumes_from_its_state(prepared):
     b = GlobalBatchLoader(windows, 8, 4, seed=3)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert all(torch.equal(x, y) for (x, _), (y, _) in zip(a.next_step(), b.next_step()))
+
+
+def test_prefetching_reads_ahead_but_hands_out_and_checkpoints_the_same_order(prepared):
+    windows = TokenWindows(prepared, "train", 64)
+    inline = GlobalBatchLoader(windows, 8, 4, seed=5)
+    expected = [inline.next_step() for _ in range(6)]
+    ahead = Prefetcher(GlobalBatchLoader(windows, 8, 4, seed=5), depth=3)
+    for i in range(3):
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(ahead.next_step(), expected[i]))
+    # Read-ahead steps are not in the state: a checkpoint taken now resumes at step 4.
+    state = ahead.state_dict()
+    assert state["cursor"] == 3 * 8
+    ahead.close()
+    resumed = Prefetcher(GlobalBatchLoader(windows, 8, 4, seed=5), depth=2)
+    resumed.load_state_dict(state)
+    for i in range(3, 6):
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed.next_step(), expected[i]))
+    resumed.set_micro_batch(2)  # same rows, split finer
+    resumed.load_state_dict(state)
+    rows = torch.cat([x for x, _ in resumed.next_step()])
+    assert torch.equal(rows, torch.cat([x for x, _ in expected[3]]))
+    resumed.close()
+
+
+def test_a_failing_read_ahead_surfaces_in_the_training_process(prepared):
+    windows = TokenWindows(prepared, "train", 64)
+    loader = Prefetcher(GlobalBatchLoader(windows, 8, 4, seed=5), depth=2)
+
+    def unreadable(indices):
+        raise OSError("shard unreadable")
+
+    windows.batch = unreadable
+    with pytest.raises(OSError, match="shard unreadable"):
+        loader.next_step()
+    loader.close()
 
 
 def test_training_on_real_text_falls_below_the_unigram_baseline(prepared, tmp_path):

@@ -102,6 +102,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     path: str | None = None  # a prepared data directory (fmforge data prepare)
     seq_len: PositiveInt = 256
+    prefetch: NonNegativeInt = 2  # optimizer steps of batches read ahead by a background thread (0: inline)
 
 
 class OptimConfig(Section):
@@ -131,18 +132,19 @@ class TrainConfig(Section):
     eval_batches: PositiveInt = 20
     log_interval: PositiveInt = 10
     peak_tflops: PositiveFloat | None = None  # for MFU where the device is not in the peak table (e.g. CPU)
-    threads: PositiveInt | None = None
+    threads: PositiveInt | None = None  # torch intra-op threads on CPU; None leaves torch's default
     # Loss-spike rollback: a step whose loss exceeds the running mean by this many running standard
     # deviations is not applied; the run rolls back to its last checkpoint and skips the offending batches.
     spike_threshold: PositiveFloat | None = None
-    spike_warmup: NonNegativeInt = 50  # steps of loss history before spikes are judged  # torch intra-op threads on CPU; None leaves torch's default
+    spike_warmup: NonNegativeInt = 50  # steps of loss history before spikes are judged
 
 
 class ParallelConfig(Section):
     """How the same run spreads over processes started by torchrun (``--nproc-per-node``, Slurm, k8s)."""
 
     dp: Literal["ddp", "fsdp", "hsdp"] = "fsdp"  # data parallel flavour when WORLD_SIZE > 1
-    dp_shard: PositiveInt | None = None  # hsdp: ranks per shard group (default: processes per node)
+    dp_shard: PositiveInt | None = None  # hsdp: data-parallel ranks per shard group (default: one node's)
+    tp: PositiveInt = 1  # tensor-parallel degree (ranks per model replica; innermost, keep within a node)
     ac: Literal["none", "full", "selective"] = "none"  # activation checkpointing per block
     timeout_minutes: PositiveFloat = 10.0  # collective timeout before a hung rank fails the job
 

@@ -10,6 +10,8 @@ batch give the same data at any world size; the loader position is just (epoch, 
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +112,13 @@ class GlobalBatchLoader:
             micro.append((rows[:, :-1], rows[:, 1:]))
         return micro
 
+    def set_micro_batch(self, micro_batch: int) -> None:
+        """Split each rank's share into micro-batches of this size instead (the global batch is unchanged)."""
+        per_rank = self.global_batch // self.world_size
+        if micro_batch < 1 or per_rank % micro_batch:
+            raise FmforgeError(f"micro-batch {micro_batch} does not divide this rank's {per_rank} sequences per step")
+        self.micro_batch = micro_batch
+
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "cursor": self.state.cursor, "seed": self.seed,
                 "global_batch": self.global_batch, "windows": len(self.windows)}
@@ -121,6 +130,84 @@ class GlobalBatchLoader:
                 raise FmforgeError(f"the checkpoint's data order does not match this run: its {key} was "
                                    f"{state[key]}, this run's is {value}")
         self.state = LoaderState(epoch=int(state["epoch"]), cursor=int(state["cursor"]))
+
+
+class Prefetcher:
+    """Reads a ``GlobalBatchLoader`` ``depth`` optimizer steps ahead on a background thread (shard reads and
+    tensor assembly overlap the model's step; memory-mapped reads release the GIL), pinning the batches
+    when they go to a GPU. ``state_dict`` is the position after the last step *handed out*, never after the
+    ones read ahead, so checkpoints and resume stay exact. ``depth=0`` reads inline."""
+
+    def __init__(self, loader: GlobalBatchLoader, depth: int = 2, pin_memory: bool = False):
+        self.loader, self.depth, self.pin_memory = loader, depth, pin_memory
+        self._state = loader.state_dict()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def accum_steps(self) -> int:
+        return self.loader.accum_steps
+
+    @property
+    def micro_batch(self) -> int:
+        return self.loader.micro_batch
+
+    def _read(self) -> tuple[list, dict]:
+        micro = self.loader.next_step()
+        if self.pin_memory:
+            micro = [(x.pin_memory(), y.pin_memory()) for x, y in micro]
+        return micro, self.loader.state_dict()
+
+    def _work(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._put(self._read())
+        except BaseException as err:  # handed to the consumer, raised on its next call
+            self._put(err)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.depth == 0:
+            micro, self._state = self._read()
+            return micro
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=self.depth)
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._work, name="fmforge-prefetch", daemon=True)
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        micro, self._state = item
+        return micro
+
+    def close(self) -> None:
+        """Stop reading ahead and put the loader back where the consumer is."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.loader.load_state_dict(self._state)
+
+    def state_dict(self) -> dict:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.loader.load_state_dict(state)
+        self._state = self.loader.state_dict()
+
+    def set_micro_batch(self, micro_batch: int) -> None:
+        self.close()
+        self.loader.set_micro_batch(micro_batch)
 
 
 def eval_windows(windows: TokenWindows, batch_size: int, max_batches: int | None = None):

@@ -1,7 +1,9 @@
 """Find input files and read them as a stream of documents, counting (never raising on) bad records.
 
 Inputs are files, directories (searched recursively for known extensions, hidden folders skipped) or
-globs. Plain-text files are one document each; ``.jsonl`` is one document per line and ``.parquet`` one per
+globs, local or in object storage (``s3://bucket/prefix/file.jsonl``, ``s3://bucket/prefix/*.jsonl``, or a
+bare ``s3://bucket/prefix`` searched like a directory; read through fsspec, see ``fmforge.storage``).
+Plain-text files are one document each; ``.jsonl`` is one document per line and ``.parquet`` one per
 row, the text taken from ``text_field``. Every source file's size and sha256 are recorded for the manifest,
 hashed from the same bytes that are parsed so no file is read twice.
 """
@@ -10,18 +12,23 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import IO
 
+from fmforge import storage
 from fmforge.errors import FmforgeError
 
 TEXT_EXTENSIONS = (".txt", ".md", ".py", ".rst")
 KNOWN_EXTENSIONS = TEXT_EXTENSIONS + (".jsonl", ".parquet")
 PARQUET_BATCH_ROWS = 1024
+REMOTE_READ_BUFFER = 1 << 20  # fsspec's readline scans a whole block per line; buffer it in C instead
 
 
 @dataclass(frozen=True)
@@ -50,15 +57,52 @@ def _walk(directory: Path) -> list[Path]:
     return found
 
 
-def resolve_inputs(inputs: list[str]) -> list[Path]:
-    """Expand inputs into a sorted-per-input, de-duplicated list of files. A missing path, a glob that
-    matches nothing, or a directory without any known file is a user error."""
+def _walk_remote(fs, prefix: str) -> list[str]:
+    """``_walk`` for object storage: every known file under ``prefix`` (a key, no scheme) as a URL, in the
+    order ``os.walk`` would give (a level's files before its sub-prefixes), hidden names skipped."""
+    root = prefix.rstrip("/")
+    found = []
+    for key in fs.find(root):
+        parts = key[len(root) + 1:].split("/") if key.startswith(root + "/") else []
+        if parts and not any(p.startswith(".") for p in parts) and parts[-1].lower().endswith(KNOWN_EXTENSIONS):
+            # sort key: at each level, files (0) before sub-prefixes (1), then by name — os.walk's order
+            found.append((tuple((int(i < len(parts) - 1), p) for i, p in enumerate(parts)), key))
+    return [fs.unstrip_protocol(key) for _, key in sorted(found)]
+
+
+def _resolve_remote(url: str) -> list[str]:
+    """A remote input as URLs, with the same rules as a local one."""
+    fs = storage.filesystem(url)
+    with storage.errors(url, "read input"):
+        if _is_glob(url):
+            matches = fs.glob(url, detail=True)
+            if not matches:
+                raise FmforgeError(f"no files match {url!r}")
+            files = []
+            for key, info in sorted(matches.items()):
+                files += _walk_remote(fs, key) if info["type"] == "directory" else [fs.unstrip_protocol(key)]
+            return files
+        info = fs.info(url)
+        if info["type"] != "directory":
+            return [fs.unstrip_protocol(info["name"])]
+        found = _walk_remote(fs, info["name"])
+        if not found:
+            raise FmforgeError(f"input {url} holds no {' '.join(KNOWN_EXTENSIONS)} files")
+        return found
+
+
+def resolve_inputs(inputs: list[str]) -> list[Path | str]:
+    """Expand inputs into a sorted-per-input, de-duplicated list of files: local ones as Paths, remote ones
+    as URLs. A missing path, a glob that matches nothing, or a directory without any known file is a user
+    error."""
     if not inputs:
         raise FmforgeError("no inputs given")
-    files: list[Path] = []
+    files: list[Path | str] = []
     for item in inputs:
         item = str(item)
-        if _is_glob(item):
+        if storage.is_remote(item):
+            files += _resolve_remote(item)
+        elif _is_glob(item):
             matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
             if not matches:
                 raise FmforgeError(f"no files match {item!r}")
@@ -78,7 +122,7 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
                 files.append(p)
     seen, unique = set(), []
     for f in files:
-        key = f.resolve()
+        key = f if isinstance(f, str) else f.resolve()
         if key not in seen:
             seen.add(key)
             unique.append(f)
@@ -107,22 +151,31 @@ def _bad_text(text: str) -> str | None:
     return None
 
 
-class DocumentReader:
-    """Iterate documents from files. After (or during) iteration: ``read`` records seen, ``dropped`` a Counter
-    of skipped records by reason (read == yielded + sum(dropped)), ``sources`` the files with size and hash."""
+def _suffix(path: Path | str) -> str:
+    return (path.suffix if isinstance(path, Path) else PurePosixPath(path).suffix).lower()
 
-    def __init__(self, files: list[Path], text_field: str = "text"):
-        self.files = [Path(f) for f in files]
+
+class DocumentReader:
+    """Iterate documents from files (Paths, or URLs read through fsspec). After (or during) iteration:
+    ``read`` records seen, ``dropped`` a Counter of skipped records by reason (read == yielded +
+    sum(dropped)), ``sources`` the files with size and hash."""
+
+    def __init__(self, files: list[Path | str], text_field: str = "text"):
+        self.files = [f if storage.is_remote(f) else Path(f) for f in files]
         self.text_field = text_field
         self.read = 0
         self.dropped: Counter[str] = Counter()
         self.sources: list[SourceFile] = []
-        if any(f.suffix.lower() == ".parquet" for f in self.files):
+        self._filesystems: dict = {}  # scheme → fsspec filesystem, made on first use
+        # A remote read can also fail in the backend (connection, credentials), not only with an OSError.
+        remote = any(isinstance(f, str) for f in self.files)
+        self._read_errors = storage.backend_errors() if remote else (OSError,)
+        if any(_suffix(f) == ".parquet" for f in self.files):
             _import_pyarrow()  # fail before any work, not halfway through the corpus
 
     def __iter__(self) -> Iterator[Document]:
         for path in self.files:
-            ext = path.suffix.lower()
+            ext = _suffix(path)
             try:
                 if ext == ".jsonl":
                     yield from self._read_jsonl(path)
@@ -130,16 +183,28 @@ class DocumentReader:
                     yield from self._read_parquet(path)
                 else:
                     yield from self._read_text(path)
-            except OSError:  # permissions, a file vanishing mid-run: a bad input, not a crash
+            except self._read_errors:  # permissions, a file vanishing mid-run: a bad input, not a crash
                 self.read += 1
                 self.dropped["unreadable"] += 1
+
+    def _open(self, path: Path | str) -> IO[bytes]:
+        if isinstance(path, Path):
+            return open(path, "rb")
+        return io.BufferedReader(self._filesystem(path).open(path, "rb"), REMOTE_READ_BUFFER)
+
+    def _filesystem(self, url: str):
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in self._filesystems:
+            self._filesystems[scheme] = storage.filesystem(url)
+        return self._filesystems[scheme]
 
     def _skip(self, reason: str, n: int = 1) -> None:
         self.read += n
         self.dropped[reason] += n
 
-    def _read_text(self, path: Path) -> Iterator[Document]:
-        data = path.read_bytes()
+    def _read_text(self, path: Path | str) -> Iterator[Document]:
+        with self._open(path) as f:
+            data = f.read()
         self.sources.append(SourceFile(str(path), len(data), hashlib.sha256(data).hexdigest()))
         # NUL bytes mean binary (or UTF-16, which is valid UTF-8 but not text we can use).
         if b"\x00" in data:
@@ -156,9 +221,9 @@ class DocumentReader:
         self.read += 1
         yield Document(text, str(path))
 
-    def _read_jsonl(self, path: Path) -> Iterator[Document]:
+    def _read_jsonl(self, path: Path | str) -> Iterator[Document]:
         sha, size = hashlib.sha256(), 0
-        with open(path, "rb") as f:
+        with self._open(path) as f:
             for lineno, line in enumerate(f):
                 sha.update(line)
                 size += len(line)
@@ -188,12 +253,22 @@ class DocumentReader:
                 yield Document(text, str(path))
         self.sources.append(SourceFile(str(path), size, sha.hexdigest()))
 
-    def _read_parquet(self, path: Path) -> Iterator[Document]:
+    def _read_parquet(self, path: Path | str) -> Iterator[Document]:
+        if isinstance(path, Path):
+            yield from self._parse_parquet(path, str(path))
+            return
+        # Parquet is read by random access: copy the object to local disk once, then read it like a local file.
+        with tempfile.TemporaryDirectory(prefix="fmforge-parquet-") as tmp:
+            local = Path(tmp) / "input.parquet"
+            self._filesystem(path).get_file(path, str(local))
+            yield from self._parse_parquet(local, path)
+
+    def _parse_parquet(self, path: Path, name: str) -> Iterator[Document]:
         pa, pq = _import_pyarrow()
         # Memory-map once: the hash and the parquet reader share the same pages, and nothing is loaded whole.
         with pa.memory_map(str(path)) as mm:
             buf = mm.read_buffer()
-            self.sources.append(SourceFile(str(path), buf.size, hashlib.sha256(buf).hexdigest()))
+            self.sources.append(SourceFile(name, buf.size, hashlib.sha256(buf).hexdigest()))
             try:
                 pf = pq.ParquetFile(pa.BufferReader(buf))
             except (pa.ArrowException, OSError):
@@ -215,6 +290,6 @@ class DocumentReader:
                             self._skip(reason)
                         else:
                             self.read += 1
-                            yield Document(text, str(path))
+                            yield Document(text, name)
             except pa.ArrowException:  # a corrupt page partway through: keep what was read, count the file
                 self._skip("malformed_parquet")

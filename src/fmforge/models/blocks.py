@@ -3,7 +3,8 @@
 Encoder vs decoder is a mask and a head, not a different block: ``Attention(causal=...)`` is the only switch.
 Parameter names are chosen so Hugging Face checkpoints map onto them one tensor at a time:
 
-    attn.qkv   = concat(q_proj, k_proj, v_proj)     (GPT-2: c_attn, stored transposed by HF's Conv1D)
+    attn.qkv   = q_proj, k_proj, v_proj fused, rows grouped per kv head (see ``fuse_qkv``)
+                                                    (GPT-2: c_attn, stored transposed by HF's Conv1D)
     attn.proj  = o_proj                             (GPT-2: attn.c_proj)
     mlp.c_fc / mlp.c_proj                           (GPT-2 GELU MLP)
     mlp.w1 = gate_proj, mlp.w3 = up_proj, mlp.w2 = down_proj   (Llama SwiGLU)
@@ -24,12 +25,39 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+@torch.no_grad()
+def init_normal_(weight: torch.Tensor, std: float, truncated: bool) -> None:
+    """Fill ``weight`` from N(0, std) (truncated at 3 std if asked) drawn on the CPU generator at the
+    parameter's full shape, then keep this rank's shard. The values are therefore the same whether the model
+    was built whole on the CPU, on the meta device and materialized, or sharded by FSDP and tensor parallelism
+    in any layout: runs at different world sizes start from identical weights. A meta tensor is left alone
+    and consumes no randomness (it is initialized later, after ``to_empty``)."""
+    if weight.is_meta:
+        return
+    full = torch.empty(weight.shape, dtype=torch.float32)
+    if truncated:
+        nn.init.trunc_normal_(full, std=std, a=-3 * std, b=3 * std)
+    else:
+        nn.init.normal_(full, std=std)
+    copy_full_(weight, full)
+
+
+@torch.no_grad()
+def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) tensor into ``param``, which may be a DTensor shard (FSDP2 / tensor parallel)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        # src_data_rank=None: every rank holds ``full`` already, so it just slices its shard (no communication).
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param.to_local().copy_(local)
+    else:
+        param.copy_(full)
+
+
 def init_linear(layer: nn.Linear, std: float, truncated: bool) -> None:
     """GPT-2 draws from N(0, std); Llama/torchtitan truncates at 3 std so no weight starts as an outlier."""
-    if truncated:
-        nn.init.trunc_normal_(layer.weight, std=std, a=-3 * std, b=3 * std)
-    else:
-        nn.init.normal_(layer.weight, std=std)
+    init_normal_(layer.weight, std, truncated)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
 
@@ -47,13 +75,35 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, heads, head_dim] by the angles of its positions; cos/sin are [T, head_dim]."""
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # the dtype cast matches HF
+    """Rotate x [B, T, *heads, head_dim] by the angles of its positions; cos/sin are [T, head_dim]."""
+    shape = (cos.size(0),) + (1,) * (x.dim() - 3) + (cos.size(1),)
+    cos, sin = cos.view(shape).to(x.dtype), sin.view(shape).to(x.dtype)  # the dtype cast matches HF
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 # ---------------------------------------------------------------------------------------------------- attention
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_head: int, n_kv_head: int) -> torch.Tensor:
+    """Fuse separate q/k/v projection weights [heads * head_dim, ...] (or biases) into ``attn.qkv``'s layout:
+    rows grouped per kv head g as [q heads of group g, k_g, v_g] (Megatron's layout). A contiguous row
+    range then holds whole groups, so tensor parallelism shards the fused matrix row-wise and each rank gets
+    complete heads with their own keys and values."""
+    groups = n_head // n_kv_head
+    rest = q.shape[1:]
+    q = q.reshape(n_kv_head, groups, -1, *rest)
+    k, v = k.reshape(n_kv_head, 1, -1, *rest), v.reshape(n_kv_head, 1, -1, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, n_head: int, n_kv_head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``fuse_qkv``: q [n_head * hd, ...], k and v [n_kv_head * hd, ...]."""
+    groups = n_head // n_kv_head
+    rest = qkv.shape[1:]
+    g = qkv.reshape(n_kv_head, groups + 2, -1, *rest)
+    return (g[:, :groups].reshape(-1, *rest), g[:, groups].reshape(-1, *rest),
+            g[:, groups + 1].reshape(-1, *rest))
 
 
 class KVCache:
@@ -91,7 +141,8 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.causal = causal
         self.dropout = cfg.dropout
-        # One matmul for q, k and v: a single wide GEMM beats three narrow ones.
+        # One matmul for q, k and v: a single wide GEMM beats three narrow ones. Rows are grouped per kv
+        # head (``fuse_qkv``) so tensor parallelism can shard it by rows.
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
@@ -103,10 +154,16 @@ class Attention(nn.Module):
         ``attn_mask`` (no-cache path only) is a boolean mask, True = may attend, broadcastable to
         [B, n_head, T, T], e.g. key padding for encoders; with causal=True it is and-ed with causality."""
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
-        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
+        groups = self.n_head // self.n_kv_head
+        qkv = self.qkv(x)
+        # Under tensor parallelism this rank computes only its share of the kv groups: count them from the
+        # output rather than the config.
+        n_kv = qkv.size(-1) // ((groups + 2) * self.head_dim)
+        qkv = qkv.view(B, T, n_kv, groups + 2, self.head_dim)
+        q, k, v = qkv[:, :, :, :groups], qkv[:, :, :, groups], qkv[:, :, :, groups + 1]
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # rope's output is contiguous: flatten is free
+        q = q.flatten(2, 3)  # [B, T, n_kv * groups, head_dim]; q head g*groups+j uses kv head g
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
 
         is_causal, mask = self.causal, attn_mask
@@ -124,7 +181,6 @@ class Attention(nn.Module):
             mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             is_causal = False
 
-        groups = self.n_head // self.n_kv_head
         enable_gqa = groups > 1
         if enable_gqa and mask is not None:
             # The fused kernels take GQA only without a mask (HF's rule too); otherwise SDPA would drop to
@@ -133,7 +189,7 @@ class Attention(nn.Module):
             enable_gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.proj(y))
 
     def init_weights(self, std: float, out_std: float, truncated: bool) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from fmforge.config import ModelConfig
-from fmforge.models.blocks import Block, KVCache, make_norm, rope_tables
+from fmforge.models.blocks import Block, KVCache, init_normal_, make_norm, rope_tables
 
 
 class GPT(nn.Module):
@@ -49,17 +49,16 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """GPT-2: N(0, init_std), residual-stream projections scaled by 1/sqrt(2 n_layer) (Radford et al. 2019).
         Llama: truncated normal, residual-stream projections of layer i scaled by 1/sqrt(2 (i + 1)) (torchtitan's
-        depth init). Biases zero, norms one. Safe to call again after ``to_empty``."""
+        depth init). Biases zero, norms one. Safe to call again after ``to_empty``, on a sharded model too:
+        every weight is drawn whole on the CPU generator in a fixed order (``init_normal_``), so the values
+        do not depend on the device, the sharding or the world size."""
         cfg = self.cfg
         std, truncated = cfg.init_std, cfg.arch != "gpt2"
         embeddings = [self.tok_emb, self.pos_emb] + ([] if cfg.tie_embeddings else [self.lm_head])
         for module in embeddings:
             if module is None:
                 continue
-            if truncated:
-                nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
-            else:
-                nn.init.normal_(module.weight, std=std)
+            init_normal_(module.weight, std, truncated)
         for i, block in enumerate(self.blocks):
             depth = cfg.n_layer if cfg.arch == "gpt2" else i + 1
             block.init_weights(std, std / math.sqrt(2 * depth), truncated)

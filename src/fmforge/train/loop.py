@@ -9,6 +9,7 @@ cleanly; ``resume="auto"`` continues bit-for-bit where the newest valid checkpoi
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import signal
@@ -19,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.tensor import DTensor
 
 from fmforge.config import Config, config_to_dict, save_config
-from fmforge.data.loader import GlobalBatchLoader, TokenWindows, eval_windows
+from fmforge.data.loader import GlobalBatchLoader, Prefetcher, TokenWindows, eval_windows
 from fmforge.errors import FmforgeError
 from fmforge.eval.perplexity import evaluate_batches
 from fmforge.models.gpt import GPT
@@ -43,7 +43,7 @@ from fmforge.train.distributed import (
 from fmforge.train.memory import describe, estimate_memory
 from fmforge.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from fmforge.train.optim import build_optimizer, build_scheduler
-from fmforge.train.parallel import parallelize, uses_fsdp
+from fmforge.train.parallel import build_layout, clip_grad_norm, materialize, parallelize, uses_fsdp, wrap_ddp
 
 
 @dataclass
@@ -144,8 +144,12 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
     if t.global_batch_tokens % cfg.data.seq_len:
         raise FmforgeError(f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of "
                            f"data.seq_len ({cfg.data.seq_len})")
-    loader = GlobalBatchLoader(train_windows, t.global_batch_tokens // cfg.data.seq_len, t.micro_batch_size,
-                               t.seed, rank=info.rank, world_size=info.world_size)
+    layout = build_layout(cfg.parallel, cfg.model, info)
+    # Ranks of one tensor-parallel group share a data-parallel rank, hence the same rows of each batch.
+    micro_batch = _micro_batch_hint(run_dir, t.micro_batch_size, echo)
+    loader = Prefetcher(GlobalBatchLoader(train_windows, t.global_batch_tokens // cfg.data.seq_len, micro_batch,
+                                          t.seed, rank=layout.dp_rank, world_size=layout.dp_size),
+                        depth=cfg.data.prefetch, pin_memory=info.device.type == "cuda")
     try:
         val_windows = TokenWindows(cfg.data.path, "val", cfg.data.seq_len)
     except FmforgeError as err:
@@ -154,7 +158,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
 
     device = info.device
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-    fsdp = uses_fsdp(cfg.parallel, info)
+    fsdp = uses_fsdp(cfg.parallel, layout)
     # FSDP casts parameters itself (MixedPrecisionPolicy); everywhere else bf16 means autocast.
     amp = contextlib.nullcontext if fsdp else autocast_for(device, t.precision)
     if t.threads:
@@ -167,15 +171,19 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
 
-    # Every rank builds the same full model from the same seed, so 1 process and N processes start equal.
-    model = GPT(cfg.model).to(device)
+    # Built on the meta device (no memory), sharded, then materialized shard by shard. The init draws every
+    # weight whole from the CPU generator seeded above, so 1 process and N processes start equal.
+    with torch.device("meta"):
+        model = GPT(cfg.model)
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     preflight(info, run_dir, checkpoint_bytes=int(n_params * 4 * 3 * 1.1))  # weights + AdamW moments, fp32
-    memory = estimate_memory(cfg.model, n_params, cfg.data.seq_len, t.micro_batch_size, info.world_size,
-                             cfg.parallel.dp, cfg.parallel.ac, bf16)
+    memory = estimate_memory(cfg.model, n_params, cfg.data.seq_len, micro_batch, info.world_size,
+                             cfg.parallel.dp, cfg.parallel.ac, bf16, tp=layout.tp)
     echo(describe(memory))
-    fwd_model = parallelize(model, cfg.parallel, info, t.compile, bf16)
+    parallelize(model, cfg.parallel, layout, t.compile, bf16)
+    materialize(model, device)
+    fwd_model = wrap_ddp(model, cfg.parallel, layout, info)
     optimizer = build_optimizer(model, o, device)
     scheduler = build_scheduler(optimizer, o, t.max_steps)
     # Compile the loss with the model: the fused chunked cross-entropy is where compile gains most on GPT-2
@@ -195,10 +203,13 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
     if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
     peak = device_peak_tflops(device, t.peak_tflops)
-    mode = f"{cfg.parallel.dp} x {info.world_size}" if info.distributed else "1 process"
+    mode = "1 process"
+    if info.distributed:
+        parts = [f"{cfg.parallel.dp} x {layout.dp_size}"] if layout.dp_size > 1 else []
+        mode = ", ".join(parts + ([f"tp {layout.tp}"] if layout.tp > 1 else []))
     echo(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters | device {device}, {mode} | "
-         f"global batch {t.global_batch_tokens} tokens = {loader.accum_steps} x {t.micro_batch_size} x "
-         f"{cfg.data.seq_len} x {info.world_size} | {t.max_steps} steps | run dir {run_dir}")
+         f"global batch {t.global_batch_tokens} tokens = {loader.accum_steps} x {loader.micro_batch} x "
+         f"{cfg.data.seq_len} x {layout.dp_size} | {t.max_steps} steps | run dir {run_dir}")
     logger = None
     if info.is_main:
         logger = MetricsLogger(run_dir, t.max_steps, step, cfg.log.tensorboard, cfg.log.progress, echo=echo)
@@ -216,7 +227,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
         # Every rank evaluates the same batches: FSDP needs all ranks in every forward.
         if val_windows is None:
             return None
-        batches = eval_windows(val_windows, t.micro_batch_size, t.eval_batches)
+        batches = eval_windows(val_windows, loader.micro_batch, t.eval_batches)
         return evaluate_batches(fwd_model, batches, device, amp)["loss"]
 
     loss = val_loss = None
@@ -225,23 +236,33 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
     saved_at = step if resume_from is not None else -1
     t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
     peak_reported = False
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, contextlib.closing(loader):
         model.train()
         while step < t.max_steps and not any_rank(stop.signal is not None, info):
             lr = scheduler.get_last_lr()[0]
             loss_sum = torch.zeros((), device=device)
             t_data = time.perf_counter()
+            position = loader.state_dict()  # before this step's batch: where an out-of-memory retry restarts
             micro_batches = loader.next_step()
             data_wait += time.perf_counter() - t_data
-            for i, (inputs, targets) in enumerate(micro_batches):
-                inputs = inputs.to(device, non_blocking=True)
-                targets = targets.to(device, non_blocking=True)
-                with _grad_sync(fwd_model, info, last=i == len(micro_batches) - 1):
-                    with amp():
-                        logits = fwd_model(inputs)
-                    micro_loss = loss_fn(logits, targets)
-                    (micro_loss / len(micro_batches)).backward()
-                loss_sum += micro_loss.detach()
+            out_of_memory = False
+            try:
+                for i, (inputs, targets) in enumerate(micro_batches):
+                    inputs = inputs.to(device, non_blocking=True)
+                    targets = targets.to(device, non_blocking=True)
+                    with _grad_sync(fwd_model, info, last=i == len(micro_batches) - 1):
+                        with amp():
+                            logits = fwd_model(inputs)
+                        micro_loss = loss_fn(logits, targets)
+                        (micro_loss / len(micro_batches)).backward()
+                    loss_sum += micro_loss.detach()
+            except torch.OutOfMemoryError:
+                out_of_memory = True  # handled outside the except block, once its traceback has freed the tensors
+            if out_of_memory:
+                micro_batches = inputs = targets = logits = micro_loss = None
+                optimizer.zero_grad(set_to_none=True)
+                _halve_micro_batch(loader, position, run_dir, step + 1, info, echo)
+                continue
             if spikes is not None:
                 step_loss = mean_across_ranks(loss_sum / len(micro_batches), info).item()  # same on all ranks
                 spike = spikes.is_spike(step_loss)
@@ -264,9 +285,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                         logger.rewind(step)
                     t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
                     continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip or math.inf)
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()
+            grad_norm = clip_grad_norm(model.parameters(), o.grad_clip or math.inf)
             # The norm is global (gradients are already reduced), so every rank makes the same call.
             if torch.isfinite(grad_norm):
                 optimizer.step()
@@ -300,6 +319,8 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                     what = "GPU memory" if device.type == "cuda" else "process RSS, libraries included"
                     echo(f"measured peak after {step} steps: {record['peak_mem_gb']:.2f} GB ({what}); "
                          f"estimated {memory['total']:.3g} GB")
+                if loader.micro_batch != t.micro_batch_size:
+                    record["micro_batch_size"] = loader.micro_batch
                 if skipped:
                     record["skipped_steps"] = skipped
                 if rollbacks:
@@ -343,6 +364,54 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                      if value is not None)
     echo(f"done: {step} steps{losses}; weights in {run_dir / 'model.safetensors'}")
     return TrainResult(run_dir, step, loss, val_loss, preempted=False)
+
+
+MICRO_BATCH_HINT = "micro_batch_size.json"
+
+
+def _micro_batch_hint(run_dir: Path, configured: int, echo) -> int:
+    """The micro-batch an earlier attempt of this run fell back to after running out of memory, if smaller."""
+    path = run_dir / MICRO_BATCH_HINT
+    if not path.is_file():
+        return configured
+    try:
+        hint = json.loads(path.read_text())
+        size = int(hint["micro_batch_size"])
+    except (ValueError, KeyError, TypeError):
+        echo(f"warning: ignoring unreadable {path}")
+        return configured
+    if size >= configured:
+        return configured
+    echo(f"warning: train.micro_batch_size {configured} -> {size}: this run ran out of memory at step "
+         f"{hint.get('step')} before ({path}); the global batch is unchanged")
+    return size
+
+
+def _halve_micro_batch(loader: Prefetcher, position: dict, run_dir: Path, step: int, info: DistInfo, echo) -> None:
+    """Out of device memory: halve the micro-batch (doubling accumulation, so the global batch and the
+    results are unchanged) and redo the step. One process retries at once. Under torchrun the other ranks
+    are already inside a collective this rank will never join, so this rank records the new size in the run
+    directory and fails; the restart (``--max-restarts``, or ``--resume auto``) picks it up."""
+    old = loader.micro_batch
+    new = old // 2
+    per_rank = loader.loader.global_batch // loader.loader.world_size
+    if new < 1 or per_rank % new:
+        raise FmforgeError(f"out of device memory at step {step} with train.micro_batch_size={old}, and it "
+                           "cannot be halved further: use activation checkpointing (parallel.ac), FSDP or a "
+                           "smaller model.")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    hint = {"micro_batch_size": new, "step": step, "reason": f"out of memory at micro-batch {old}"}
+    tmp = run_dir / f".{MICRO_BATCH_HINT}.{info.rank}"  # every rank may hit this at once: write, then rename
+    tmp.write_text(json.dumps(hint) + "\n")
+    tmp.replace(run_dir / MICRO_BATCH_HINT)
+    if info.distributed:
+        raise FmforgeError(f"rank {info.rank}: out of device memory at step {step} with micro-batch {old}; the "
+                           f"run restarts with {new} (set in {run_dir / MICRO_BATCH_HINT})")
+    loader.set_micro_batch(new)
+    loader.load_state_dict(position)
+    echo(f"warning: out of device memory at step {step}: micro-batch {old} -> {new}, accumulation "
+         f"{per_rank // old} -> {per_rank // new} steps (global batch unchanged); retrying the step")
 
 
 class SpikeDetector:

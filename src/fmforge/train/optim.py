@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from fmforge.config import OptimConfig
 
@@ -29,8 +30,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     fused = cfg.fused
     if fused is None:  # fused kernels exist for CUDA and (torch >= 2.4) CPU
         fused = device.type in ("cuda", "cpu")
+    foreach = None
+    # Tensor parallelism leaves embeddings and norms as plain tensors (or DTensors on the data-parallel mesh
+    # only) beside DTensor blocks; the fused and foreach kernels take one kind per call, so step one tensor
+    # at a time there (a few ms per step; the step itself is far longer for models that need TP).
+    meshes = {p.device_mesh if isinstance(p, DTensor) else None for p in model.parameters()}
+    if len(meshes) > 1:
+        fused, foreach = False, False
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, fused=fused)
+                             eps=cfg.eps, fused=fused, foreach=foreach)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

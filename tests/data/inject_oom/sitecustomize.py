@@ -1,0 +1,20 @@
+"""Test fault injection for processes the tests cannot reach in-process (torchrun workers): with
+FMFORGE_TEST_OOM_ABOVE=N on PYTHONPATH's front, the loss raises torch.OutOfMemoryError for any micro-batch
+larger than N sequences, as a GPU that cannot fit it would."""
+
+import os
+
+if os.environ.get("FMFORGE_TEST_OOM_ABOVE"):
+    import torch
+
+    import fmforge.train.loop as loop
+
+    _limit = int(os.environ["FMFORGE_TEST_OOM_ABOVE"])
+    _real = loop.clm_loss
+
+    def _clm_loss(logits, targets):
+        if logits.size(0) > _limit:
+            raise torch.OutOfMemoryError(f"injected: micro-batch {logits.size(0)} > {_limit}")
+        return _real(logits, targets)
+
+    loop.clm_loss = _clm_loss
