@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import read_metrics, tiny_overrides
 
 import fmforge.train.loop as loop
@@ -85,6 +86,15 @@ def test_tensor_parallel_two_ranks_matches_one_process_forward_and_backward_and_
     down = tmp_path / "down"
     _run(prepared, down, 1, "--resume", str(tp / "checkpoints" / "step_0000010"))
     np.testing.assert_allclose(_losses(down), _losses(single)[10:], rtol=1e-5)
+    # ... and consolidates into the same safetensors the run wrote at its end.
+    export = subprocess.run([sys.executable, "-m", "fmforge", "export", "safetensors",
+                             str(tp / "checkpoints" / "step_0000020"), "--out", str(tmp_path / "export")],
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr
+    exported, final = load_file(tmp_path / "export" / "model.safetensors"), load_file(tp / "model.safetensors")
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k], final[k]) for k in final)
+    assert (tmp_path / "export" / "tokenizer.json").is_file()
 
 
 def test_tensor_parallel_gpt2_with_biases_and_tied_head_matches_one_process(prepared, tmp_path):

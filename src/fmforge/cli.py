@@ -43,6 +43,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
         os._exit(0)
 
 
+def _cmd_export_safetensors(args: argparse.Namespace) -> None:
+    from fmforge.train.checkpoint import export_consolidated
+
+    out = export_consolidated(args.checkpoint, args.out)
+    print(f"wrote {out / 'model.safetensors'} (+ model.json, tokenizer)")
+
+
 def _torchrun(args: argparse.Namespace) -> None:
     """Re-run this same `fmforge train` under torchrun on this machine. A restarted worker group must pick
     up where the failed one stopped, so --max-restarts implies --resume auto."""
@@ -189,6 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=_cmd_eval)
+
+    ex = verbs.add_parser("export", help="write a trained model or checkpoint in another format")
+    ex_verbs = ex.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    es = ex_verbs.add_parser(
+        "safetensors", help="consolidate a sharded training checkpoint into one model.safetensors",
+        description="Gather a Distributed Checkpoint directory (written by any number of processes, FSDP or "
+                    "tensor parallel) into model.safetensors + model.json + tokenizer: a directory that "
+                    "`fmforge generate` and `fmforge eval` read. Runs in one process on the CPU.")
+    es.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="e.g. RUN_DIR/checkpoints/step_0001000")
+    es.add_argument("--out", required=True, metavar="DIR")
+    es.set_defaults(func=_cmd_export_safetensors)
 
     qs = verbs.add_parser(
         "quickstart", help="the whole pipeline on built-in data, on CPU, in minutes",

@@ -238,3 +238,33 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     set_rng_state(torch.load(rng_file if rng_file.exists() else path / "rng_0.pt", weights_only=True))
     train_state = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
     return train_state, meta
+
+
+def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
+    """Turn a sharded checkpoint (any world size, any parallel layout) into one ``model.safetensors`` +
+    ``model.json`` + tokenizer in ``out_dir``: the run-directory format ``generate``, ``eval`` and the
+    exporters read. One process, on the CPU, no process group; only the model's entries are read."""
+    from fmforge.config import ModelConfig
+    from fmforge.models.gpt import GPT
+    from fmforge.runs import save_pretrained
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FmforgeError(f"checkpoint not found: {path}")
+    meta = verify_checkpoint(path)
+    try:
+        model_cfg = ModelConfig(**meta["config"]["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptCheckpoint(f"checkpoint {path}: meta.json has no usable model config ({err})") from None
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    model.to_empty(device="cpu")
+    state = model.state_dict()
+    if model_cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    with _single_process_ok():
+        dcp.load({"model": state}, checkpoint_id=str(path))
+    data_dir = meta["config"].get("data", {}).get("path")
+    tokenizer_dir = data_dir if data_dir and (Path(data_dir) / "tokenizer.json").is_file() else None
+    save_pretrained(state, model_cfg, out_dir, tokenizer_dir)
+    return Path(out_dir)
