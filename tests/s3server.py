@@ -6,7 +6,7 @@ kills the process group at the end (SIGKILL: a graceful stop takes ~30 s and the
 ``s3_url`` (per test) points the standard AWS environment variables at it and returns a fresh
 ``s3://fmforge-test/<n>-<test name>`` prefix. With no identity config SeaweedFS accepts any credentials.
 
-Use it from a test module with ``from s3server import s3_server, s3_url  # noqa: F401``.
+Use it from a test module with ``pytest_plugins = ["s3server"]`` (or import the fixtures into a conftest).
 """
 
 from __future__ import annotations
@@ -53,10 +53,13 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def weed_command(data_dir: Path, run_dir: Path) -> tuple[list[str], int]:
-    """The command line, and the S3 port it serves on. Every port is given explicitly (gRPC ones default to
-    HTTP port + 10000, which could collide); telemetry is off; no Iceberg/Lance side servers."""
+def weed_command(data_dir: Path, run_dir: Path) -> tuple[list[str], int, list[Path]]:
+    """The command line, the S3 port it serves on, and the gRPC sockets weed makes in /tmp whatever TMPDIR
+    says (removed after the server stops). Every port is given explicitly (gRPC ones default to HTTP port
+    + 10000, which could collide); telemetry is off; no Iceberg/Lance side servers."""
     master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+    sockets = [Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock") for name, port in
+               (("master", master_grpc), ("volume", volume_grpc), ("filer", filer_grpc), ("s3", s3_grpc))]
     cmd = [
         WEED, "server", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
@@ -67,7 +70,7 @@ def weed_command(data_dir: Path, run_dir: Path) -> tuple[list[str], int]:
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-s3.localSocket={run_dir / 's3.sock'}",
     ]
-    return cmd, s3
+    return cmd, s3, sockets
 
 
 def _log_tail(log: Path, lines: int = 15) -> str:
@@ -106,12 +109,12 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
     run_dir = tmp_path_factory.mktemp("seaweedfs")
     data_dir = run_dir / "data"
     data_dir.mkdir()
-    cmd, port = weed_command(data_dir, run_dir)
+    cmd, port, sockets = weed_command(data_dir, run_dir)
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "fmforge-test",
            "AWS_SECRET_ACCESS_KEY": "fmforge-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
     log = run_dir / "weed.log"
-    # HOME/TMPDIR/cwd in the run dir: no stray ~/.seaweedfs config is picked up, no socket left in /tmp.
+    # HOME and cwd in the run dir: no stray ./ or ~/.seaweedfs config (security.toml ...) is picked up.
     proc_env = {**os.environ, "HOME": str(run_dir), "TMPDIR": str(run_dir)}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=run_dir, env=proc_env, stdout=out, stderr=subprocess.STDOUT,
@@ -137,6 +140,8 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        for sock in sockets:
+            sock.unlink(missing_ok=True)
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import read_metrics, tiny_overrides
+from safetensors.torch import load_file
 
 import fmforge.train.loop as loop
 from fmforge.config import build_config

@@ -100,7 +100,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    path: str | None = None  # a prepared data directory (fmforge data prepare)
+    path: str | None = None  # a prepared data directory (fmforge data prepare), local or s3://
     seq_len: PositiveInt = 256
     prefetch: NonNegativeInt = 2  # optimizer steps of batches read ahead by a background thread (0: inline)
 
@@ -152,6 +152,10 @@ class ParallelConfig(Section):
 class CheckpointConfig(Section):
     interval: NonNegativeInt = 500  # steps between checkpoints; 0: only at the end and on preemption
     keep_last: PositiveInt = 3
+    # Where checkpoints live (default RUN_DIR/checkpoints). An object-store URL (s3://bucket/prefix) is a
+    # mirror: checkpoints are written atomically under RUN_DIR/checkpoints, then uploaded in the background;
+    # --resume auto takes the newest checkpoint of either place, downloading it if needed.
+    dir: str | None = None
 
 
 class LogConfig(Section):

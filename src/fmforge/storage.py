@@ -29,6 +29,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _STEP = re.compile(r"^step_(\d+)$")  # checkpoint directory names (checkpoint.PREFIX + step)
 META = "meta.json"  # a checkpoint's completion marker (written last by checkpoint.save_checkpoint too)
 LATEST = "latest"
+_filesystems: dict[tuple, object] = {}  # see filesystem()
 
 
 def is_remote(path: str | Path) -> bool:
@@ -40,8 +41,9 @@ def is_remote(path: str | Path) -> bool:
 def filesystem(url: str):
     """The fsspec filesystem for ``url``'s scheme.
 
-    A fresh instance each call, without fsspec's instance and listing caches: endpoint and credentials are
-    read from the environment as it is now, and a listing never misses what another process just wrote.
+    One instance per scheme, process and ``AWS_*`` environment (setting up an S3 client costs ~0.15 s), so
+    a changed endpoint or credential takes effect at once. fsspec's listing cache is off: a listing never
+    misses what another process just wrote.
     """
     m = _SCHEME.match(str(url))
     protocol = m.group(1).lower() if m else "file"
@@ -52,12 +54,15 @@ def filesystem(url: str):
             import s3fs  # noqa: F401
         except ImportError:
             raise FmforgeError(f"{url}: s3:// storage needs s3fs: pip install 'fmforge[s3]'") from None
-    try:
-        import fsspec
+    key = (protocol, os.getpid(), tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    if key not in _filesystems:
+        try:
+            import fsspec
 
-        return fsspec.filesystem(protocol, skip_instance_cache=True, use_listings_cache=False)
-    except (ImportError, ValueError) as err:
-        raise FmforgeError(f"{url}: no storage backend for {protocol}:// ({_first_line(err)})") from None
+            _filesystems[key] = fsspec.filesystem(protocol, skip_instance_cache=True, use_listings_cache=False)
+        except (ImportError, ValueError) as err:
+            raise FmforgeError(f"{url}: no storage backend for {protocol}:// ({_first_line(err)})") from None
+    return _filesystems[key]
 
 
 def backend_errors() -> tuple[type[BaseException], ...]:
@@ -76,10 +81,20 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(err).__name__
 
 
+def _no_such_bucket(err: BaseException | None) -> bool:
+    """Whether the backend said the bucket itself is missing (s3fs keeps botocore's error as the cause)."""
+    while err is not None:
+        response = getattr(err, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code") == "NoSuchBucket":
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _reason(err: BaseException) -> str:
     text = _first_line(err)
     if isinstance(err, FileNotFoundError):
-        return "no such bucket" if "bucket" in text.lower() else "not found"
+        return "no such bucket" if _no_such_bucket(err) else "not found"
     if isinstance(err, PermissionError):
         return (f"access denied ({text}); check the credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE), the bucket "
                 "policy, and that the bucket exists")
@@ -109,12 +124,13 @@ def _key(fs, url: str) -> str:
 
 
 def _find(fs, url: str) -> dict[str, int]:
-    """Every file under ``url``: path relative to it → size. One listing; a missing bucket raises."""
+    """Every file under ``url``: path relative to it → size. One listing; a missing bucket raises. Folder
+    entries (which some S3 servers keep after their last file is deleted) are not files."""
     root = _key(fs, url)
     with errors(url, "list"):
         found = fs.find(url, detail=True)
     return {p[len(root) + 1:]: int(info.get("size") or 0) for p, info in found.items()
-            if p.startswith(root + "/")}
+            if p.startswith(root + "/") and info.get("type") == "file"}
 
 
 def _put(fs, local_dir: Path, names: list[str], url: str) -> None:
@@ -215,7 +231,8 @@ def _scan(fs, remote_root: str) -> dict[str, set[str]]:
 def _delete_checkpoint(fs, remote_root: str, name: str) -> None:
     url = _join(remote_root, name)
     with errors(url, "delete"):
-        fs.rm_file(_key(fs, _join(url, META)))  # first: a half-deleted checkpoint must never look complete
+        with contextlib.suppress(FileNotFoundError):  # a half-uploaded one has none
+            fs.rm_file(_key(fs, _join(url, META)))  # first: a half-deleted checkpoint must never look complete
         with contextlib.suppress(FileNotFoundError):
             fs.rm(_key(fs, url), recursive=True)
 
@@ -327,6 +344,23 @@ def latest_remote_checkpoint(remote_root: str, local_root: str | Path,
     return None
 
 
+def set_aside_newer_remote(remote_root: str, step: int, stamp: str, warn: Callable[[str], None] = print) -> None:
+    """Resuming from an older step forks history: move the remote's newer checkpoints under
+    ``remote_root/abandoned_after_step_NNNNNNN_<stamp>/`` (kept, never deleted), so ``--resume auto`` and
+    pruning only see the new line. Mirrors ``checkpoint.set_aside_newer`` for the local directory."""
+    fs = filesystem(remote_root)
+    newer = [n for n in _scan(fs, remote_root) if _step(n) > step]
+    if not newer:
+        return
+    aside = _join(remote_root, f"abandoned_after_step_{step:07d}_{stamp}")
+    for name in sorted(newer, key=_step):
+        src, dst = _join(remote_root, name), _join(aside, name)
+        with errors(src, "move"):
+            fs.copy(_key(fs, src), _key(fs, dst), recursive=True)
+        _delete_checkpoint(fs, remote_root, name)
+    warn(f"warning: resuming from step {step}: moved {len(newer)} newer remote checkpoint(s) to {aside}")
+
+
 # ---- prepared data: manifest.json + tokenizer + token shards (see data/prepare.py) ----
 
 
@@ -357,7 +391,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _parse_manifest(raw: bytes, url: str) -> dict:
-    from fmforge.data.prepare import FORMAT
+    from fmforge.data.prepare import FORMAT, FORMAT_VERSION
 
     try:
         manifest = json.loads(raw.decode("utf-8"))
@@ -365,6 +399,10 @@ def _parse_manifest(raw: bytes, url: str) -> dict:
         raise FmforgeError(f"{url} is not valid JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise FmforgeError(f"{url} is not an fmforge text-data manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FmforgeError(f"{url} has format version {version!r}; this fmforge reads up to {FORMAT_VERSION}, "
+                           "upgrade it")
     try:
         shards = {s["file"]: int(s["tokens"]) for s in manifest["shards"]}
         tokenizer = (manifest["tokenizer"]["file"], manifest["tokenizer"]["sha256"])
@@ -390,14 +428,14 @@ def stage_prepared_data(url: str, cache_dir: str | Path | None = None) -> Path:
     from fmforge.data.shards import read_shard
 
     if not is_remote(url):
-        return Path(url)
+        return Path(str(url).removeprefix("file://"))
     fs = filesystem(url)
     manifest_url = _join(url, MANIFEST)
     with errors(manifest_url, "read"):
         try:
             raw = fs.cat_file(_key(fs, manifest_url))
         except FileNotFoundError as err:
-            if "bucket" in str(err).lower():
+            if _no_such_bucket(err):
                 raise
             raise FmforgeError(f"no {MANIFEST} at {url}: not prepared data, or its upload has not finished "
                                "(publish_prepared_data uploads the manifest last)") from None

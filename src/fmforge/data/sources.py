@@ -10,6 +10,7 @@ hashed from the same bytes that are parsed so no file is read twice.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import io
@@ -70,12 +71,20 @@ def _walk_remote(fs, prefix: str) -> list[str]:
     return [fs.unstrip_protocol(key) for _, key in sorted(found)]
 
 
+def _hidden_from(pattern: str, key: str) -> bool:
+    """Python's glob never lets a wildcard match a name starting with "."; fsspec's does. Keep the local rule:
+    a hidden name matches only a pattern part that itself starts with "."."""
+    dotted = [c for c in pattern.split("/") if c.startswith(".")]
+    return any(p.startswith(".") and not any(fnmatch.fnmatchcase(p, c) for c in dotted) for p in key.split("/"))
+
+
 def _resolve_remote(url: str) -> list[str]:
     """A remote input as URLs, with the same rules as a local one."""
     fs = storage.filesystem(url)
     with storage.errors(url, "read input"):
         if _is_glob(url):
-            matches = fs.glob(url, detail=True)
+            pattern = fs._strip_protocol(url)
+            matches = {k: v for k, v in fs.glob(url, detail=True).items() if not _hidden_from(pattern, k)}
             if not matches:
                 raise FmforgeError(f"no files match {url!r}")
             files = []

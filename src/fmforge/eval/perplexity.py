@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import yaml
 
 from fmforge.errors import FmforgeError
+from fmforge.storage import is_remote, stage_prepared_data
 
 
 @torch.no_grad()
@@ -90,7 +91,10 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, max_batche
     if not cfg_path.is_file():
         raise FmforgeError(f"not a run directory (no config.yaml): {run_dir}")
     run_cfg = yaml.safe_load(cfg_path.read_text())
-    data_dir = Path(data_dir or run_cfg["data"]["path"])
+    data_dir = data_dir or run_cfg["data"]["path"]
+    if is_remote(data_dir):
+        data_dir = stage_prepared_data(data_dir)
+    data_dir = Path(data_dir)
     seq_len = int(run_cfg["data"]["seq_len"])
     dev = pick_device(device)
     model, tok = load_pretrained(run_dir, dev)

@@ -265,6 +265,11 @@ def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
     with _single_process_ok():
         dcp.load({"model": state}, checkpoint_id=str(path))
     data_dir = meta["config"].get("data", {}).get("path")
+    if data_dir:
+        from fmforge.storage import is_remote, stage_prepared_data
+
+        if is_remote(data_dir):
+            data_dir = stage_prepared_data(data_dir)
     tokenizer_dir = data_dir if data_dir and (Path(data_dir) / "tokenizer.json").is_file() else None
     save_pretrained(state, model_cfg, out_dir, tokenizer_dir)
     return Path(out_dir)

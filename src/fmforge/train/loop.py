@@ -13,6 +13,7 @@ import json
 import math
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from fmforge.eval.perplexity import evaluate_batches
 from fmforge.models.gpt import GPT
 from fmforge.objectives.clm import clm_loss
 from fmforge.runs import save_pretrained
+from fmforge.storage import is_remote
 from fmforge.train import checkpoint as ckpt
 from fmforge.train.distributed import (
     DistInfo,
@@ -87,22 +89,48 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def _checkpoint_places(cfg: Config, run_dir: Path) -> tuple[Path, str | None]:
+    """(local checkpoint directory, object-store mirror URL or None)."""
+    where = cfg.checkpoint.dir
+    if where and not is_remote(where):
+        return Path(where), None
+    return run_dir / "checkpoints", where
+
+
 def _prepare_run_dir(cfg: Config, resume: str | None, echo) -> tuple[Path, Path | None]:
     if not cfg.train.out_dir:
         raise FmforgeError("train.out_dir is not set: pass --out RUN_DIR")
     run_dir = Path(cfg.train.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise FmforgeError(f"--out {run_dir} exists and is not a directory")
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root, remote = _checkpoint_places(cfg, run_dir)
+    if remote:
+        from fmforge import storage
     if resume is None:
         if ckpt.list_checkpoints(ckpt_root) or (run_dir / "model.safetensors").exists():
             raise FmforgeError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --out")
+        if remote and storage.list_remote_checkpoints(remote):
+            raise FmforgeError(f"{remote} already holds checkpoints: pass --resume auto to continue that run, or "
+                               "set another checkpoint.dir")
         return run_dir, None
     if resume == "auto":
         path = ckpt.latest_valid_checkpoint(ckpt_root, warn=echo)
+        if remote:  # the mirror may be ahead (a new machine, a lost local disk): take the newest
+            local_step = int(path.name[len(ckpt.PREFIX):]) if path else -1
+            names = storage.list_remote_checkpoints(remote)
+            if names and int(names[-1][len(ckpt.PREFIX):]) > local_step:
+                fetched = storage.latest_remote_checkpoint(remote, ckpt_root, warn=echo)
+                if fetched is not None and int(fetched.name[len(ckpt.PREFIX):]) > local_step:
+                    echo(f"fetched {fetched.name} from {remote}")
+                    path = fetched
         if path is None:
-            echo(f"no valid checkpoint in {ckpt_root}: starting from step 0")
+            echo(f"no valid checkpoint in {ckpt_root}{f' or {remote}' if remote else ''}: starting from step 0")
             return run_dir, None
+    elif is_remote(resume):
+        from fmforge import storage
+
+        root, _, name = resume.rstrip("/").rpartition("/")
+        path = storage.fetch_checkpoint(root, name, ckpt_root)
     else:
         path = Path(resume)
         if not path.is_dir():
@@ -110,7 +138,43 @@ def _prepare_run_dir(cfg: Config, resume: str | None, echo) -> tuple[Path, Path 
     step = int(ckpt.verify_checkpoint(path)["step"])
     if path.parent.resolve() == ckpt_root.resolve():
         ckpt.set_aside_newer(ckpt_root, step, warn=echo)
+        if remote:
+            storage.set_aside_newer_remote(remote, step, time.strftime("%Y%m%d-%H%M%S"), warn=echo)
     return run_dir, path
+
+
+class _Mirror:
+    """Uploads each finished checkpoint to the object store on a background thread (rank 0), so training
+    goes on while it copies. The next save, and the end of the run, wait for the upload in flight; a failed
+    upload is reported as a warning (the local checkpoint is intact) and retried with the next one."""
+
+    def __init__(self, remote: str | None, keep_last: int, echo):
+        self.remote, self.keep_last, self.echo = remote, keep_last, echo
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, path: Path) -> None:
+        if not self.remote:
+            return
+        self.wait()
+        from fmforge.storage import mirror_checkpoint
+
+        def upload():
+            try:
+                mirror_checkpoint(path, self.remote, self.keep_last)
+            except Exception as err:  # noqa: BLE001 - reported by wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=upload, name="fmforge-checkpoint-upload")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            self.echo(f"warning: checkpoint upload to {self.remote} failed: {self._error}")
+            self._error = None
 
 
 def train(cfg: Config, resume: str | None = None, echo=print) -> TrainResult:
@@ -120,7 +184,11 @@ def train(cfg: Config, resume: str | None = None, echo=print) -> TrainResult:
     ``parallel.dp``): every rank runs this same function on its slice of each global batch."""
     if not cfg.data.path:
         raise FmforgeError("data.path is not set: pass --data DATA_DIR (a directory from `fmforge data prepare`)")
-    cfg.data.path = str(Path(cfg.data.path).resolve())  # config.yaml must work from any directory
+    # config.yaml must work from any directory
+    if not is_remote(cfg.data.path):
+        cfg.data.path = str(Path(cfg.data.path).resolve())
+    if cfg.checkpoint.dir and not is_remote(cfg.checkpoint.dir):
+        cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir).resolve())
     info = init_distributed(cfg.train.device, cfg.parallel.timeout_minutes)
     if not info.is_main:
         echo = _silent
@@ -138,7 +206,14 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
     t, o = cfg.train, cfg.optim
     # Rank 0 alone inspects (and may tidy) the run directory; every rank gets its verdict.
     run_dir, resume_from = run_on_main(info, lambda: _prepare_run_dir(cfg, resume, echo))
-    train_windows = TokenWindows(cfg.data.path, "train", cfg.data.seq_len)
+    ckpt_root, remote = _checkpoint_places(cfg, run_dir)
+    data_dir = Path(cfg.data.path)
+    if is_remote(cfg.data.path):  # a local copy, cached per node (ranks of one node share it under a lock)
+        from fmforge.storage import stage_prepared_data
+
+        data_dir = stage_prepared_data(cfg.data.path)
+        echo(f"data: {cfg.data.path} staged in {data_dir}")
+    train_windows = TokenWindows(data_dir, "train", cfg.data.seq_len)
     tok_info = train_windows.manifest["tokenizer"]
     cfg.model = cfg.model.resolved(vocab_size=tok_info["vocab_size"], seq_len=cfg.data.seq_len)
     if t.global_batch_tokens % cfg.data.seq_len:
@@ -151,7 +226,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                                           t.seed, rank=layout.dp_rank, world_size=layout.dp_size),
                         depth=cfg.data.prefetch, pin_memory=info.device.type == "cuda")
     try:
-        val_windows = TokenWindows(cfg.data.path, "val", cfg.data.seq_len)
+        val_windows = TokenWindows(data_dir, "val", cfg.data.seq_len)
     except FmforgeError as err:
         echo(f"warning: no validation: {err}")
         val_windows = None
@@ -218,10 +293,15 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
         if logger is not None:
             logger.log(record)
 
+    mirror = _Mirror(remote if info.is_main else None, cfg.checkpoint.keep_last, echo)
+
     def save(at_step: int) -> Path:
+        mirror.wait()  # local pruning must not remove a checkpoint still being uploaded
         state = {"step": at_step, "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
-        return ckpt.save_checkpoint(run_dir / "checkpoints", at_step, model, optimizer, state,
-                                    config_to_dict(cfg), cfg.checkpoint.keep_last, info)
+        path = ckpt.save_checkpoint(ckpt_root, at_step, model, optimizer, state, config_to_dict(cfg),
+                                    cfg.checkpoint.keep_last, info)
+        mirror.start(path)
+        return path
 
     def validate() -> float | None:
         # Every rank evaluates the same batches: FSDP needs all ranks in every forward.
@@ -276,8 +356,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                          f"{saved_at + 1}..{step + 1} ({rollbacks} rollback(s) so far)")
                     optimizer.zero_grad(set_to_none=True)
                     position = loader.state_dict()  # already past the offending batches: keep it
-                    state, _ = ckpt.load_checkpoint(ckpt.step_dir(run_dir / "checkpoints", saved_at), model,
-                                                    optimizer, info)
+                    state, _ = ckpt.load_checkpoint(ckpt.step_dir(ckpt_root, saved_at), model, optimizer, info)
                     scheduler.load_state_dict(state["scheduler"])
                     loader.load_state_dict(position)
                     step = int(state["step"])
@@ -344,6 +423,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
         # Step 0 has nothing to save (and an optimizer without state cannot be checkpointed faithfully).
         if saved_at != step and step > 0:
             save(step)
+        mirror.wait()
         if step < t.max_steps:
             if logger is not None:
                 logger.close()
@@ -358,7 +438,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
         if logger is not None:
             logger.close()
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        run_on_main(info, lambda: save_pretrained(full, cfg.model, run_dir, cfg.data.path))
+        run_on_main(info, lambda: save_pretrained(full, cfg.model, run_dir, data_dir))
         barrier(info)  # leave together: a rank tearing down gloo while another still talks to it aborts
     losses = "".join(f", {name} {value:.4f}" for name, value in (("train loss", loss), ("val loss", val_loss))
                      if value is not None)
