@@ -368,14 +368,6 @@ def _cache_root() -> Path:
     return Path(os.environ.get("FMFORGE_CACHE") or "~/.cache/fmforge").expanduser() / "data"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Serialize stagers of one cache directory (e.g. every rank of a node): the first downloads, the rest
@@ -456,6 +448,8 @@ def stage_prepared_data(url: str, cache_dir: str | Path | None = None) -> Path:
     def problem(name: str) -> str | None:
         path = local / name
         if name == tok_file:
+            from fmforge.train.checkpoint import _sha256
+
             return None if _sha256(path) == tok_sha else f"{_join(url, name)} does not match the manifest's sha256"
         if name in shards:
             try:
