@@ -94,10 +94,46 @@ def _cmd_eval(args: argparse.Namespace) -> None:
              device=args.device, json_out=args.json)
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from fmforge.plan.planner import plan_cli
+
+    plan_cli(args)
+
+
+def _cmd_ladder(args: argparse.Namespace) -> None:
+    from fmforge.plan.ladder import run_ladder
+
+    run_ladder(args.config, args.overrides, data=args.data, out=args.out, sizes=args.sizes, params=args.params,
+               tokens=args.tokens, target_params=args.target_params, target_tokens=args.target_tokens,
+               run_target=args.run_target, bootstrap=args.bootstrap, seed=args.seed, fit_only=args.fit_only)
+
+
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from fmforge.plan.tune import tune
+
+    tune(args.config, args.overrides, data=args.data, out=args.out, trials=args.trials, space=args.space,
+         pruner=args.pruner, seed=args.seed)
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> None:
     from fmforge.quickstart import quickstart
 
     quickstart(out=args.out, minutes=args.minutes)
+
+
+def _number_list(text: str) -> list[float]:
+    """``2e5,4e5,8e5`` → [200000.0, 400000.0, 800000.0]."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +244,48 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--out", required=True, metavar="DIR")
     es.set_defaults(func=_cmd_export_safetensors)
 
+    ld = verbs.add_parser(
+        "ladder", help="fit your own scaling law from a grid of small training runs",
+        description="Train every (model size x token budget) rung of a grid with the real trainer on your "
+                    "prepared data (finished rungs are not rerun; an interrupted rung resumes), fit "
+                    "L(N, D) = E + A/N^alpha + B/D^beta (Huber loss on log residuals, L-BFGS from a grid of "
+                    "starts, as Chinchilla's approach 3) with bootstrap confidence intervals, and predict a "
+                    "larger run. Writes OUT/law.json (for `fmforge plan --law`), OUT/ladder.png and OUT/rungs/.")
+    ld.add_argument("config", metavar="CONFIG.yaml", help="base training config shared by every rung")
+    ld.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    ld.add_argument("--data", metavar="DATA_DIR", help="prepared data directory (sets data.path)")
+    ld.add_argument("--out", required=True, metavar="LADDER_DIR")
+    ld.add_argument("--sizes", type=_name_list, metavar="NAME,...", help="named model sizes (e.g. nano,micro,tiny)")
+    ld.add_argument("--params", type=_number_list, metavar="N,...",
+                    help="non-embedding parameter counts; a shape near each is proposed")
+    ld.add_argument("--tokens", type=_number_list, metavar="D,...", help="training tokens per rung")
+    ld.add_argument("--target-params", type=float, metavar="N", help="predict the loss of a model this size ...")
+    ld.add_argument("--target-tokens", type=float, metavar="D", help="... trained on this many tokens")
+    ld.add_argument("--run-target", action="store_true",
+                    help="also train the target run and compare its final loss with the prediction")
+    ld.add_argument("--bootstrap", type=int, default=200, metavar="B", help="bootstrap resamples for the CIs")
+    ld.add_argument("--seed", type=int, default=0, metavar="S")
+    ld.add_argument("--fit-only", action="store_true", help="refit the finished rungs; train nothing")
+    ld.set_defaults(func=_cmd_ladder)
+
+    tu = verbs.add_parser(
+        "tune", help="hyperparameter search with Optuna (TPE, pruning, resumable)",
+        description="Search lr, warmup, global batch and weight decay (or the space in --space) with "
+                    "Optuna's TPE sampler, pruning trials on their intermediate validation loss. Each trial is "
+                    "a short real training run (the config's train.max_steps: a sample of the data). The study "
+                    "lives in OUT/study.db (SQLite): rerun the same command to resume it. Writes a results "
+                    "table, OUT/best.yaml (a config `fmforge train` accepts) and OUT/tune.png.")
+    tu.add_argument("config", metavar="CONFIG.yaml")
+    tu.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    tu.add_argument("--data", metavar="DATA_DIR", help="prepared data directory (sets data.path)")
+    tu.add_argument("--out", required=True, metavar="STUDY_DIR")
+    tu.add_argument("--trials", type=int, default=20, metavar="N", help="finished trials wanted in the study")
+    tu.add_argument("--space", metavar="SPACE.yaml", help="search space: key.sub: {low, high, log, int} or {choices}")
+    tu.add_argument("--pruner", choices=["median", "sha", "none"], default="median",
+                    help="median: Optuna's MedianPruner; sha: successive halving (default: median)")
+    tu.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed")
+    tu.set_defaults(func=_cmd_tune)
+
     qs = verbs.add_parser(
         "quickstart", help="the whole pipeline on built-in data, on CPU, in minutes",
         description="Build a corpus from the Python standard library's sources and pydoc topics (no "
@@ -225,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     # key=value words after options arrive as extras; only train takes them.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.verb in ("train", "launch") and all("=" in e and not e.startswith("-") for e in extra):
+        if args.verb in ("train", "launch", "ladder", "tune") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

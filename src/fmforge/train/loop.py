@@ -15,6 +15,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class TrainResult:
     loss: float | None
     val_loss: float | None
     preempted: bool
+    pruned: bool = False  # stopped early because ``on_validation`` asked to (hyperparameter search)
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -177,11 +179,16 @@ class _Mirror:
             self._error = None
 
 
-def train(cfg: Config, resume: str | None = None, echo=print) -> TrainResult:
+def train(cfg: Config, resume: str | None = None, echo=print,
+          on_validation: Callable[[int, float], bool] | None = None) -> TrainResult:
     """Pretrain the causal LM described by ``cfg``. ``resume``: None, "auto" or a checkpoint directory.
 
     Run it as one process, or under torchrun for data parallelism (DDP / FSDP2 / HSDP per
-    ``parallel.dp``): every rank runs this same function on its slice of each global batch."""
+    ``parallel.dp``): every rank runs this same function on its slice of each global batch.
+
+    ``on_validation(step, val_loss)`` is called on the main rank after each periodic validation; returning
+    True ends the run there (no checkpoint, no final weights) with ``TrainResult.pruned`` set. Hyperparameter
+    search uses it to prune unpromising trials."""
     if not cfg.data.path:
         raise FmforgeError("data.path is not set: pass --data DATA_DIR (a directory from `fmforge data prepare`)")
     # config.yaml must work from any directory
@@ -193,7 +200,7 @@ def train(cfg: Config, resume: str | None = None, echo=print) -> TrainResult:
     if not info.is_main:
         echo = _silent
     try:
-        return _train(cfg, resume, echo, info)
+        return _train(cfg, resume, echo, info, on_validation)
     finally:
         shutdown()
 
@@ -202,7 +209,7 @@ def _silent(*_args) -> None:
     pass
 
 
-def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult:
+def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=None) -> TrainResult:
     t, o = cfg.train, cfg.optim
     # Rank 0 alone inspects (and may tidy) the run directory; every rank gets its verdict.
     run_dir, resume_from = run_on_main(info, lambda: _prepare_run_dir(cfg, resume, echo))
@@ -413,6 +420,14 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo) -> TrainResult
                 val_loss = validate()
                 if val_loss is not None:
                     log({"step": step, "val_loss": val_loss})
+                    prune = info.is_main and on_validation is not None and bool(on_validation(step, val_loss))
+                    if any_rank(prune, info):
+                        mirror.wait()
+                        if logger is not None:
+                            logger.close()
+                        echo(f"stopped at step {step} (val loss {val_loss:.4f}): pruned")
+                        barrier(info)
+                        return TrainResult(run_dir, step, loss, val_loss, preempted=False, pruned=True)
                 model.train()
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 save(step)
