@@ -244,6 +244,49 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--out", required=True, metavar="DIR")
     es.set_defaults(func=_cmd_export_safetensors)
 
+    pl = verbs.add_parser(
+        "plan", help="size model, data, time and cost from a budget with published scaling laws",
+        description="For a compute budget (FLOPs, devices x hours, or money), a model size, a target loss or "
+                    "a dataset: the compute-optimal parameters and tokens under Kaplan et al. 2020, Chinchilla "
+                    "approach 3, the Besiroglu et al. 2024 refit and the 20-tokens-per-parameter rule (they "
+                    "disagree; all are shown), predicted loss, FLOPs (6ND + attention), time and cost on named "
+                    "hardware, the penalty for repeating data (Muennighoff et al. 2023), an inference-aware "
+                    "optimum (Sardana & Frankle 2023), batch/lr guidance, and a config `fmforge train` accepts. "
+                    "--rescale CFG instead carries a config to a new global batch or world size.")
+    budget = pl.add_argument_group("budget (any combination)")
+    budget.add_argument("--flops", type=float, metavar="C", help="training compute in FLOPs")
+    budget.add_argument("--gpu", metavar="NAME", help="hardware: a100-40gb, a100-80gb, h100, h200, b200, l4, trn1, "
+                                                      "trn2, cpu (measured)")
+    budget.add_argument("--gpus", type=int, default=1, metavar="K", help="devices (default: 1)")
+    budget.add_argument("--hours", type=float, metavar="H", help="wall-clock hours on --gpus x --gpu")
+    budget.add_argument("--usd", type=float, metavar="USD", help="money to spend on --gpu devices")
+    budget.add_argument("--price", action="append", default=[], metavar="NAME=USD",
+                        help="override a device's hourly price (repeatable), e.g. h100=2.2")
+    budget.add_argument("--mfu", type=float, metavar="F", help="model FLOPs utilization to assume (default: 0.40)")
+    budget.add_argument("--mfu-from", metavar="RUN_DIR", help="use the median MFU measured by a training run")
+    budget.add_argument("--tokens", type=float, metavar="U", help="unique tokens available")
+    budget.add_argument("--data", metavar="DATA_DIR", help="prepared data: its train tokens and tokenizer")
+    budget.add_argument("--params", type=float, metavar="N", help="target model size")
+    budget.add_argument("--target-loss", type=float, metavar="L", help="loss to reach")
+    budget.add_argument("--inference-tokens", type=float, metavar="T",
+                        help="tokens the model will serve over its life (inference-aware optimum)")
+    pl.add_argument("--law", metavar="NAME|law.json",
+                    help="law the proposed config follows: kaplan, kaplan-frontier, chinchilla, besiroglu "
+                         "(default), 20-tokens, or a law.json fitted by `fmforge ladder`")
+    pl.add_argument("--arch", choices=["llama", "gpt2"], default="llama")
+    pl.add_argument("--seq-len", type=int, default=2048, metavar="T", help="context length (default: 2048)")
+    pl.add_argument("--vocab-size", type=int, metavar="V", help="vocabulary (default: the data's, else 50257)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--plot", metavar="PNG", help="write iso-FLOP curves and the laws' N_opt(C)")
+    pl.add_argument("--write-config", metavar="YAML", help="write the proposed (or rescaled) train config")
+    rs = pl.add_argument_group("rescale an existing config")
+    rs.add_argument("--rescale", metavar="CONFIG.yaml", help="carry this config to a new batch / world size")
+    rs.add_argument("--global-batch-tokens", type=int, metavar="B", help="new global batch in tokens")
+    rs.add_argument("--world-size", type=int, metavar="W", help="new number of data-parallel ranks")
+    rs.add_argument("--lr-rule", choices=["sqrt", "linear", "none"], default="sqrt",
+                    help="lr scaling with the global batch (default: sqrt, Malladi et al. 2022 for Adam)")
+    pl.set_defaults(func=_cmd_plan)
+
     ld = verbs.add_parser(
         "ladder", help="fit your own scaling law from a grid of small training runs",
         description="Train every (model size x token budget) rung of a grid with the real trainer on your "

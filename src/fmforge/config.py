@@ -85,11 +85,7 @@ class ModelConfig(Section):
         if values["pos"] == "rope" and (values["d_model"] // values["n_head"]) % 2:
             raise FmforgeError("model: rotary embeddings need an even head dimension (d_model / n_head)")
         if values["d_ff"] is None:
-            d = values["d_model"]
-            if values["mlp"] == "swiglu":  # Llama: 2/3 of 4d, rounded up to a multiple of 64
-                values["d_ff"] = (int(8 * d / 3) + 63) // 64 * 64
-            else:
-                values["d_ff"] = 4 * d
+            values["d_ff"] = default_d_ff(values["d_model"], values["mlp"])
         if seq_len is not None and seq_len > values["max_seq_len"]:
             raise FmforgeError(f"data.seq_len ({seq_len}) exceeds model.max_seq_len ({values['max_seq_len']})")
         return ModelConfig(**values)
@@ -97,6 +93,13 @@ class ModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+
+def default_d_ff(d_model: int, mlp: str) -> int:
+    """GPT-2: 4d. Llama's SwiGLU: 2/3 of 4d (same weights as a 4d GELU MLP), rounded up to a multiple of 64."""
+    if mlp == "swiglu":
+        return (int(8 * d_model / 3) + 63) // 64 * 64
+    return 4 * d_model
 
 
 class DataConfig(Section):
