@@ -184,7 +184,10 @@ def effective_params(n: float, unique_tokens: float, law: Law) -> float:
 
 
 def repeated_loss(law: Law, n: float, tokens: float, unique: float) -> float:
-    """Loss of N parameters trained on ``tokens`` drawn by repeating ``unique`` tokens."""
+    """Loss of N parameters trained on ``tokens`` drawn by repeating ``unique`` tokens. Without repetition
+    it is the law's own loss: the parameter-side decay is applied only once data repeats."""
+    if tokens <= unique:
+        return law.loss(n, tokens)
     return law.loss(effective_params(n, unique, law), effective_data(tokens, unique))
 
 

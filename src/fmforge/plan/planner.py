@@ -210,10 +210,10 @@ def plan(*, flops: float | None = None, gpu: str | None = None, gpus: int = 1, h
                 c = (flops_for(lw, n=params) if params else flops_for(lw, loss=target_loss) if target_loss
                      else flops_for(lw, d=unique))
                 n, d = lw.optimum(c)
-        except ValueError as err:  # e.g. a target loss below this law's floor
+            row = _law_row(name, lw, n, d, arch, seq_len, vocab, hw, gpus, mfu, unique, c, inference_tokens)
+        except (ValueError, FmforgeError) as err:  # a target loss below this law's floor; no shape that small
             rows.append({"law": name, "source": lw.source, "error": str(err)})
             continue
-        row = _law_row(name, lw, n, d, arch, seq_len, vocab, hw, gpus, mfu, unique, c, inference_tokens)
         row["budget_flops"] = c
         rows.append(row)
     pick = next(r for r in rows if r["law"] == chosen)

@@ -120,8 +120,10 @@ def propose_model(n_params: float, arch: str = "llama", vocab_size: int = 50304,
             score = abs(math.log(got / n_params)) + 0.3 * abs(math.log(d / n_layer / aspect))
             if score < best_score:
                 best, best_score = Shape(n_layer, d, n_head, shape0.n_kv_head, shape0.d_ff), score
-    if best is None:
-        raise FmforgeError(f"no {arch} shape near {n_params:.3g} parameters")
+    if best is None or best_score > math.log(2.0):
+        hint = (f": the embeddings of a {vocab_size}-token vocabulary alone exceed it; use a smaller vocabulary"
+                if count == "total" else "")
+        raise FmforgeError(f"no {arch} shape within 2x of {n_params:.3g} {count.replace('_', '-')} parameters{hint}")
     return {"arch": arch, "size": None, "n_layer": best.n_layer, "n_head": best.n_head,
             "n_kv_head": best.n_kv_head, "d_model": best.d_model, "max_seq_len": seq_len}
 
