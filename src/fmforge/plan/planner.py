@@ -251,6 +251,10 @@ def _si(x: float | None, unit: str = "") -> str:
     return f"{x:.3g}{unit}"
 
 
+def _usd(x: float) -> str:
+    return f"${x:,.0f}" if x >= 100 else f"${x:.2f}"
+
+
 def render(report: dict, console=None) -> None:
     """Terminal tables: one row per law, then repetition, inference-aware and hyperparameter guidance."""
     from rich.console import Console
@@ -280,7 +284,7 @@ def render(report: dict, console=None) -> None:
         t.add_row(r["law"] + mark, _si(r["params"]) + nkind, _si(r["tokens"]), f"{r['tokens_per_param']:.1f}",
                   f"{r['loss']:.3f}", f"{r['flops']:.3g}",
                   f"{m['n_layer']} x {m['d_model']}, {m['n_head']}/{m['n_kv_head']}",
-                  f"{r['hours']:,.1f} h" if "hours" in r else "-", f"${r['cost_usd']:,.0f}" if "cost_usd" in r else "-")
+                  f"{r['hours']:,.1f} h" if "hours" in r else "-", _usd(r["cost_usd"]) if "cost_usd" in r else "-")
     console.print(t)
     console.print("N: parameters as each law counts them (ne: non-embedding); FLOPs: the proposed shape's "
                   "6 x weights + attention per token x D; * = the law the config is built from")
