@@ -9,9 +9,11 @@ process left running is marked failed and its parameters are tried again. Writes
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import fcntl
+import itertools
 import json
 import math
 import re
@@ -43,8 +45,6 @@ def tune(config, overrides=(), data=None, out=None, trials: int = 20, space=None
          seed: int = 0) -> TuneResult:
     """Search the space (default: lr, warmup, global batch tokens, weight decay) with a seeded TPE sampler,
     pruning trials on the validation losses they report every ``train.eval_interval`` steps."""
-    import optuna
-
     if out is None:
         raise FmforgeError("--out STUDY_DIR is required")
     if trials < 1:
@@ -66,7 +66,13 @@ def tune(config, overrides=(), data=None, out=None, trials: int = 20, space=None
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)  # noqa: F841 - held until return: with one process per study, RUNNING trials are stale
+    with _locked(out):  # with one process per study, any RUNNING trial is one a killed process left
+        return _search(base, search, out, trials, pruner, seed)
+
+
+def _search(base: dict, search: dict, out: Path, trials: int, pruner: str, seed: int) -> TuneResult:
+    import optuna
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours to print
     study = optuna.create_study(storage=f"sqlite:///{(out / 'study.db').resolve()}", study_name=STUDY_NAME,
                                 direction="minimize", load_if_exists=True, pruner=_pruner(pruner))
@@ -74,7 +80,7 @@ def tune(config, overrides=(), data=None, out=None, trials: int = 20, space=None
     # A fixed seed on a resumed study would replay the first trials' draws: move it on by the trials so far.
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        params = stale.params or stale.system_attrs.get("fixed_params", {})
+        params = {**stale.system_attrs.get("fixed_params", {}), **stale.params}  # a retry may die before suggesting
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
         study.enqueue_trial(params, user_attrs={"retry_of": stale.number})
         print(f"trial {stale.number} was left running by a killed tune: marked failed, its parameters will be retried")
@@ -161,7 +167,7 @@ def _entry(where: str, key: str, entry) -> dict:
             raise FmforgeError(f"{where}: {key}: choices must be a non-empty list, alone")
         if not all(c is None or isinstance(c, (bool, int, float, str)) for c in choices):
             raise FmforgeError(f"{where}: {key}: choices must be plain values (numbers, strings, booleans)")
-        return {"choices": [_number(c) if isinstance(c, str) and _NUMBER.fullmatch(c) else c for c in choices]}
+        return {"choices": [_number(c) for c in choices]}
     if "low" not in entry or "high" not in entry:
         raise FmforgeError(f"{where}: {key}: {shape}")
     low, high = (_number(entry[k]) for k in ("low", "high"))
@@ -183,10 +189,7 @@ def _entry(where: str, key: str, entry) -> dict:
 
 def _number(value):
     # YAML 1.1 reads 1e-4 (no dot) as a string; nobody means a string there.
-    if isinstance(value, str) and _NUMBER.fullmatch(value):
-        number = float(value)
-        return int(number) if number.is_integer() and not re.search(r"[.eE]", value) else number
-    return value
+    return float(value) if isinstance(value, str) and _NUMBER.fullmatch(value) else value
 
 
 def _fit_warmup(where: str, space: dict, max_steps: int) -> None:
@@ -227,29 +230,26 @@ def _pruner(name: str):
     return optuna.pruners.NopPruner()
 
 
-def _lock(out: Path):
-    handle = open(out / "tune.lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise FmforgeError(f"another `fmforge tune` is running on {out}") from None
-    return handle  # the OS releases the lock when the process ends, however it ends
+@contextlib.contextmanager
+def _locked(out: Path):
+    with open(out / "tune.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FmforgeError(f"another `fmforge tune` is running on {out}") from None
+        yield  # the OS also releases the lock when the process dies, however it dies
 
 
 def _check_same_study(study, base: dict, space: dict, out: Path) -> None:
-    stored = study.user_attrs
-    if not stored:
-        study.set_user_attr("base_config", base)
-        study.set_user_attr("space", space)
-        return
+    """Trials of one study must be comparable: same base config, same space. Stored with the study itself."""
+    if not study.user_attrs:
+        study.set_user_attr("base config", base)
+        study.set_user_attr("search space", space)
     for name, now in (("base config", base), ("search space", space)):
-        before = stored.get("base_config" if name == "base config" else "space")
-        now = json.loads(json.dumps(now))  # as SQLite gives it back
-        if before != now:
-            old, new = _flat(before or {}), _flat(now)
-            keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))[:3]
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+        old, new = _flat(study.user_attrs.get(name, {})), _flat(json.loads(json.dumps(now)))  # as SQLite returns it
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if keys:
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:3])
             raise FmforgeError(f"{out / 'study.db'} holds a study with another {name} ({diff}); "
                                "rerun with the original config and space, or use another --out")
 
@@ -257,10 +257,7 @@ def _check_same_study(study, base: dict, space: dict, out: Path) -> None:
 def _flat(d: dict, prefix: str = "") -> dict:
     flat = {}
     for k, v in d.items():
-        if isinstance(v, dict) and not ({"low", "choices"} & v.keys()):
-            flat.update(_flat(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
+        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return flat
 
 
@@ -334,10 +331,8 @@ def _fmt(value) -> str:
 
 
 def _value(trial):
-    """A complete trial's final val loss; a pruned one's last reported loss."""
-    if trial.value is not None:
-        return trial.value
-    return trial.intermediate_values[trial.last_step] if trial.last_step is not None else None
+    """A complete trial's final val loss; a pruned one's last reported loss (optuna stores it as its value)."""
+    return trial.value if trial.state.name in ("COMPLETE", "PRUNED") else None
 
 
 def _report(study, space: dict, base: dict, out: Path) -> TuneResult:
@@ -360,12 +355,15 @@ def _report(study, space: dict, base: dict, out: Path) -> TuneResult:
     best = min(complete, key=lambda t: t.value) if complete else None
     table = Table(title=f"fmforge tune: {out}")
     for name in ("trial", "state", *keys, "val loss", "steps"):
-        table.add_column(name, justify="left" if name == "state" else "right")
+        table.add_column(name, justify="left" if name == "state" else "right", no_wrap=True)
     for r in rows:
         mark = " *" if best is not None and r["number"] == best.number else ""
         table.add_row(f"{r['number']}{mark}", r["state"].lower(), *(_fmt(r[k]) if r[k] is not None else "-" for k in keys),
-                      f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-", str(r["steps"] or "-"))
-    Console().print(table)
+                      f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-", "-" if r["steps"] is None else str(r["steps"]))
+    console = Console()
+    if not console.is_terminal:  # a log file has no width to fit: keep every value whole
+        console.width = 200
+    console.print(table)
 
     best_config = None
     if best is None:
@@ -384,6 +382,7 @@ def _report(study, space: dict, base: dict, out: Path) -> TuneResult:
 def _plot(rows: list[dict], space: dict, path: Path) -> None:
     # A bare Figure renders through Agg without touching pyplot's global backend or needing a display.
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(4 * (1 + len(space)), 3.5), layout="constrained")
     axes = fig.subplots(1, 1 + len(space), squeeze=False)[0]
@@ -394,21 +393,21 @@ def _plot(rows: list[dict], space: dict, path: Path) -> None:
     ax.scatter([r["number"] for r in pruned], [r["val_loss"] for r in pruned], marker="x", color="grey",
                label="pruned (last reported)")
     if done:
-        best, xs, ys = math.inf, [], []
-        for r in done:
-            best = min(best, r["val_loss"])
-            xs.append(r["number"])
-            ys.append(best)
-        ax.step(xs, ys, where="post", color="C3", label="best so far")
+        best = list(itertools.accumulate((r["val_loss"] for r in done), min))
+        ax.step([r["number"] for r in done] + [rows[-1]["number"]], best + best[-1:], where="post", color="C3",
+                label="best so far")
     ax.set(title="optimization history", xlabel="trial", ylabel="val loss")
     ax.legend(fontsize="small")
     for ax, (key, spec) in zip(axes[1:], space.items()):
         for group, style in ((done, {}), (pruned, {"marker": "x", "color": "grey"})):
             points = [(r[key], r["val_loss"]) for r in group if r[key] is not None]
-            if points:
-                values = [v if "choices" not in spec else str(v) for v, _ in points]
+            if points:  # choices sit at their index, in the space's order
+                values = [spec["choices"].index(v) if "choices" in spec else v for v, _ in points]
                 ax.scatter(values, [loss for _, loss in points], **style)
+        if "choices" in spec:
+            ax.set_xticks(range(len(spec["choices"])), labels=[str(c) for c in spec["choices"]])
         if spec.get("log"):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(title=key, xlabel=key, ylabel="val loss")
     fig.savefig(path, dpi=100)
