@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--run-target", action="store_true",
                     help="also train the target run and compare its final loss with the prediction")
     ld.add_argument("--bootstrap", type=int, default=200, metavar="B", help="bootstrap resamples for the CIs")
-    ld.add_argument("--seed", type=int, default=0, metavar="S")
+    ld.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the bootstrap resampling")
     ld.add_argument("--fit-only", action="store_true", help="refit the finished rungs; train nothing")
     ld.set_defaults(func=_cmd_ladder)
 

@@ -48,8 +48,13 @@ def load_fitted_law(path: str | Path) -> ChinchillaLaw:
     from fmforge.plan.fit import load_law
 
     fitted = load_law(path)
-    return ChinchillaLaw("fitted", fitted.E, fitted.A, fitted.B, fitted.alpha, fitted.beta,
-                         n_definition="non_embedding", source=f"fmforge ladder fit ({path})")
+    law = ChinchillaLaw("fitted", fitted.E, fitted.A, fitted.B, fitted.alpha, fitted.beta,
+                        n_definition="non_embedding", source=f"fmforge ladder fit ({path})")
+    _FITTED[law] = fitted
+    return law
+
+
+_FITTED: dict = {}  # the fitted law behind a "fitted" ChinchillaLaw: bootstrap intervals, fit diagnostics
 
 
 def _select_laws(law: str | None) -> tuple[dict[str, Law], str]:
@@ -221,6 +226,18 @@ def plan(*, flops: float | None = None, gpu: str | None = None, gpus: int = 1, h
         raise FmforgeError(f"law {chosen}: {pick['error']}")
     config, warnings = propose_config(pick, pick["budget_flops"], seq_len, data, vocab_size, hw, gpus)
     cfg = build_config(config)  # the proposal must pass the same validation `fmforge train` applies
+    fitted = _FITTED.get(laws.get("fitted"))
+    if fitted is not None:
+        row = next(r for r in rows if r["law"] == "fitted")
+        if "error" not in row:
+            ci = fitted.loss_ci(row["params"], row["tokens"])
+            row["loss_ci"] = list(ci) if ci else None
+        if fitted.at_bound:
+            warnings.append(f"the fitted law's {', '.join(fitted.at_bound)} sit at the edge of the fit's range: "
+                            "the ladder does not pin the law down (add sizes or token budgets)")
+        lo, hi = min(p["N"] for p in fitted.points or [{"N": 0}]), max(p["N"] for p in fitted.points or [{"N": 0}])
+        if row.get("params") and hi and not lo / 10 <= row["params"] <= hi * 100:
+            warnings.append(f"the fitted law is extrapolated from N in [{lo:.3g}, {hi:.3g}] to {row['params']:.3g}")
     guidance = hparams.guidance(pick["params_total"], pick["params_non_embedding"], pick["budget_flops"],
                                 pick["loss"], seq_len)
     return {
@@ -281,8 +298,11 @@ def render(report: dict, console=None) -> None:
         m = r["model_resolved"]
         mark = " *" if r["law"] == report["chosen"] else ""
         nkind = "" if r["n_definition"] == "total" else " ne"
+        loss = f"{r['loss']:.3f}"
+        if r.get("loss_ci"):
+            loss += f" [{r['loss_ci'][0]:.3f}, {r['loss_ci'][1]:.3f}]"
         t.add_row(r["law"] + mark, _si(r["params"]) + nkind, _si(r["tokens"]), f"{r['tokens_per_param']:.1f}",
-                  f"{r['loss']:.3f}", f"{r['flops']:.3g}",
+                  loss, f"{r['flops']:.3g}",
                   f"{m['n_layer']} x {m['d_model']}, {m['n_head']}/{m['n_kv_head']}",
                   f"{r['hours']:,.1f} h" if "hours" in r else "-", _usd(r["cost_usd"]) if "cost_usd" in r else "-")
     console.print(t)
