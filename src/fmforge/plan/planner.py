@@ -226,6 +226,10 @@ def plan(*, flops: float | None = None, gpu: str | None = None, gpus: int = 1, h
         raise FmforgeError(f"law {chosen}: {pick['error']}")
     config, warnings = propose_config(pick, pick["budget_flops"], seq_len, data, vocab_size, hw, gpus)
     cfg = build_config(config)  # the proposal must pass the same validation `fmforge train` applies
+    if budget is not None and pick["flops"] > 1.25 * pick["budget_flops"]:
+        # Non-embedding laws leave the output head's matmul out of 6ND; at small widths it dominates.
+        warnings.append(f"the proposed shape needs {pick['flops']:.3g} FLOPs, {pick['flops'] / pick['budget_flops']:.1f}x "
+                        "the budget: 6ND leaves out the output head and attention, which dominate at this size")
     fitted = _FITTED.get(laws.get("fitted"))
     if fitted is not None:
         row = next(r for r in rows if r["law"] == "fitted")
@@ -233,11 +237,13 @@ def plan(*, flops: float | None = None, gpu: str | None = None, gpus: int = 1, h
             ci = fitted.loss_ci(row["params"], row["tokens"])
             row["loss_ci"] = list(ci) if ci else None
         if fitted.at_bound:
-            warnings.append(f"the fitted law's {', '.join(fitted.at_bound)} sit at the edge of the fit's range: "
-                            "the ladder does not pin the law down (add sizes or token budgets)")
-        lo, hi = min(p["N"] for p in fitted.points or [{"N": 0}]), max(p["N"] for p in fitted.points or [{"N": 0}])
-        if row.get("params") and hi and not lo / 10 <= row["params"] <= hi * 100:
-            warnings.append(f"the fitted law is extrapolated from N in [{lo:.3g}, {hi:.3g}] to {row['params']:.3g}")
+            warnings.append(f"the fitted law's constant(s) {', '.join(fitted.at_bound)} ended at the edge of the fit's "
+                            "range: the ladder does not pin the law down (add sizes or token budgets)")
+        for key, what in (("N", "params"), ("D", "tokens")):
+            seen = [p[key] for p in fitted.points if key in p]
+            if seen and row.get(what) and not min(seen) / 10 <= row[what] <= max(seen) * 10:
+                warnings.append(f"the fitted law is extrapolated from {key} in [{min(seen):.3g}, {max(seen):.3g}] "
+                                f"to {row[what]:.3g}")
     guidance = hparams.guidance(pick["params_total"], pick["params_non_embedding"], pick["budget_flops"],
                                 pick["loss"], seq_len)
     return {
