@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
 import math
 import os
@@ -25,8 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fmforge.config import build_config, config_to_dict, load_config
+from fmforge.config import build_config
 from fmforge.errors import FmforgeError
+from fmforge.plan.common import base_config, exclusive, flatten
 from fmforge.plan.fit import MIN_POINTS, FittedLaw, fit_law, save_law
 from fmforge.storage import is_remote
 
@@ -60,18 +60,8 @@ def run_ladder(config, overrides=(), *, data=None, out=None, sizes=None, params=
         raise FmforgeError("give --target-params and --target-tokens together")
     if run_target and target_params is None:
         raise FmforgeError("--run-target needs --target-params and --target-tokens")
-    cfg = load_config(config, list(overrides))
-    if data:
-        cfg.data.path = data  # a plain string, as `fmforge train --data` does
-    if not cfg.data.path:
-        raise FmforgeError("data.path is not set: pass --data DATA_DIR (a directory from `fmforge data prepare`)")
-    if not is_remote(cfg.data.path):
-        if not Path(cfg.data.path).is_dir():
-            raise FmforgeError(f"data directory not found: {cfg.data.path}")
-        cfg.data.path = str(Path(cfg.data.path).resolve())  # the stored ladder must not depend on the cwd
-    cfg.train.out_dir = None
-    base = config_to_dict(cfg)
-    vocab = _vocab_size(cfg.data.path)
+    base = base_config(config, overrides, data)
+    vocab = _vocab_size(base["data"]["path"])
     out = Path(out)
     if fit_only:
         if not (out / "ladder.json").is_file():
@@ -83,7 +73,7 @@ def run_ladder(config, overrides=(), *, data=None, out=None, sizes=None, params=
         grid = _grid(base, sizes, params, tokens, vocab)
     target = _target_spec(base, target_params, target_tokens, vocab) if target_params is not None else None
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
+    with exclusive(out, "ladder"):
         rungs = _merge_ladder(out, base, grid)
         records = _read_records(out)
         if not fit_only:
@@ -175,25 +165,8 @@ def _target_spec(base: dict, n: float, d: float, vocab: int) -> dict:
             "D": steps * gbt, "requested_N": n, "requested_D": d}
 
 
-@contextlib.contextmanager
-def _locked(out: Path):
-    with open(out / "ladder.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FmforgeError(f"another `fmforge ladder` is running on {out}") from None
-        yield
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return flat
-
-
 def _comparable(base: dict) -> dict:
-    return {k: v for k, v in _flat(base).items()
+    return {k: v for k, v in flatten(base).items()
             if not k.startswith(RUN_ONLY_KEYS) and k.removeprefix("model.") not in SHAPE_KEYS}
 
 

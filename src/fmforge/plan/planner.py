@@ -86,8 +86,8 @@ def _fit_micro_batch(model_cfg, n_params: int, seq_len: int, seqs_per_rank: int,
     return 1, "full", est["total"]
 
 
-def propose_config(row: dict, flops: float, seq_len: int, data: str | None, vocab_size: int | None,
-                   hw: Hardware | None, devices: int) -> tuple[dict, list[str]]:
+def propose_config(row: dict, flops: float, seq_len: int, data: str | None, hw: Hardware | None,
+                   devices: int) -> tuple[dict, list[str]]:
     """The chosen law's run as a train config (a plain dict, validated through the real schema)."""
     warnings = []
     batch_tokens, lr = hparams.deepseek(flops)
@@ -224,7 +224,7 @@ def plan(*, flops: float | None = None, gpu: str | None = None, gpus: int = 1, h
     pick = next(r for r in rows if r["law"] == chosen)
     if "error" in pick:
         raise FmforgeError(f"law {chosen}: {pick['error']}")
-    config, warnings = propose_config(pick, pick["budget_flops"], seq_len, data, vocab_size, hw, gpus)
+    config, warnings = propose_config(pick, pick["budget_flops"], seq_len, data, hw, gpus)
     cfg = build_config(config)  # the proposal must pass the same validation `fmforge train` applies
     if budget is not None and pick["flops"] > 1.25 * pick["budget_flops"]:
         # Non-embedding laws leave the output head's matmul out of 6ND; at small widths it dominates.

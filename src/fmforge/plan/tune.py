@@ -9,10 +9,8 @@ process left running is marked failed and its parameters are tried again. Writes
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
-import fcntl
 import itertools
 import json
 import math
@@ -23,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from fmforge.config import build_config, config_to_dict, load_config
+from fmforge.config import build_config, config_to_dict
 from fmforge.errors import FmforgeError
-from fmforge.storage import is_remote
+from fmforge.plan.common import base_config, exclusive, flatten
 
 STUDY_NAME = "fmforge-tune"
 PRUNERS = ("median", "sha", "none")
@@ -51,22 +49,12 @@ def tune(config, overrides=(), data=None, out=None, trials: int = 20, space=None
         raise FmforgeError(f"--trials must be at least 1, got {trials}")
     if pruner not in PRUNERS:
         raise FmforgeError(f"--pruner must be one of {', '.join(PRUNERS)}, got {pruner!r}")
-    cfg = load_config(config, list(overrides))
-    if data:
-        cfg.data.path = data  # a plain string, as `fmforge train --data` does
-    if not cfg.data.path:
-        raise FmforgeError("data.path is not set: pass --data DATA_DIR (a directory from `fmforge data prepare`)")
-    if not is_remote(cfg.data.path):
-        if not Path(cfg.data.path).is_dir():
-            raise FmforgeError(f"data directory not found: {cfg.data.path}")
-        cfg.data.path = str(Path(cfg.data.path).resolve())  # the stored study must not depend on the cwd
-    cfg.train.out_dir = None
-    base = config_to_dict(cfg)
+    base = base_config(config, overrides, data)
     search = load_space(space, base)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):  # with one process per study, any RUNNING trial is one a killed process left
+    with exclusive(out, "tune"):  # with one process per study, any RUNNING trial is one a killed process left
         return _search(base, search, out, trials, pruner, seed)
 
 
@@ -230,35 +218,18 @@ def _pruner(name: str):
     return optuna.pruners.NopPruner()
 
 
-@contextlib.contextmanager
-def _locked(out: Path):
-    with open(out / "tune.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FmforgeError(f"another `fmforge tune` is running on {out}") from None
-        yield  # the OS also releases the lock when the process dies, however it dies
-
-
 def _check_same_study(study, base: dict, space: dict, out: Path) -> None:
     """Trials of one study must be comparable: same base config, same space. Stored with the study itself."""
     if not study.user_attrs:
         study.set_user_attr("base config", base)
         study.set_user_attr("search space", space)
     for name, now in (("base config", base), ("search space", space)):
-        old, new = _flat(study.user_attrs.get(name, {})), _flat(json.loads(json.dumps(now)))  # as SQLite returns it
+        old, new = flatten(study.user_attrs.get(name, {})), flatten(json.loads(json.dumps(now)))  # as SQLite returns it
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if keys:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:3])
             raise FmforgeError(f"{out / 'study.db'} holds a study with another {name} ({diff}); "
                                "rerun with the original config and space, or use another --out")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        flat.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return flat
 
 
 def _finished(study) -> int:
