@@ -21,6 +21,16 @@ def _cmd_data_prepare(args: argparse.Namespace) -> None:
                  drop_near_duplicates=args.drop_near_duplicates)
 
 
+def _cmd_data_prepare_images(args: argparse.Namespace) -> None:
+    from fmforge.data.image_shards import prepare_images
+
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes is not None else None
+    prepare_images(args.inputs, args.out, image_field=args.image_field, caption_field=args.caption_field,
+                   label_field=args.label_field, classes=classes, val_fraction=args.val_fraction,
+                   shard_samples=args.shard_samples, shard_bytes=args.shard_bytes, workers=args.workers,
+                   overwrite=args.overwrite)
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from fmforge.config import load_config
     from fmforge.train.loop import train
@@ -169,6 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop near-duplicate documents too (default: only report them)")
     dp.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
     dp.set_defaults(func=_cmd_data_prepare)
+    di = data_verbs.add_parser(
+        "prepare-images", help="images (class folders or captions/labels list) → WebDataset tar shards + index",
+        description="Read class-folder trees (ROOT/CLASS/.../image: classification) or .csv/.jsonl lists of "
+                    "image paths with captions (or labels, with --label-field; relative paths resolve against "
+                    "the list's folder), decode every image with Pillow, and write train_*.tar / val_*.tar "
+                    "shards in WebDataset layout (KEY.jpg|png|webp + KEY.cls or KEY.txt + KEY.json) plus "
+                    "index.json. Missing files, corrupt or truncated images, missing captions and unknown "
+                    "labels are counted by reason, skipped and summarized.")
+    di.add_argument("inputs", nargs="+", metavar="INPUT", help="class-folder trees, or .csv/.jsonl image lists")
+    di.add_argument("--out", required=True, metavar="DATA_DIR", help="output directory")
+    di.add_argument("--image-field", default="image", metavar="NAME",
+                    help="column/field holding the image path in lists (default: image)")
+    di.add_argument("--caption-field", default="caption", metavar="NAME",
+                    help="column/field holding the caption in lists (default: caption)")
+    di.add_argument("--label-field", metavar="NAME",
+                    help="column/field holding a class label: makes a list a classification dataset")
+    di.add_argument("--classes", metavar="A,B,...",
+                    help="class names in label order; others are dropped (default: every class seen, sorted)")
+    di.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
+                    help="fraction of images held out for validation, chosen by image hash (default: 0.05)")
+    di.add_argument("--shard-samples", type=int, default=1000, metavar="N",
+                    help="samples per shard (default: 1000)")
+    di.add_argument("--shard-bytes", type=int, metavar="B", help="also close a shard once it reaches B bytes")
+    di.add_argument("--workers", type=int, metavar="N",
+                    help="threads decoding images for verification (default: the usable cores, at most 8)")
+    di.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
+    di.set_defaults(func=_cmd_data_prepare_images)
 
     tr = verbs.add_parser(
         "train", help="pretrain a model from a config",

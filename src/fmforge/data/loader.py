@@ -156,7 +156,8 @@ class Prefetcher:
     def _read(self) -> tuple[list, dict]:
         micro = self.loader.next_step()
         if self.pin_memory:
-            micro = [(x.pin_memory(), y.pin_memory()) for x, y in micro]
+            # Targets may be captions (a list of strings): only tensors are pinned.
+            micro = [tuple(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in pair) for pair in micro]
         return micro, self.loader.state_dict()
 
     def _work(self) -> None:
