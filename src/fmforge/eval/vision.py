@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from fmforge.objectives.classify import accuracy
+
 # A subset of the prompt ensemble Radford et al. 2021 used for ImageNet zero-shot (their notebook lists 80);
 # averaging over several templates gained them ~1.5% top-1 over "a photo of a {}.".
 TEMPLATES = (
@@ -25,10 +27,7 @@ TEMPLATES = (
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Share of rows whose label is among the k highest logits, for each k (k capped at the class count)."""
-    n_classes = logits.shape[-1]
-    top = logits.topk(min(max(ks), n_classes), dim=-1).indices
-    hits = top == labels.unsqueeze(-1)
-    return {f"top{k}": hits[:, :min(k, n_classes)].any(dim=-1).float().mean().item() for k in ks}
+    return {f"top{k}": acc for k, acc in zip(ks, accuracy(logits, labels, tuple(ks)))}
 
 
 @torch.no_grad()

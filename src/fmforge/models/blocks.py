@@ -201,17 +201,19 @@ class Attention(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    """GPT-2's MLP: d -> d_ff -> d with tanh-approximated GELU (what GPT-2 was trained with)."""
+    """GPT-2's MLP: d -> d_ff -> d with tanh-approximated GELU (what GPT-2 was trained with).
+    ``gelu_approximate="none"`` is the exact erf GELU that BERT and ViT were trained with."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, gelu_approximate: str = "tanh"):
         super().__init__()
         self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.gelu_approximate = gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One fused kernel; HF's GPT-2 spells this formula out in eight elementwise ops.
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximate)))
 
     def init_weights(self, std: float, out_std: float, truncated: bool) -> None:
         init_linear(self.c_fc, std, truncated)
@@ -241,18 +243,26 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True):
+    ``post_norm=True`` is the original Transformer/BERT order, norm1(x + attn(x)) then norm2(x + mlp(x)):
+    the same parameters in another order, so BERT checkpoints run on this block unchanged."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True, post_norm: bool = False,
+                 gelu_approximate: str = "tanh"):
         super().__init__()
+        self.post_norm = post_norm
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, causal=causal)
         self.norm2 = make_norm(cfg)
-        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg, gelu_approximate)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start_pos: int = 0, cache: KVCache | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.attn(x, rope, start_pos, cache, attn_mask))
+            return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), rope, start_pos, cache, attn_mask)
         return x + self.mlp(self.norm2(x))
 
