@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmforge import __version__
+from fmforge.data.prepare import check_output_dir
 from fmforge.errors import FmforgeError
 
 FORMAT = "fmforge-images"
@@ -307,16 +308,7 @@ def _validate(inputs: list[Path], out: Path, val_fraction: float, shard_samples:
         raise FmforgeError(f"val_fraction must be at least 0 and below 1, got {val_fraction}")
     if shard_samples < 1 or (shard_bytes is not None and shard_bytes < 1):
         raise FmforgeError(f"shard size must be positive, got {shard_samples} samples / {shard_bytes} bytes")
-    if out.exists() and not out.is_dir():
-        raise FmforgeError(f"output {out} exists and is not a directory")
-    if overwrite or not out.exists():
-        return
-    if (out / INDEX).exists():
-        raise FmforgeError(f"{out} already holds prepared images; pass --overwrite to replace them")
-    clashes = sorted(p.name for p in out.iterdir() if _OUR_OUTPUTS.match(p.name))
-    if clashes:
-        raise FmforgeError(f"{out} already holds {', '.join(clashes[:3])}{' ...' if len(clashes) > 3 else ''} "
-                           "(an interrupted run, or not ours); pass --overwrite to replace them")
+    check_output_dir(out, INDEX, _OUR_OUTPUTS, "prepared images", overwrite)
 
 
 def _verify_all(records: list[_Record], workers: int) -> list[_Checked]:

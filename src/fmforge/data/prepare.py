@@ -71,13 +71,19 @@ def _validate(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: f
                            "(256 bytes + 3 special tokens)")
     if shard_tokens < 1:
         raise FmforgeError(f"shard_tokens must be positive, got {shard_tokens}")
+    check_output_dir(out, MANIFEST, _OUR_OUTPUTS, "prepared data", overwrite)
+
+
+def check_output_dir(out: Path, marker: str, ours: re.Pattern, what: str, overwrite: bool) -> None:
+    """Refuse to write over a finished output (``marker`` present) or over files that look like ours (an
+    interrupted run, or someone else's) unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise FmforgeError(f"output {out} exists and is not a directory")
     if overwrite or not out.exists():
         return
-    if (out / MANIFEST).exists():
-        raise FmforgeError(f"{out} already holds prepared data; pass --overwrite to replace it")
-    clashes = sorted(p.name for p in out.iterdir() if _OUR_OUTPUTS.match(p.name))
+    if (out / marker).exists():
+        raise FmforgeError(f"{out} already holds {what}; pass --overwrite to replace it")
+    clashes = sorted(p.name for p in out.iterdir() if ours.match(p.name))
     if clashes:
         raise FmforgeError(f"{out} already holds {', '.join(clashes[:3])}{' ...' if len(clashes) > 3 else ''} "
                            "(an interrupted run, or not ours); pass --overwrite to replace them")
