@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmforge import __version__
-from fmforge.data.prepare import check_output_dir
+from fmforge.data.prepare import check_output_dir, read_description
 from fmforge.errors import FmforgeError
 
 FORMAT = "fmforge-images"
@@ -475,22 +475,9 @@ def _summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float) -
 
 def load_index(data_dir: str | Path) -> dict:
     """Read and sanity-check a prepared image directory's index."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FmforgeError(f"prepared image directory not found: {data_dir}")
-    path = data_dir / INDEX
-    if not path.is_file():
-        raise FmforgeError(f"no {INDEX} in {data_dir}: create it with "
-                           f"`fmforge data prepare-images INPUT --out {data_dir}`")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FmforgeError(f"{path} is not valid JSON; prepare the images again with --overwrite") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise FmforgeError(f"{path} is not an fmforge image index")
-    version = index.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise FmforgeError(f"{path} has format version {version!r}; this fmforge reads up to {FORMAT_VERSION}, upgrade it")
+    index = read_description(data_dir, INDEX, FORMAT, FORMAT_VERSION, kind="image", verb="data prepare-images",
+                             what="image index")
+    path = Path(data_dir) / INDEX
     missing = [k for k in ("mode", "classes", "samples", "shards") if k not in index]
     if missing or index["mode"] not in ("classification", "captions") or not isinstance(index["shards"], list):
         raise FmforgeError(f"{path} is incomplete or damaged{': missing ' + ', '.join(missing) if missing else ''}")

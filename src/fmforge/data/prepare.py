@@ -297,23 +297,34 @@ def _summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float, e
         f"({rate:,.0f} tokens/s)")
 
 
-def load_manifest(data_dir: str | Path) -> dict:
-    """Read and sanity-check a prepared data directory's manifest."""
+def read_description(data_dir: str | Path, name: str, fmt: str, max_version: int, *, kind: str, verb: str,
+                     what: str) -> dict:
+    """Open a prepared directory's JSON description (``name``), checking it is ours (``fmt``) and no newer
+    than this fmforge reads. ``kind`` ("data", "image"), ``verb`` (the command that makes it) and ``what``
+    (its name in messages) shape the one-line errors."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise FmforgeError(f"prepared data directory not found: {data_dir}")
-    path = data_dir / MANIFEST
+        raise FmforgeError(f"prepared {kind} directory not found: {data_dir}")
+    path = data_dir / name
     if not path.is_file():
-        raise FmforgeError(f"no {MANIFEST} in {data_dir}: create it with `fmforge data prepare INPUT --out {data_dir}`")
+        raise FmforgeError(f"no {name} in {data_dir}: create it with `fmforge {verb} INPUT --out {data_dir}`")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FmforgeError(f"{path} is not valid JSON; prepare the data again with --overwrite") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise FmforgeError(f"{path} is not an fmforge text-data manifest")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise FmforgeError(f"{path} has format version {version!r}; this fmforge reads up to {FORMAT_VERSION}, upgrade it")
+        raise FmforgeError(f"{path} is not valid JSON; run `fmforge {verb}` again with --overwrite") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise FmforgeError(f"{path} is not an fmforge {what}")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or version > max_version:
+        raise FmforgeError(f"{path} has format version {version!r}; this fmforge reads up to {max_version}, upgrade it")
+    return doc
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """Read and sanity-check a prepared data directory's manifest."""
+    manifest = read_description(data_dir, MANIFEST, FORMAT, FORMAT_VERSION, kind="data", verb="data prepare",
+                                what="text-data manifest")
+    path = Path(data_dir) / MANIFEST
     missing = [k for k in ("shards", "tokens", "tokenizer", "dtype") if k not in manifest]
     if missing:
         raise FmforgeError(f"{path} is incomplete: missing {', '.join(missing)}")
