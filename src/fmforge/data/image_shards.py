@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmforge import __version__
-from fmforge.data.prepare import check_output_dir, read_description
+from fmforge.data.prepare import check_output_dir, format_reasons, read_description, write_json_atomic
 from fmforge.errors import FmforgeError
 
 FORMAT = "fmforge-images"
@@ -277,20 +277,6 @@ class TarShardWriter:
             self._tar = None
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _reasons(dropped: Counter) -> str:
-    return ", ".join(f"{reason} {n}" for reason, n in sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
 # --- prepare -------------------------------------------------------------------------------------------
 
 def _validate(inputs: list[Path], out: Path, val_fraction: float, shard_samples: int, shard_bytes: int | None,
@@ -396,7 +382,7 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
     kept = [c for c in checked if c.reason is None]
     if not kept:
         raise FmforgeError(f"nothing usable in the inputs: read {read} records, all dropped "
-                           f"({_reasons(dropped) or 'no images found'})")
+                           f"({format_reasons(dropped) or 'no images found'})")
     splits = _assign_splits(kept, val_fraction)
 
     created = not out.exists()
@@ -435,7 +421,7 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
         raise
     n = {s: writers[s].samples for s in writers}
     if n["train"] == 0:
-        raise FmforgeError(f"nothing usable in the inputs: no train images ({_reasons(dropped)})")
+        raise FmforgeError(f"nothing usable in the inputs: no train images ({format_reasons(dropped)})")
     index = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -455,7 +441,7 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
         "val_fraction": val_fraction,
         "split_by": "sha256 of the image bytes",
     }
-    _write_json_atomic(out / INDEX, index)
+    write_json_atomic(out / INDEX, index)
     _summarize(say, out, index, time.perf_counter() - start)
     return index
 
@@ -466,7 +452,7 @@ def _summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float) -
     say(f"prepared {out} in {elapsed:.1f}s ({what})")
     say(f"  images: read {s['read']}, kept {s['kept']} (train {s['train']}, val {s['val']}) in "
         f"{len(m['shards'])} shards; formats: {', '.join(f'{k} {v}' for k, v in m['formats'].items())}")
-    say(f"  dropped: {_reasons(Counter(m['dropped'])) or 'none'}")
+    say(f"  dropped: {format_reasons(Counter(m['dropped'])) or 'none'}")
     for reason, where in m["dropped_examples"].items():
         say(f"    {reason}: {', '.join(where)}{' ...' if m['dropped'][reason] > len(where) else ''}")
 

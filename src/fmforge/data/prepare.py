@@ -180,17 +180,19 @@ def _encode_and_shard(tok: TextTokenizer, staged: Iterator[tuple[str, str]], wri
         flush(batch)
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Temp file, fsync, rename: a reader sees the old file or the whole new one, never a torn one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _reasons(dropped: Counter) -> str:
+def format_reasons(dropped: Counter) -> str:
+    """Drop counts by reason, most frequent first: "empty 3, malformed_json 1"."""
     return ", ".join(f"{reason} {n}" for reason, n in sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
@@ -225,7 +227,7 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
         dropped = reader.dropped + kept.dropped
         if kept.count == 0:
             raise FmforgeError(f"nothing usable in the inputs: read {reader.read} documents, all dropped "
-                               f"({_reasons(dropped) or 'no records found'})")
+                               f"({format_reasons(dropped) or 'no records found'})")
         _balance_splits(kept, val_fraction)
         n_train, n_val = kept.count - kept.val, kept.val
         if tok is None:
@@ -253,9 +255,9 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
 
     tokens = {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")}
     if tokens["train"] == 0:
-        raise FmforgeError(f"nothing usable in the inputs: no train tokens ({_reasons(dropped) or 'no drops'})")
+        raise FmforgeError(f"nothing usable in the inputs: no train tokens ({format_reasons(dropped) or 'no drops'})")
     tok.save(out / TOKENIZER_FILE)
-    _write_json_atomic(out / SPECIAL_TOKENS_FILE, tok.special_tokens_map())
+    write_json_atomic(out / SPECIAL_TOKENS_FILE, tok.special_tokens_map())
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -279,7 +281,7 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
         "text_field": text_field,
         "val_fraction": val_fraction,
     }
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     _summarize(say, out, manifest, time.perf_counter() - start, encode_s, drop_near_duplicates)
     return manifest
 
@@ -291,7 +293,7 @@ def _summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float, e
     rate = (tokens["train"] + tokens["val"]) / max(encode_s, 1e-9)
     say(f"prepared {out} in {elapsed:.1f}s")
     say(f"  documents: read {docs['read']}, kept {docs['kept']} (train {docs['train']}, val {docs['val']})")
-    say(f"  dropped: {_reasons(Counter(m['dropped'])) or 'none'}")
+    say(f"  dropped: {format_reasons(Counter(m['dropped'])) or 'none'}")
     say(f"  near-duplicates: {docs['near_duplicates']} ({m['near_duplicate_rate']:.2%}, {action})")
     say(f"  tokens: train {tokens['train']:,}, val {tokens['val']:,} in {len(m['shards'])} {m['dtype']} shards "
         f"({rate:,.0f} tokens/s)")
