@@ -28,7 +28,7 @@ def _cmd_data_prepare_images(args: argparse.Namespace) -> None:
     prepare_images(args.inputs, args.out, image_field=args.image_field, caption_field=args.caption_field,
                    label_field=args.label_field, classes=classes, val_fraction=args.val_fraction,
                    shard_samples=args.shard_samples, shard_bytes=args.shard_bytes, workers=args.workers,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, tokenizer=args.tokenizer, vocab_size=args.vocab_size)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -98,10 +98,22 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from fmforge.eval.perplexity import evaluate
+    from fmforge.runs import family_of, read_model_config
 
-    evaluate(args.run_dir, data_dir=args.data, max_batches=args.max_batches, batch_size=args.batch_size,
-             device=args.device, json_out=args.json)
+    if family_of(read_model_config(args.run_dir)) == "decoder":
+        from fmforge.eval.perplexity import evaluate
+
+        if args.zero_shot or args.class_names or args.template or args.random_baseline:
+            raise FmforgeError("--zero-shot, --class-names, --template and --random-baseline apply to image runs")
+        evaluate(args.run_dir, data_dir=args.data, max_batches=args.max_batches, batch_size=args.batch_size or 8,
+                 device=args.device, json_out=args.json)
+        return
+    from fmforge.eval.runs import evaluate_run
+
+    evaluate_run(args.run_dir, data_dir=args.data, zero_shot=args.zero_shot, class_names=args.class_names,
+                 templates=args.template, batch_size=args.batch_size or 64, max_batches=args.max_batches,
+                 probe_samples=args.probe_samples, random_baseline=args.random_baseline, device=args.device,
+                 json_out=args.json)
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -128,7 +140,10 @@ def _cmd_tune(args: argparse.Namespace) -> None:
 def _cmd_quickstart(args: argparse.Namespace) -> None:
     from fmforge.quickstart import quickstart
 
-    quickstart(out=args.out, minutes=args.minutes)
+    default_out = "runs/quickstart" if args.task == "language" else "runs/quickstart-vision"
+    default_minutes = 6.0 if args.task == "language" else 3.0
+    minutes = args.minutes if args.minutes is not None else default_minutes
+    quickstart(out=args.out or default_out, minutes=minutes, task=args.task)
 
 
 def _number_list(text: str) -> list[float]:
@@ -204,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--shard-bytes", type=int, metavar="B", help="also close a shard once it reaches B bytes")
     di.add_argument("--workers", type=int, metavar="N",
                     help="threads decoding images for verification (default: the usable cores, at most 8)")
+    ditok = di.add_mutually_exclusive_group()
+    ditok.add_argument("--tokenizer", metavar="PATH",
+                       help="captions: copy this tokenizer.json or HF tokenizer directory as the caption tokenizer")
+    ditok.add_argument("--vocab-size", type=int, default=4096, metavar="N",
+                       help="captions: train a byte-level BPE of up to N tokens on the train captions (default: 4096)")
     di.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
     di.set_defaults(func=_cmd_data_prepare_images)
 
@@ -259,13 +279,27 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ge.set_defaults(func=_cmd_generate)
 
-    ev = verbs.add_parser("eval", help="validation loss, perplexity and bits per byte",
-                          description="Evaluate a trained model on the validation split of its data, or on "
-                                      "the validation split of another prepared directory (--data).")
+    ev = verbs.add_parser(
+        "eval", help="evaluate a trained model: loss/perplexity/bits per byte, accuracy, probes, zero-shot, retrieval",
+        description="Evaluate a trained model on the validation split of its data, or of another prepared "
+                    "directory (--data). Language models: loss, perplexity, bits per byte, unigram baseline. "
+                    "ViT: top-1/top-5, plus linear probe and k-NN on frozen features (also MAE encoders, on "
+                    "labelled data). CLIP: image<->text retrieval recall@1/5/10, and zero-shot classification "
+                    "of a labelled image directory (--zero-shot). BERT: masked-LM loss and perplexity.")
     ev.add_argument("run_dir", metavar="RUN_DIR")
     ev.add_argument("--data", metavar="DATA_DIR", help="prepared data directory (default: the run's own data)")
     ev.add_argument("--max-batches", type=int, default=None, metavar="N", help="cap the evaluated batches")
-    ev.add_argument("--batch-size", type=int, default=8, metavar="B")
+    ev.add_argument("--batch-size", type=int, default=None, metavar="B", help="default: 8 sequences or 64 images")
+    ev.add_argument("--zero-shot", metavar="DATA_DIR", help="clip: classify this labelled image directory's val split")
+    ev.add_argument("--class-names", type=_name_list, metavar="A,B,...",
+                    help="clip zero-shot: class names for the prompts (default: the directory's class names)")
+    ev.add_argument("--template", action="append", metavar="TEXT",
+                    help="clip zero-shot: a prompt template with {} for the class name (repeatable; default: "
+                         "12 of CLIP's ImageNet templates)")
+    ev.add_argument("--probe-samples", type=int, default=10000, metavar="N",
+                    help="train images whose features fit the linear probe and k-NN (default: 10000)")
+    ev.add_argument("--random-baseline", action="store_true",
+                    help="also probe a randomly initialized model of the same shape (what pretraining added)")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(func=_cmd_eval)
@@ -368,11 +402,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     qs = verbs.add_parser(
         "quickstart", help="the whole pipeline on built-in data, on CPU, in minutes",
-        description="Build a corpus from the Python standard library's sources and pydoc topics (no "
-                    "downloads), train a tokenizer, pretrain a tiny Llama-style model, evaluate it against the "
-                    "unigram baseline and print samples.")
-    qs.add_argument("--out", default="runs/quickstart", metavar="DIR", help="output directory (default: runs/quickstart)")
-    qs.add_argument("--minutes", type=float, default=6.0, metavar="M", help="training time budget (default: 6)")
+        description="language (default): build a corpus from the Python standard library's sources and pydoc "
+                    "topics (no downloads), train a tokenizer, pretrain a tiny Llama-style model, evaluate it "
+                    "against the unigram baseline and print samples. vision: on scikit-learn's handwritten "
+                    "digits, train a small ViT classifier, pretrain a small MAE and probe it against a random-init "
+                    "encoder, train a small CLIP on digit captions and classify held-out digits zero-shot.")
+    qs.add_argument("--task", choices=["language", "vision"], default="language", help="which demo (default: language)")
+    qs.add_argument("--out", metavar="DIR", help="output directory (default: runs/quickstart or runs/quickstart-vision)")
+    qs.add_argument("--minutes", type=float, metavar="M", help="training time budget (default: 6 language, 3 vision)")
     qs.set_defaults(func=_cmd_quickstart)
     return p
 

@@ -8,104 +8,48 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    Discriminator,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from fmforge.errors import FmforgeError
-
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-NonNegativeFloat = Annotated[float, Field(ge=0.0)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(Section):
-    """Decoder-only transformer. ``arch`` picks the family defaults, ``size`` a named shape; any field set
-    explicitly wins. ``None`` means "take it from arch/size/tokenizer/data" and is filled by ``resolved``."""
-
-    arch: Literal["gpt2", "llama"] = "llama"
-    size: str | None = None
-    n_layer: PositiveInt | None = None
-    n_head: PositiveInt | None = None
-    n_kv_head: PositiveInt | None = None
-    d_model: PositiveInt | None = None
-    d_ff: PositiveInt | None = None
-    vocab_size: PositiveInt | None = None
-    max_seq_len: PositiveInt | None = None
-    norm: Literal["layernorm", "rmsnorm"] | None = None
-    mlp: Literal["gelu", "swiglu"] | None = None
-    pos: Literal["learned", "rope"] | None = None
-    bias: bool | None = None
-    tie_embeddings: bool | None = None
-    rope_theta: PositiveFloat | None = None
-    norm_eps: PositiveFloat = 1e-5
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    init_std: PositiveFloat = 0.02
-    # Pad the embedding/head to a multiple of this many rows: matmuls on 50257 rows are slow, 50304 fast.
-    vocab_multiple: PositiveInt = 64
-
-    def resolved(self, vocab_size: int | None = None, seq_len: int | None = None) -> ModelConfig:
-        """Every field filled: explicit value > named size > arch default. ``vocab_size``/``seq_len`` come
-        from the tokenizer and data when the config leaves them open."""
-        from fmforge.models.registry import ARCH_DEFAULTS, SIZES
-
-        values = self.model_dump()
-        if self.size is not None:
-            if self.size not in SIZES:
-                raise FmforgeError(f"model.size: unknown size {self.size!r}; known: {', '.join(sorted(SIZES))}")
-            for key, val in SIZES[self.size].items():
-                if values.get(key) is None:
-                    values[key] = val
-        for key, val in ARCH_DEFAULTS[self.arch].items():
-            if values.get(key) is None:
-                values[key] = val
-        if values["vocab_size"] is not None and vocab_size is not None and values["vocab_size"] < vocab_size:
-            raise FmforgeError(f"model.vocab_size ({values['vocab_size']}) is smaller than the tokenizer's "
-                               f"vocabulary ({vocab_size})")
-        if values["vocab_size"] is None:
-            if vocab_size is None:
-                raise FmforgeError("model.vocab_size: not set and no tokenizer to take it from")
-            m = self.vocab_multiple
-            values["vocab_size"] = (vocab_size + m - 1) // m * m
-        if values["max_seq_len"] is None:
-            values["max_seq_len"] = seq_len
-        for key in ("n_layer", "n_head", "d_model", "max_seq_len"):
-            if values[key] is None:
-                raise FmforgeError(f"model.{key}: not set (give it, or a model.size that sets it)")
-        if values["n_kv_head"] is None:
-            values["n_kv_head"] = values["n_head"]
-        if values["d_model"] % values["n_head"]:
-            raise FmforgeError(f"model.d_model ({values['d_model']}) must be divisible by model.n_head ({values['n_head']})")
-        if values["n_head"] % values["n_kv_head"]:
-            raise FmforgeError(f"model.n_head ({values['n_head']}) must be divisible by model.n_kv_head ({values['n_kv_head']})")
-        if values["pos"] == "rope" and (values["d_model"] // values["n_head"]) % 2:
-            raise FmforgeError("model: rotary embeddings need an even head dimension (d_model / n_head)")
-        if values["d_ff"] is None:
-            values["d_ff"] = default_d_ff(values["d_model"], values["mlp"])
-        if seq_len is not None and seq_len > values["max_seq_len"]:
-            raise FmforgeError(f"data.seq_len ({seq_len}) exceeds model.max_seq_len ({values['max_seq_len']})")
-        return ModelConfig(**values)
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-
-def default_d_ff(d_model: int, mlp: str) -> int:
-    """GPT-2: 4d. Llama's SwiGLU: 2/3 of 4d (same weights as a 4d GELU MLP), rounded up to a multiple of 64."""
-    if mlp == "swiglu":
-        return (int(8 * d_model / 3) + 63) // 64 * 64
-    return 4 * d_model
+from fmforge.models.bert import BertModelConfig
+from fmforge.models.clip import CLIPModelConfig
+from fmforge.models.config import Fraction, ModelConfig, NonNegativeFloat, Section, default_d_ff  # noqa: F401
+from fmforge.models.vit import MAEModelConfig, ViTModelConfig
 
 
 class DataConfig(Section):
-    path: str | None = None  # a prepared data directory (fmforge data prepare), local or s3://
-    seq_len: PositiveInt = 256
+    path: str | None = None  # a prepared data directory (fmforge data prepare / prepare-images), local or s3://
+    seq_len: PositiveInt = 256  # text: tokens per training sequence
     prefetch: NonNegativeInt = 2  # optimizer steps of batches read ahead by a background thread (0: inline)
+    # Images: torchvision's RandomResizedCrop scale range and flip probability for training; evaluation
+    # resizes the shorter side to image_size / crop_pct and center-crops (timm's crop_pct).
+    crop_scale: tuple[Annotated[float, Field(gt=0.0, le=1.0)], Annotated[float, Field(gt=0.0, le=1.0)]] = (0.08, 1.0)
+    hflip: Fraction = 0.5
+    crop_pct: Annotated[float, Field(gt=0.0, le=1.0)] = 0.875
+    mean: list[float] | None = None  # per channel; None: ImageNet's (3 channels) or 0.5 (1 channel)
+    std: list[PositiveFloat] | None = None
+    workers: PositiveInt | None = None  # threads decoding images (default: the usable cores, at most 8)
+
+    @model_validator(mode="after")
+    def _check_images(self) -> DataConfig:
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError(f"crop_scale {list(self.crop_scale)} must be [low, high] with low <= high")
+        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
+            raise ValueError("mean and std go together, one value per channel each")
+        return self
 
 
 class OptimConfig(Section):
@@ -126,7 +70,8 @@ class TrainConfig(Section):
     out_dir: str | None = None
     seed: NonNegativeInt = 1337
     max_steps: PositiveInt = 1000
-    global_batch_tokens: PositiveInt = 65536
+    global_batch_tokens: PositiveInt = 65536  # text runs (causal and masked LM)
+    global_batch_size: PositiveInt | None = None  # image runs: images (or image-text pairs) per step; None: 256
     micro_batch_size: PositiveInt = 8
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto, cpu, cuda or cuda:N
@@ -166,8 +111,27 @@ class LogConfig(Section):
     progress: Literal["auto", "rich", "plain", "none"] = "auto"  # auto: rich bar on a TTY, plain lines otherwise
 
 
+def _arch_tag(value: Any) -> str:
+    arch = value.get("arch", "llama") if isinstance(value, dict) else getattr(value, "arch", None)
+    return "decoder" if arch in ("gpt2", "llama") else str(arch)
+
+
+ARCHS = ("gpt2", "llama", "vit", "mae", "clip", "bert")
+# The ``model:`` section, by ``arch``: decoder LMs (gpt2, llama), ViT classification, MAE, CLIP/SigLIP, BERT.
+AnyModelConfig = Annotated[
+    Union[
+        Annotated[ModelConfig, Tag("decoder")],
+        Annotated[ViTModelConfig, Tag("vit")],
+        Annotated[MAEModelConfig, Tag("mae")],
+        Annotated[CLIPModelConfig, Tag("clip")],
+        Annotated[BertModelConfig, Tag("bert")],
+    ],
+    Discriminator(_arch_tag),
+]
+
+
 class Config(Section):
-    model: ModelConfig = ModelConfig()
+    model: AnyModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
@@ -179,11 +143,17 @@ class Config(Section):
 def _format_validation_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        # A discriminated union puts the member's tag after "model": model.vit.patch_size -> model.patch_size
+        loc_parts = list(e["loc"])
+        if len(loc_parts) > 1 and loc_parts[0] == "model" and loc_parts[1] in ("decoder", *ARCHS):
+            del loc_parts[1]
+        loc = ".".join(str(p) for p in loc_parts)
+        if e["type"] == "union_tag_invalid":
+            parts.append(f"{loc}.arch: unknown architecture {e['ctx']['tag']!r}; known: {', '.join(ARCHS)}")
+        elif e["type"] == "extra_forbidden":
             parts.append(f"{loc}: unknown key")
         else:
-            parts.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+            parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "config error: " + "; ".join(parts)
 
 

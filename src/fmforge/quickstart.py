@@ -1,8 +1,13 @@
-"""``fmforge quickstart``: the whole language pipeline on data every Python install carries, on CPU, in minutes.
+"""``fmforge quickstart``: the whole pipeline on data every Python install carries, on CPU, in minutes.
 
-Corpus: the standard library's own ``.py`` sources (tests excluded) and the ``pydoc_data.topics`` English
-documentation. Steps: prepare data (tokenizer + shards) → pretrain a tiny Llama-style model for a time
-budget → evaluate against the unigram baseline → sample text. Nothing is downloaded.
+Language (default): the standard library's own ``.py`` sources (tests excluded) and the ``pydoc_data.topics``
+English documentation. Steps: prepare data (tokenizer + shards) → pretrain a tiny Llama-style model for a
+time budget → evaluate against the unigram baseline → sample text.
+
+Vision (``--task vision``): scikit-learn's 1,797 real handwritten digits, as labelled images and as
+image-caption pairs. Steps: prepare image shards → train a small ViT classifier → pretrain a small MAE and
+probe its frozen encoder against a random-init one → train a small CLIP on the captions and classify the
+held-out digits zero-shot from prompts it never saw. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -74,22 +79,30 @@ def _seconds_per_step(cfg, vocab_size: int) -> float:
     return min(times[1:])
 
 
-def quickstart(out: str | Path = "runs/quickstart", minutes: float = 6.0, echo=print) -> dict:
-    """Run the embedded end-to-end demo into ``out`` and return its evaluation."""
-    from fmforge.data.prepare import prepare_data
-    from fmforge.deploy.generate import generate
-    from fmforge.eval.perplexity import evaluate
-    from fmforge.train.loop import train
-
+def _fresh_output(out: Path, minutes: float) -> None:
     if minutes <= 0:
         raise FmforgeError("--minutes must be positive")
-    out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise FmforgeError(f"{out} exists and was not made by quickstart; choose another --out")
         shutil.rmtree(out)  # our own earlier demo: start clean
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by fmforge quickstart; safe to delete\n")
+
+
+def quickstart(out: str | Path = "runs/quickstart", minutes: float = 6.0, echo=print, task: str = "language") -> dict:
+    """Run the embedded end-to-end demo into ``out`` and return its evaluation. ``task``: language or vision."""
+    from fmforge.data.prepare import prepare_data
+    from fmforge.deploy.generate import generate
+    from fmforge.eval.perplexity import evaluate
+    from fmforge.train.loop import train
+
+    if task == "vision":
+        return quickstart_vision(out, minutes, echo)
+    if task != "language":
+        raise FmforgeError(f"unknown quickstart task {task!r}: language or vision")
+    out = Path(out)
+    _fresh_output(out, minutes)
     t_start = time.perf_counter()
 
     echo("== 1/4 data: Python standard library sources + pydoc topics (bundled with Python)")
@@ -127,3 +140,103 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 6.0, echo=p
     echo(f"        tensorboard --logdir {out / 'run' / 'tb'}")
     result["minutes"] = minutes_taken
     return result
+
+
+# ---------------------------------------------------------------------------------------------------- vision
+
+_IMAGE_DATA = {"crop_scale": [0.6, 1.0], "hflip": 0.0, "crop_pct": 1.0}  # digits: no flips, mild crops
+_IMAGE_TRAIN = {"global_batch_size": 128, "micro_batch_size": 128, "log_interval": 20, "eval_batches": 100}
+_IMAGE_OPTIM = {"lr": 3e-3, "warmup_steps": 20, "weight_decay": 0.05, "min_lr_ratio": 0.05}
+VISION_CONFIGS = {
+    # 8x8 one-channel digits in 2x2 patches: 16 patches + [CLS].
+    "vit": {"model": {"arch": "vit", "size": "vit-nano"}, "data": _IMAGE_DATA, "train": _IMAGE_TRAIN,
+            "optim": _IMAGE_OPTIM},
+    "mae": {"model": {"arch": "mae", "size": "mae-nano"}, "data": _IMAGE_DATA, "train": _IMAGE_TRAIN,
+            "optim": _IMAGE_OPTIM},
+    "clip": {"model": {"arch": "clip", "size": "clip-nano", "vision": {"image_size": 8, "patch_size": 2, "channels": 1},
+                       "text": {"context_length": 16}},
+             "data": _IMAGE_DATA, "train": _IMAGE_TRAIN, "optim": _IMAGE_OPTIM},
+}
+# Zero-shot prompts: none of them is a training caption's phrasing (see builtin_images.DIGIT_CAPTIONS).
+ZERO_SHOT_TEMPLATES = ("a photo of the number {}.", "a drawing of a {}.", "the {} digit", "{}")
+VISION_SHARES = {"vit": 0.3, "mae": 0.35, "clip": 0.35}  # of the training budget
+
+
+def _seconds_per_step_task(cfg) -> float:
+    """Time optimizer steps of a run's real task (data loading, augmentation, model, loss) on this machine."""
+    from fmforge.device import pick_device
+    from fmforge.train.loop import autocast_for
+    from fmforge.train.optim import build_optimizer
+    from fmforge.train.tasks import make_task
+
+    cfg = cfg.model_copy(deep=True)
+    device = pick_device(cfg.train.device)
+    task = make_task(cfg, Path(cfg.data.path), lambda _msg: None)
+    model = task.build_model().to(device)
+    opt = build_optimizer(model, cfg.optim, device)
+    loader = task.make_loader(cfg.train.micro_batch_size, 0, 1)
+    amp = autocast_for(device, cfg.train.precision)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        micro = loader.next_step()
+        for batch in micro:
+            (task.loss(model, batch, device, amp) / len(micro)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def quickstart_vision(out: str | Path = "runs/quickstart-vision", minutes: float = 4.0, echo=print) -> dict:
+    """Vision quickstart (see the module docstring) into ``out``; returns every model's evaluation."""
+    from fmforge.data.builtin_images import DIGIT_NAMES, write_digit_captions, write_digits
+    from fmforge.data.image_shards import prepare_images
+    from fmforge.eval.runs import evaluate_run
+    from fmforge.train.loop import train
+
+    out = Path(out)
+    _fresh_output(out, minutes)
+    t_start = time.perf_counter()
+    echo("== 1/4 data: scikit-learn's 1,797 handwritten digits (8x8, bundled with scikit-learn)")
+    raw = out / "images"
+    data = {"vit": out / "data" / "digits", "mae": out / "data" / "digits", "clip": out / "data" / "digit_captions"}
+    prepare_images([str(write_digits(raw))], data["vit"], val_fraction=0.2, log=echo)
+    prepare_images([str(write_digit_captions(raw))], data["clip"], val_fraction=0.2, vocab_size=512, log=echo)
+
+    def fit(name: str):
+        cfg = build_config(VISION_CONFIGS[name], [f"data.path={data[name]}", f"train.out_dir={out / name}"])
+        step_s = _seconds_per_step_task(cfg)
+        cfg.train.max_steps = max(30, int(minutes * 60 * VISION_SHARES[name] * 0.9 / step_s))
+        cfg.train.eval_interval = max(10, cfg.train.max_steps // 4)
+        cfg.checkpoint.interval = max(10, cfg.train.max_steps // 2)
+        echo(f"   {step_s:.3f} s/step measured → {cfg.train.max_steps} steps")
+        train(cfg, echo=echo)
+        return cfg
+
+    results = {}
+    echo("== 2/4 ViT classifier (vit-nano: 16 patches of 2x2 pixels + [CLS])")
+    fit("vit")
+    results["vit"] = evaluate_run(out / "vit", echo=echo)
+    echo("== 3/4 MAE pretraining (75% of patches masked), then probes of the frozen encoder vs a random-init one")
+    fit("mae")
+    results["mae"] = evaluate_run(out / "mae", random_baseline=True, echo=echo)
+    echo("== 4/4 CLIP on digit captions, then zero-shot classification of the held-out digits")
+    fit("clip")
+    results["clip"] = evaluate_run(out / "clip", zero_shot=data["vit"], class_names=list(DIGIT_NAMES),
+                                   templates=list(ZERO_SHOT_TEMPLATES), echo=echo)
+
+    v, m, c = results["vit"], results["mae"], results["clip"]
+    echo("== what they learned (held-out digits; chance is about 10%)")
+    echo(f"   ViT classifier      top-1 {v['val_top1']:.1%}   top-5 {v['val_top5']:.1%}")
+    echo(f"   MAE encoder probe   linear {m['linear_probe_top1']:.1%} (random-init encoder "
+         f"{m['random_init_linear_probe_top1']:.1%})   k-NN {m['knn_top1']:.1%} "
+         f"(random-init {m['random_init_knn_top1']:.1%})")
+    echo(f"   CLIP zero-shot      top-1 {c['zero_shot_top1']:.1%} from prompts like {ZERO_SHOT_TEMPLATES[0]!r}; "
+         f"retrieval image→text R@1 {c['image_to_text_r@1']:.1%} over {c['retrieval_captions']} captions")
+    minutes_taken = (time.perf_counter() - t_start) / 60
+    echo(f"quickstart done in {minutes_taken:.1f} min. Run directories: {out / 'vit'}, {out / 'mae'}, {out / 'clip'}")
+    echo(f"  next: fmforge eval {out / 'clip'} --zero-shot {data['vit']} --class-names {','.join(DIGIT_NAMES)}")
+    echo(f"        tensorboard --logdir {out}")
+    results["minutes"] = minutes_taken
+    return results

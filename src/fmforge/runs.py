@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from pydantic import TypeAdapter, ValidationError
 from safetensors.torch import load_file, save_file
 
 from fmforge.config import ModelConfig
@@ -22,7 +23,7 @@ MODEL_FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
 
 
-def save_pretrained(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, run_dir: str | Path,
+def save_pretrained(state_dict: dict[str, torch.Tensor], model_cfg, run_dir: str | Path,
                     tokenizer_dir: str | Path | None = None) -> None:
     """Write weights, architecture and tokenizer into ``run_dir``. Weights and architecture are written
     under a temporary name and renamed, so a reader never sees half a file."""
@@ -30,11 +31,11 @@ def save_pretrained(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig,
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "model.safetensors.tmp"
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    if model_cfg.tie_embeddings:  # one tensor under two names: store it once, as the embedding
+    if getattr(model_cfg, "tie_embeddings", False):  # one tensor under two names: store it once, as the embedding
         tensors.pop("lm_head.weight", None)
     save_file(tensors, str(tmp), metadata={"format": "fmforge", "version": str(MODEL_FORMAT_VERSION)})
     tmp.replace(run_dir / "model.safetensors")
-    arch = {"format_version": MODEL_FORMAT_VERSION, "family": "decoder", **model_cfg.model_dump(mode="json")}
+    arch = {"format_version": MODEL_FORMAT_VERSION, "family": family_of(model_cfg), **model_cfg.model_dump(mode="json")}
     (run_dir / "model.json.tmp").write_text(json.dumps(arch, indent=2) + "\n")
     (run_dir / "model.json.tmp").replace(run_dir / "model.json")
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != run_dir.resolve():
@@ -43,7 +44,15 @@ def save_pretrained(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig,
                 shutil.copyfile(Path(tokenizer_dir) / name, run_dir / name)
 
 
-def read_model_config(run_dir: str | Path) -> ModelConfig:
+def family_of(model_cfg) -> str:
+    """"decoder" for the causal LMs (gpt2, llama), else the config's arch: vit, mae, clip, bert."""
+    return "decoder" if isinstance(model_cfg, ModelConfig) else model_cfg.arch
+
+
+def read_model_config(run_dir: str | Path):
+    """The architecture in ``RUN_DIR/model.json``: a ``ModelConfig`` for decoders, else that family's config."""
+    from fmforge.config import AnyModelConfig
+
     path = Path(run_dir) / "model.json"
     if not path.is_file():
         raise FmforgeError(f"no trained model in {run_dir}: {path.name} is missing (has the run finished?)")
@@ -53,36 +62,47 @@ def read_model_config(run_dir: str | Path) -> ModelConfig:
         raise FmforgeError(f"{path} is not valid JSON") from None
     arch.pop("format_version", None)
     arch.pop("family", None)
-    return ModelConfig(**arch)
+    try:
+        return TypeAdapter(AnyModelConfig).validate_python(arch)
+    except ValidationError as err:
+        raise FmforgeError(f"{path} does not describe a model fmforge knows: {str(err).splitlines()[0]}") from None
 
 
-def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """Return ``(model, tokenizer)`` from a finished run directory, model in eval mode on ``device``."""
+def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu", family: str | None = None):
+    """Return ``(model, tokenizer)`` from a finished run directory, model in eval mode on ``device``. The
+    tokenizer is None for image-only models (ViT, MAE). ``family`` ("decoder", "vit", ...) names the kind
+    of model the caller needs; another kind is a one-line error."""
     from fmforge.data.tokenizer import load_tokenizer
-    from fmforge.models.gpt import GPT
+    from fmforge.models import build_model
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FmforgeError(f"run directory not found: {run_dir}")
     cfg = read_model_config(run_dir)
+    if family is not None and family_of(cfg) != family:
+        want = "a language model (gpt2/llama)" if family == "decoder" else f"a {family} model"
+        raise FmforgeError(f"{run_dir} holds a {family_of(cfg)} model; this needs {want}")
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise FmforgeError(f"no trained model in {run_dir}: model.safetensors is missing")
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = build_model(cfg)
     model.to_empty(device=device)
     try:
         tensors = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError) as err:
         raise FmforgeError(f"cannot read {weights}: {err}") from None
-    if cfg.tie_embeddings:  # stored once; older files may carry it under the head's name
+    tied = getattr(cfg, "tie_embeddings", False)
+    if tied:  # stored once; older files may carry it under the head's name
         tensors.setdefault("tok_emb.weight", tensors.get("lm_head.weight"))
         tensors.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict({k: v for k, v in tensors.items() if v is not None}, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
         raise FmforgeError(f"{weights} does not match model.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.reset_buffers()
     model.eval()
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    tokenizer = None
+    if family_of(cfg) in ("decoder", "clip", "bert") or (run_dir / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     return model, tokenizer

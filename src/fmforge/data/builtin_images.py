@@ -1,6 +1,7 @@
 """Real images that installed packages ship, written out as inputs for ``prepare_images`` (no downloads).
 
-- scikit-learn's handwritten digits: 1,797 8×8 grayscale images, 10 classes → a class-folder tree;
+- scikit-learn's handwritten digits: 1,797 8×8 grayscale images, 10 classes → a class-folder tree, or
+  image-caption pairs whose captions name the digit in words (contrastive training, zero-shot tests);
 - scikit-image's bundled photos, each captioned with the first line of its loader's docstring → a captions
   JSONL next to the photos (the package's own PNG/JPEG files, bytes unchanged);
 - scikit-image's LFW subset: 100 faces and 100 non-faces, 25×25 grayscale → class folders face/non_face.
@@ -51,6 +52,31 @@ def write_digits(directory: str | Path) -> Path:
     for i, (pixels, label) in enumerate(zip(digits_pixels(digits.images), digits.target)):
         _save_gray(pixels, root / str(int(label)) / f"{i:04d}.png")
     return root
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Training captions name the digit in words, in five phrasings; zero-shot prompts should use others.
+DIGIT_CAPTIONS = ("a handwritten {}", "the digit {} written by hand", "a scanned handwritten number {}",
+                  "{} in handwriting", "a small gray image of the number {}")
+
+
+def write_digit_captions(directory: str | Path) -> Path:
+    """Write scikit-learn's digits as image-caption pairs for contrastive training: ``DIR/digit_captions/
+    <index>.png`` (the same bytes ``write_digits`` writes, so both land in the same split) and
+    ``captions.jsonl``, each caption naming the digit in words in one of ``DIGIT_CAPTIONS``' phrasings
+    (cycled by index). Returns the JSONL's path."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = Path(directory) / "digit_captions"
+    lines = []
+    for i, (pixels, label) in enumerate(zip(digits_pixels(digits.images), digits.target)):
+        _save_gray(pixels, root / f"{i:04d}.png")
+        caption = DIGIT_CAPTIONS[i % len(DIGIT_CAPTIONS)].format(DIGIT_NAMES[int(label)])
+        lines.append(json.dumps({"image": f"{i:04d}.png", "caption": caption}))
+    path = root / "captions.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def write_lfw_faces(directory: str | Path) -> Path:

@@ -39,7 +39,15 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmforge import __version__
-from fmforge.data.prepare import check_output_dir, format_reasons, read_description, write_json_atomic
+from fmforge.data.prepare import (
+    SPECIAL_TOKENS_FILE,
+    TOKENIZER_FILE,
+    check_output_dir,
+    format_reasons,
+    read_description,
+    write_json_atomic,
+)
+from fmforge.data.tokenizer import load_tokenizer, train_tokenizer
 from fmforge.errors import FmforgeError
 
 FORMAT = "fmforge-images"
@@ -50,7 +58,7 @@ IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 LIST_EXTENSIONS = (".csv", ".jsonl")
 VERIFY_CHUNK = 512
 EXAMPLES_PER_REASON = 5
-_NAMES = r"((train|val)_\d{6}\.tar|index\.json)"
+_NAMES = r"((train|val)_\d{6}\.tar|index\.json|tokenizer\.json|special_tokens_map\.json)"
 _OUR_OUTPUTS = re.compile(rf"^{_NAMES}$")
 _OUR_LEFTOVERS = re.compile(rf"^{_NAMES}\.tmp$")
 
@@ -324,6 +332,7 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
                    caption_field: str = "caption", label_field: str | None = None,
                    classes: list[str] | None = None, val_fraction: float = 0.05, shard_samples: int = 1000,
                    shard_bytes: int | None = None, workers: int | None = None, overwrite: bool = False,
+                   tokenizer: str | None = None, vocab_size: int = 4096,
                    log: Callable[[str], None] | None = print) -> dict:
     """Turn images into a prepared image directory: ``train_*.tar`` / ``val_*.tar`` WebDataset shards and
     ``index.json``. Returns the index.
@@ -336,6 +345,9 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
     val_fraction: share of images held out, chosen by the image's sha256 (deterministic).
     shard_samples / shard_bytes: a shard is closed at this many samples, or once it reaches this size.
     workers: threads that decode images for verification (default: the usable cores, at most 8).
+    tokenizer / vocab_size (captions only): the caption tokenizer written as ``tokenizer.json`` beside the
+        shards, for the text tower of a CLIP run: this tokenizer.json or HF tokenizer directory, or else a
+        byte-level BPE of up to ``vocab_size`` tokens trained on the train split's captions.
     Bad records are counted by reason, skipped and listed (a few examples each) in the index.
     """
     say = log or (lambda _msg: None)
@@ -344,6 +356,9 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
     _validate(paths, out, val_fraction, shard_samples, shard_bytes, overwrite)
     folders = paths[0].is_dir()
     mode = "classification" if folders or label_field else "captions"
+    if tokenizer is not None and mode != "captions":
+        raise FmforgeError("--tokenizer applies to captioned images (a caption list without --label-field)")
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
     dropped: Counter = Counter()
     examples: dict[str, list[str]] = {}
     records: list[_Record] = []
@@ -422,6 +437,14 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
     n = {s: writers[s].samples for s in writers}
     if n["train"] == 0:
         raise FmforgeError(f"nothing usable in the inputs: no train images ({format_reasons(dropped)})")
+    tokenizer_entry = None
+    if mode == "captions":
+        if tok is None:
+            tok = train_tokenizer((c.record.target for c, s in zip(kept, splits) if s == "train"), vocab_size)
+        tok.save(out / TOKENIZER_FILE)
+        write_json_atomic(out / SPECIAL_TOKENS_FILE, tok.special_tokens_map())
+        tokenizer_entry = {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                           "trained": tokenizer is None, "source": None if tokenizer is None else str(tokenizer)}
     index = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -435,6 +458,7 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
         "dropped_examples": dict(sorted(examples.items())),
         "formats": dict(sorted(formats.items())),
         "shards": shards,
+        "tokenizer": tokenizer_entry,
         "sources": sources,
         "fields": None if folders else {"image": image_field, ("label" if label_field else "caption"):
                                         label_field or caption_field},

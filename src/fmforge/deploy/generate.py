@@ -109,7 +109,7 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 200, temper
 
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     dev = pick_device(device)
-    model, tok = load_pretrained(run_dir, dev)
+    model, tok = load_pretrained(run_dir, dev, family="decoder")
     ids = ([tok.bos_id] if tok.bos_id is not None else []) + list(tok.encode(prompt))
     if not ids:
         raise FmforgeError("empty prompt, and the tokenizer has no bos token to start from")

@@ -97,7 +97,7 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, max_batche
     data_dir = Path(data_dir)
     seq_len = int(run_cfg["data"]["seq_len"])
     dev = pick_device(device)
-    model, tok = load_pretrained(run_dir, dev)
+    model, tok = load_pretrained(run_dir, dev, family="decoder")
     windows = TokenWindows(data_dir, "val", seq_len)
     if windows.manifest["tokenizer"]["sha256"] != tok.sha256:
         raise FmforgeError(f"{data_dir} was tokenized with a different tokenizer than the model in {run_dir}")

@@ -8,16 +8,16 @@ the exact erf GELU; with those two switches Hugging Face BERT checkpoints load t
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from fmforge.config import ModelConfig, Section
+from fmforge.models.config import ModelConfig, Section
 from fmforge.models.blocks import Block, fuse_qkv, init_linear, init_normal_
-from fmforge.models.vit import encoder_block_config, lookup_size
+from fmforge.models.vit import apply_size, encoder_block_config, lookup_size
 
 
 class BertConfig(Section):
@@ -69,6 +69,22 @@ BERT_SIZES: dict[str, dict] = {
 }
 
 
+class BertModelConfig(BertConfig):
+    """The ``model:`` section of a masked-LM pretraining run on prepared text, named by ``size`` (a key of
+    ``BERT_SIZES``). The vocabulary comes from the data's tokenizer (padded to ``vocab_multiple`` rows)
+    unless set. ``mask_prob`` of the tokens are selected for prediction, 80/10/10 masked/random/kept."""
+
+    arch: Literal["bert"] = "bert"
+    size: str | None = None
+    mask_prob: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    vocab_multiple: PositiveInt = 64
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_defaults(cls, data):
+        return apply_size(data, BERT_SIZES, "BERT")
+
+
 class Bert(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -114,9 +130,11 @@ class Bert(nn.Module):
         """No derived buffers; here so every family materializes from the meta device the same way."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, mlm_select: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [B, T, d]. ``attention_mask`` [B, T] is 1 for real tokens and 0 for padding:
-        no token attends to padding (padded positions still get outputs, which the heads ignore)."""
+        no token attends to padding (padded positions still get outputs, which the heads ignore).
+        With ``mlm_select`` (bool [B, T]) the masked-LM logits of just those positions [n, vocab] instead:
+        the pretraining path, inside ``forward`` so DDP and FSDP see the head run."""
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequences of {T} tokens exceed max_seq_len {self.cfg.max_seq_len}")
@@ -127,7 +145,7 @@ class Bert(nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T keys]
         for block in self.blocks:
             x = block(x, attn_mask=mask)
-        return x
+        return x if mlm_select is None else self.mlm_logits(x[mlm_select])
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits for hidden states [..., d]; pass only the masked positions to save the big matmul."""

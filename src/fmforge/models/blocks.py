@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fmforge.config import ModelConfig
+from fmforge.models.config import ModelConfig
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:

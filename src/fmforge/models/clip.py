@@ -16,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from fmforge.config import ModelConfig, Section
+from fmforge.models.config import ModelConfig, Section
 from fmforge.models.blocks import Block, init_normal_, make_norm
-from fmforge.models.vit import VIT_SIZES, VisionConfig, ViT, encoder_block_config, lookup_size
+from fmforge.models.vit import VIT_SIZES, VisionConfig, ViT, apply_size, encoder_block_config, lookup_size
 
 
 class TextConfig(Section):
@@ -98,6 +98,31 @@ CLIP_SIZES: dict[str, dict] = {
     "clip-l14": dict(vision={**_openai_vision("vit-l16"), "patch_size": 14},
                      text=dict(d_model=768, n_head=12), embed_dim=768),
 }
+
+
+class CLIPModelConfig(CLIPConfig):
+    """The ``model:`` section of an image-text contrastive run, named by ``size`` (a key of ``CLIP_SIZES``;
+    explicit fields win, ``vision``/``text`` merge field by field). ``loss: siglip`` trains with the sigmoid
+    loss and starts temperature and bias at SigLIP's values unless given. The text tower's vocabulary and
+    end-of-text pooling come from the data's caption tokenizer unless set."""
+
+    arch: Literal["clip"] = "clip"
+    size: str | None = None
+    loss: Literal["clip", "siglip"] = "clip"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_defaults(cls, data):
+        data = apply_size(data, CLIP_SIZES, "CLIP", skip=("text.vocab_size",))
+        if isinstance(data, dict) and data.get("loss") == "siglip":
+            data = {**SIGLIP_LOGIT_INIT, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_loss(self) -> CLIPModelConfig:
+        if (self.loss == "siglip") != (self.init_logit_bias is not None):
+            raise ValueError("init_logit_bias goes with loss=siglip (the sigmoid loss learns a bias), and only with it")
+        return self
 
 
 class CLIPOutput(NamedTuple):

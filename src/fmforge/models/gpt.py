@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn as nn
 
-from fmforge.config import ModelConfig
+from fmforge.models.config import ModelConfig
 from fmforge.models.blocks import Block, KVCache, init_normal_, make_norm, rope_tables
 
 

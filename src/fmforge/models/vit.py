@@ -9,6 +9,7 @@ Patches are flattened as MAE does, (row p, column q, channel c) within a patch, 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Annotated, Literal
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from fmforge.config import ModelConfig, Section, default_d_ff
+from fmforge.models.config import ModelConfig, Section, default_d_ff
 from fmforge.errors import FmforgeError
 from fmforge.models.blocks import Block, init_linear, init_normal_, make_norm
 
@@ -100,6 +101,29 @@ def lookup_size(sizes: dict[str, dict], name: str, family: str) -> dict:
     return dict(sizes[name])
 
 
+def apply_size(data, sizes: dict[str, dict], family: str, skip: tuple[str, ...] = ()):
+    """A run config's raw ``model:`` mapping with its named ``size`` filled in underneath: fields given
+    explicitly win, sub-sections (``encoder``, ``vision``, ``text``) merge field by field. ``skip`` lists
+    dotted fields the size does not decide in a run because the data does (class count, vocabulary)."""
+    if not isinstance(data, dict) or data.get("size") is None:
+        return data
+    try:
+        spec = copy.deepcopy(lookup_size(sizes, data["size"], family))
+    except FmforgeError as err:
+        raise FmforgeError(f"model.size: {err}") from None
+    for dotted in skip:
+        *parents, leaf = dotted.split(".")
+        node = spec
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    merged = {**spec, **data}
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            merged[key] = {**value, **data[key]}
+    return merged
+
+
 VIT_SIZES: dict[str, dict] = {
     # CPU sizes: 8x8 one-channel digits (scikit-learn load_digits), and 32x32 colour images.
     "vit-nano": dict(image_size=8, patch_size=2, channels=1, d_model=64, n_layer=2, n_head=4, num_classes=10),
@@ -110,6 +134,20 @@ VIT_SIZES: dict[str, dict] = {
     "vit-b32": dict(image_size=224, patch_size=32, d_model=768, n_layer=12, n_head=12),
     "vit-l16": dict(image_size=224, patch_size=16, d_model=1024, n_layer=24, n_head=16),
 }
+
+
+class ViTModelConfig(VisionConfig):
+    """The ``model:`` section of an image-classification run: a ``VisionConfig`` named by ``size`` (a key of
+    ``VIT_SIZES``; fields given explicitly win). The class count comes from the data unless set."""
+
+    arch: Literal["vit"] = "vit"
+    size: str | None = None
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_defaults(cls, data):
+        return apply_size(data, VIT_SIZES, "ViT", skip=("num_classes",))
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -317,6 +355,21 @@ MAE_SIZES: dict[str, dict] = {
     "mae-b": dict(encoder=_mae_encoder("vit-b16"), decoder_d_model=512, decoder_n_layer=8, decoder_n_head=16),
     "mae-l": dict(encoder=_mae_encoder("vit-l16"), decoder_d_model=512, decoder_n_layer=8, decoder_n_head=16),
 }
+
+
+class MAEModelConfig(MAEConfig):
+    """The ``model:`` section of a masked-autoencoder pretraining run, named by ``size`` (a key of
+    ``MAE_SIZES``). ``norm_pix``: predict each patch normalized by its own mean and variance (the paper's
+    better target)."""
+
+    arch: Literal["mae"] = "mae"
+    size: str | None = None
+    norm_pix: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_defaults(cls, data):
+        return apply_size(data, MAE_SIZES, "MAE")
 
 
 class MAE(nn.Module):

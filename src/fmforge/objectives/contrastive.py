@@ -20,27 +20,29 @@ import torch.nn.functional as F
 from fmforge.models.clip import CLIPOutput
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
+def _world(gather: bool = True) -> tuple[int, int]:
+    if gather and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_with_grad(x: torch.Tensor, gather: bool = True) -> torch.Tensor:
     """Concatenate every rank's ``x`` [n, ...] along dim 0 in rank order; gradients flow back to their owner
     (the backward reduce-scatters, summing over ranks). Identity in a single process. Every rank must pass
     the same shape, i.e. equal local batches."""
-    if _world()[1] == 1:
+    if _world(gather)[1] == 1:
         return x
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+              gather: bool = True) -> torch.Tensor:
     """Symmetric InfoNCE over unit-norm features [n, D] of n matching pairs: image i should pick caption i
-    among all captions of the global batch, and caption i image i. Logits in fp32."""
-    rank, _ = _world()
+    among all captions of the global batch, and caption i image i. Logits in fp32. ``gather=False`` scores
+    this rank's pairs alone (evaluation, where every rank holds the same batch)."""
+    rank, _ = _world(gather)
     image_features, text_features = image_features.float(), text_features.float()
-    all_images, all_texts = gather_with_grad(image_features), gather_with_grad(text_features)
+    all_images, all_texts = gather_with_grad(image_features, gather), gather_with_grad(text_features, gather)
     n = image_features.size(0)
     labels = torch.arange(n, device=image_features.device) + rank * n  # this rank's pairs in the global batch
     logits_per_image = logit_scale * image_features @ all_texts.T  # [n, N]
@@ -49,14 +51,14 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor) -> torch.Tensor:
+                logit_bias: torch.Tensor, gather: bool = True) -> torch.Tensor:
     """Sigmoid loss: every image-caption pair is an independent binary decision (match or not), summed over
     the global batch's captions and averaged over images: -1/N sum_i sum_j log sigmoid(z_ij (t x_i.y_j + b)),
     z_ij = 1 for matching pairs, -1 otherwise. Each pair is scored once, from its image's row, so the
     distributed form needs only the captions gathered."""
-    rank, _ = _world()
+    rank, _ = _world(gather)
     image_features, text_features = image_features.float(), text_features.float()
-    all_texts = gather_with_grad(text_features)
+    all_texts = gather_with_grad(text_features, gather)
     n = image_features.size(0)
     logits = logit_scale * image_features @ all_texts.T + logit_bias  # [n, N]
     signs = -torch.ones_like(logits)
@@ -65,8 +67,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     return -F.logsigmoid(signs * logits).sum() / n
 
 
-def contrastive_loss(out: CLIPOutput) -> torch.Tensor:
+def contrastive_loss(out: CLIPOutput, gather: bool = True) -> torch.Tensor:
     """The loss the model was built for: sigmoid when it learns a logit bias (SigLIP), InfoNCE otherwise."""
     if out.logit_bias is not None:
-        return siglip_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
-    return clip_loss(out.image_features, out.text_features, out.logit_scale)
+        return siglip_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias, gather)
+    return clip_loss(out.image_features, out.text_features, out.logit_scale, gather)

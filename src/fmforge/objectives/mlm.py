@@ -40,6 +40,5 @@ def mlm_loss(model: Bert, inputs: torch.Tensor, labels: torch.Tensor, attention_
              token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy (fp32) over the selected positions. The vocabulary head runs only on those ~15%
     of positions: it is the largest matmul of the model, and the rest would be thrown away."""
-    hidden = model(inputs, attention_mask, token_type_ids)
     selected = labels != IGNORE_INDEX
-    return clm_loss(model.mlm_logits(hidden[selected]), labels[selected])
+    return clm_loss(model(inputs, attention_mask, token_type_ids, mlm_select=selected), labels[selected])

@@ -244,8 +244,10 @@ def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
     """Turn a sharded checkpoint (any world size, any parallel layout) into one ``model.safetensors`` +
     ``model.json`` + tokenizer in ``out_dir``: the run-directory format ``generate``, ``eval`` and the
     exporters read. One process, on the CPU, no process group; only the model's entries are read."""
-    from fmforge.config import ModelConfig
-    from fmforge.models.gpt import GPT
+    from pydantic import TypeAdapter, ValidationError
+
+    from fmforge.config import AnyModelConfig
+    from fmforge.models import build_model
     from fmforge.runs import save_pretrained
 
     path = Path(path)
@@ -253,14 +255,14 @@ def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
         raise FmforgeError(f"checkpoint not found: {path}")
     meta = verify_checkpoint(path)
     try:
-        model_cfg = ModelConfig(**meta["config"]["model"])
-    except (KeyError, TypeError, ValueError) as err:
+        model_cfg = TypeAdapter(AnyModelConfig).validate_python(meta["config"]["model"])
+    except (KeyError, TypeError, ValueError, ValidationError) as err:
         raise CorruptCheckpoint(f"checkpoint {path}: meta.json has no usable model config ({err})") from None
     with torch.device("meta"):
-        model = GPT(model_cfg)
+        model = build_model(model_cfg)
     model.to_empty(device="cpu")
     state = model.state_dict()
-    if model_cfg.tie_embeddings:
+    if getattr(model_cfg, "tie_embeddings", False):
         state.pop("lm_head.weight", None)
     with _single_process_ok():
         dcp.load({"model": state}, checkpoint_id=str(path))

@@ -1,4 +1,5 @@
-"""The training loop: read it top to bottom. One objective (causal LM) today; others plug in as a loss.
+"""The training loop: read it top to bottom. Objectives plug in as tasks (``tasks.py``: causal LM, masked LM,
+image classification, MAE, CLIP/SigLIP): the data, model, micro-batch loss and validation metrics.
 
 A run is fully described by its resolved config; everything it makes goes into ``train.out_dir``:
 ``config.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/step_NNNNNNN/`` and, at the end,
@@ -24,12 +25,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from fmforge.config import Config, config_to_dict, save_config
-from fmforge.data.loader import GlobalBatchLoader, Prefetcher, TokenWindows, eval_windows
+from fmforge.data.loader import Prefetcher
 from fmforge.errors import FmforgeError
-from fmforge.eval.perplexity import evaluate_batches
-from fmforge.models.gpt import GPT
-from fmforge.objectives.clm import clm_loss
-from fmforge.runs import save_pretrained
 from fmforge.storage import is_remote
 from fmforge.train import checkpoint as ckpt
 from fmforge.train.distributed import (
@@ -47,6 +44,7 @@ from fmforge.train.memory import describe, estimate_memory
 from fmforge.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from fmforge.train.optim import build_optimizer, build_scheduler
 from fmforge.train.parallel import build_layout, clip_grad_norm, materialize, parallelize, uses_fsdp, wrap_ddp
+from fmforge.train.tasks import is_decoder, make_task
 
 
 @dataclass
@@ -181,7 +179,8 @@ class _Mirror:
 
 def train(cfg: Config, resume: str | None = None, echo=print,
           on_validation: Callable[[int, float], bool] | None = None) -> TrainResult:
-    """Pretrain the causal LM described by ``cfg``. ``resume``: None, "auto" or a checkpoint directory.
+    """Pretrain the model described by ``cfg`` with the objective its ``model.arch`` implies (see
+    ``tasks.py``). ``resume``: None, "auto" or a checkpoint directory.
 
     Run it as one process, or under torchrun for data parallelism (DDP / FSDP2 / HSDP per
     ``parallel.dp``): every rank runs this same function on its slice of each global batch.
@@ -190,7 +189,8 @@ def train(cfg: Config, resume: str | None = None, echo=print,
     True ends the run there (no checkpoint, no final weights) with ``TrainResult.pruned`` set. Hyperparameter
     search uses it to prune unpromising trials."""
     if not cfg.data.path:
-        raise FmforgeError("data.path is not set: pass --data DATA_DIR (a directory from `fmforge data prepare`)")
+        raise FmforgeError("data.path is not set: pass --data DATA_DIR (a directory from `fmforge data prepare` "
+                           "or `fmforge data prepare-images`)")
     # config.yaml must work from any directory
     if not is_remote(cfg.data.path):
         cfg.data.path = str(Path(cfg.data.path).resolve())
@@ -220,23 +220,12 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
 
         data_dir = stage_prepared_data(cfg.data.path)
         echo(f"data: {cfg.data.path} staged in {data_dir}")
-    train_windows = TokenWindows(data_dir, "train", cfg.data.seq_len)
-    tok_info = train_windows.manifest["tokenizer"]
-    cfg.model = cfg.model.resolved(vocab_size=tok_info["vocab_size"], seq_len=cfg.data.seq_len)
-    if t.global_batch_tokens % cfg.data.seq_len:
-        raise FmforgeError(f"train.global_batch_tokens ({t.global_batch_tokens}) must be a multiple of "
-                           f"data.seq_len ({cfg.data.seq_len})")
+    task = make_task(cfg, data_dir, echo)  # resolves cfg.model against the data (vocabulary, classes ...)
     layout = build_layout(cfg.parallel, cfg.model, info)
     # Ranks of one tensor-parallel group share a data-parallel rank, hence the same rows of each batch.
     micro_batch = _micro_batch_hint(run_dir, t.micro_batch_size, echo)
-    loader = Prefetcher(GlobalBatchLoader(train_windows, t.global_batch_tokens // cfg.data.seq_len, micro_batch,
-                                          t.seed, rank=layout.dp_rank, world_size=layout.dp_size),
+    loader = Prefetcher(task.make_loader(micro_batch, layout.dp_rank, layout.dp_size),
                         depth=cfg.data.prefetch, pin_memory=info.device.type == "cuda")
-    try:
-        val_windows = TokenWindows(data_dir, "val", cfg.data.seq_len)
-    except FmforgeError as err:
-        echo(f"warning: no validation: {err}")
-        val_windows = None
 
     device = info.device
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
@@ -256,21 +245,20 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
     # Built on the meta device (no memory), sharded, then materialized shard by shard. The init draws every
     # weight whole from the CPU generator seeded above, so 1 process and N processes start equal.
     with torch.device("meta"):
-        model = GPT(cfg.model)
+        model = task.build_model()
     n_params = model.num_params()
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    flops_per_unit = task.flops_per_unit(model)  # per token (text) or per sample (images)
     preflight(info, run_dir, checkpoint_bytes=int(n_params * 4 * 3 * 1.1))  # weights + AdamW moments, fp32
-    memory = estimate_memory(cfg.model, n_params, cfg.data.seq_len, micro_batch, info.world_size,
-                             cfg.parallel.dp, cfg.parallel.ac, bf16, tp=layout.tp)
-    echo(describe(memory))
+    memory = None
+    if is_decoder(cfg.model):  # the activation model is the decoder's (Korthikanti et al.)
+        memory = estimate_memory(cfg.model, n_params, cfg.data.seq_len, micro_batch, info.world_size,
+                                 cfg.parallel.dp, cfg.parallel.ac, bf16, tp=layout.tp)
+        echo(describe(memory))
     parallelize(model, cfg.parallel, layout, t.compile, bf16)
     materialize(model, device)
     fwd_model = wrap_ddp(model, cfg.parallel, layout, info)
     optimizer = build_optimizer(model, o, device)
     scheduler = build_scheduler(optimizer, o, t.max_steps)
-    # Compile the loss with the model: the fused chunked cross-entropy is where compile gains most on GPT-2
-    # shapes (H100, 124M: 304k tokens/s eager loss vs 410k compiled).
-    loss_fn = torch.compile(clm_loss) if t.compile else clm_loss
     step = 0
     if resume_from is not None:
         state, meta = ckpt.load_checkpoint(resume_from, model, optimizer, info, verified=True)
@@ -290,8 +278,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
         parts = [f"{cfg.parallel.dp} x {layout.dp_size}"] if layout.dp_size > 1 else []
         mode = ", ".join(parts + ([f"tp {layout.tp}"] if layout.tp > 1 else []))
     echo(f"model: {cfg.model.arch}, {n_params / 1e6:.2f}M parameters | device {device}, {mode} | "
-         f"global batch {t.global_batch_tokens} tokens = {loader.accum_steps} x {loader.micro_batch} x "
-         f"{cfg.data.seq_len} x {layout.dp_size} | {t.max_steps} steps | run dir {run_dir}")
+         f"{task.batch_description(loader, layout.dp_size)} | {t.max_steps} steps | run dir {run_dir}")
     logger = None
     if info.is_main:
         logger = MetricsLogger(run_dir, t.max_steps, step, cfg.log.tensorboard, cfg.log.progress, echo=echo)
@@ -311,17 +298,18 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
         return path
 
     def validate() -> float | None:
-        # Every rank evaluates the same batches: FSDP needs all ranks in every forward.
-        if val_windows is None:
+        metrics = task.validate(fwd_model, loader.micro_batch, device, amp)
+        if metrics is None:
             return None
-        batches = eval_windows(val_windows, loader.micro_batch, t.eval_batches)
-        return evaluate_batches(fwd_model, batches, device, amp)["loss"]
+        log({"step": step, **metrics})
+        return metrics["val_loss"]
 
     loss = val_loss = None
     skipped = rollbacks = 0
     spikes = SpikeDetector(t.spike_threshold, t.spike_warmup) if t.spike_threshold else None
     saved_at = step if resume_from is not None else -1
-    t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
+    t_last, units_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
+    unit = task.unit  # "tokens" or "samples": what the throughput and the running total count
     peak_reported = False
     with _StopFlag() as stop, contextlib.closing(loader):
         model.train()
@@ -334,19 +322,15 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
             data_wait += time.perf_counter() - t_data
             out_of_memory = False
             try:
-                for i, (inputs, targets) in enumerate(micro_batches):
-                    inputs = inputs.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
+                for i, batch in enumerate(micro_batches):
                     with _grad_sync(fwd_model, info, last=i == len(micro_batches) - 1):
-                        with amp():
-                            logits = fwd_model(inputs)
-                        micro_loss = loss_fn(logits, targets)
+                        micro_loss = task.loss(fwd_model, batch, device, amp)
                         (micro_loss / len(micro_batches)).backward()
                     loss_sum += micro_loss.detach()
             except torch.OutOfMemoryError:
                 out_of_memory = True  # handled outside the except block, once its traceback has freed the tensors
             if out_of_memory:
-                micro_batches = inputs = targets = logits = micro_loss = None
+                micro_batches = batch = micro_loss = None
                 optimizer.zero_grad(set_to_none=True)
                 _halve_micro_batch(loader, position, run_dir, step + 1, info, echo)
                 continue
@@ -369,7 +353,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
                     step = int(state["step"])
                     if logger is not None:
                         logger.rewind(step)
-                    t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
+                    t_last, units_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
                     continue
             grad_norm = clip_grad_norm(model.parameters(), o.grad_clip or math.inf)
             # The norm is global (gradients are already reduced), so every rank makes the same call.
@@ -382,15 +366,15 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
             optimizer.zero_grad(set_to_none=True)
             step += 1
             steps_since += 1
-            tokens_since += t.global_batch_tokens
+            units_since += task.units_per_step
 
             if step % t.log_interval == 0 or step == t.max_steps:
                 loss = mean_across_ranks(loss_sum / len(micro_batches), info).item()
                 dt = time.perf_counter() - t_last
                 record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                          "tokens_per_s": tokens_since / dt, "tokens": step * t.global_batch_tokens}
+                          f"{unit}_per_s": units_since / dt, unit: step * task.units_per_step}
                 if peak:
-                    record["mfu"] = flops_per_token * record["tokens_per_s"] / (peak * 1e12 * info.world_size)
+                    record["mfu"] = flops_per_unit * record[f"{unit}_per_s"] / (peak * 1e12 * info.world_size)
                 record["peak_mem_gb"] = peak_memory_gb(device)
                 record["data_wait_frac"] = data_wait / dt  # share of wall time spent waiting for batches
                 step_times = gather_floats(dt / steps_since, info)
@@ -403,8 +387,8 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
                 if not peak_reported:
                     peak_reported = True
                     what = "GPU memory" if device.type == "cuda" else "process RSS, libraries included"
-                    echo(f"measured peak after {step} steps: {record['peak_mem_gb']:.2f} GB ({what}); "
-                         f"estimated {memory['total']:.3g} GB")
+                    estimate = f"; estimated {memory['total']:.3g} GB" if memory else ""
+                    echo(f"measured peak after {step} steps: {record['peak_mem_gb']:.2f} GB ({what}){estimate}")
                 if loader.micro_batch != t.micro_batch_size:
                     record["micro_batch_size"] = loader.micro_batch
                 if skipped:
@@ -412,14 +396,13 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
                 if rollbacks:
                     record["rollbacks"] = rollbacks
                 log(record)
-                t_last, tokens_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
+                t_last, units_since, data_wait, steps_since = time.perf_counter(), 0, 0.0, 0
             elif logger is not None:
                 logger.advance(step)
             t_pause = time.perf_counter()  # validation and checkpoints do not count against throughput
             if t.eval_interval and step % t.eval_interval == 0 and step < t.max_steps:
                 val_loss = validate()
                 if val_loss is not None:
-                    log({"step": step, "val_loss": val_loss})
                     prune = info.is_main and on_validation is not None and bool(on_validation(step, val_loss))
                     if any_rank(prune, info):
                         mirror.wait()
@@ -448,12 +431,10 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
             barrier(info)
             return TrainResult(run_dir, step, loss, val_loss, preempted=True)
         val_loss = validate()
-        if val_loss is not None:
-            log({"step": step, "val_loss": val_loss})
         if logger is not None:
             logger.close()
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        run_on_main(info, lambda: save_pretrained(full, cfg.model, run_dir, data_dir))
+        run_on_main(info, lambda: task.save_pretrained(full, run_dir))
         barrier(info)  # leave together: a rank tearing down gloo while another still talks to it aborts
     losses = "".join(f", {name} {value:.4f}" for name, value in (("train loss", loss), ("val loss", val_loss))
                      if value is not None)

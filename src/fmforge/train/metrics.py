@@ -116,7 +116,7 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"{'val' if key.startswith('val') else 'train'}/{key}", value, step)
-        shown = {k: v for k, v in record.items() if k in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu")}
+        shown = {k: v for k, v in record.items() if k in ("loss", "val_loss", "val_top1", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu")}
         text = "  ".join(f"{k} {_fmt(v)}" for k, v in shown.items())
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=text)

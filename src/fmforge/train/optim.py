@@ -12,17 +12,21 @@ from fmforge.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices of Linear layers only: norms, biases and embeddings (and a head tied to them) are not
-    decayed, following GPT-2/nanoGPT and most LLM recipes."""
-    no_decay: set[int] = set()
+    """Decay the weight matrices of Linear and Conv layers only. Norms, biases, embeddings (and a head tied
+    to them), and free-standing tensors — ViT's [CLS] token and position table, MAE's mask token, CLIP's
+    temperature and bias — are not decayed, following GPT-2/nanoGPT, timm and open_clip."""
+    decayed: set[int] = set()
+    embeddings: set[int] = set()
     for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if isinstance(module, nn.Embedding) or name.endswith("bias") or p.ndim < 2:
-                no_decay.add(id(p))
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight.ndim >= 2:
+            decayed.add(id(module.weight))
+        elif isinstance(module, nn.Embedding):
+            embeddings.add(id(module.weight))
+    decayed -= embeddings  # a head tied to the embedding is the embedding
     decay, keep = [], []
     for p in model.parameters():  # parameters() yields a tied tensor once
         if p.requires_grad:
-            (keep if id(p) in no_decay else decay).append(p)
+            (decay if id(p) in decayed else keep).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 

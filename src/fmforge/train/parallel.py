@@ -40,6 +40,9 @@ def build_layout(pcfg: ParallelConfig, mcfg: ModelConfig, info: DistInfo) -> Lay
     tp = pcfg.tp
     if info.world_size % tp:
         raise FmforgeError(f"parallel.tp ({tp}) must divide the number of processes ({info.world_size})")
+    if tp > 1 and not isinstance(mcfg, ModelConfig):
+        raise FmforgeError(f"parallel.tp > 1 is implemented for decoder models (gpt2, llama), not model.arch="
+                           f"{mcfg.arch}: use data parallelism (parallel.dp ddp or fsdp) for it")
     if tp > 1:
         if mcfg.n_kv_head % tp:
             raise FmforgeError(f"parallel.tp ({tp}) must divide model.n_kv_head ({mcfg.n_kv_head}): each rank "
@@ -84,25 +87,37 @@ def apply_tensor_parallel(model: nn.Module, layout: Layout) -> None:
         parallelize_module(block, tp_mesh, plan)
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """Every stack of shared transformer blocks in ``model``: one for a decoder, ViT or BERT; the encoder's
+    and the decoder's for MAE; the image and text towers' for CLIP. Found by type before any wrapping."""
+    from fmforge.models.blocks import Block
+
+    return [m for m in model.modules()
+            if isinstance(m, nn.ModuleList) and len(m) and all(isinstance(b, Block) for b in m)]
+
+
+def apply_activation_checkpointing(stacks: list[nn.ModuleList], mode: str) -> None:
     """``full``: recompute every block in the backward pass; ``selective``: every second block (half the
     activation memory saved for half the recompute)."""
     if mode == "none":
         return
-    for i, block in enumerate(model.blocks):
-        if mode == "full" or i % 2 == 0:
-            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+    for blocks in stacks:
+        for i, block in enumerate(blocks):
+            if mode == "full" or i % 2 == 0:
+                blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(stacks: list[nn.ModuleList]) -> None:
     """Compile each block on its own: one graph reused n_layer times compiles fast and composes with FSDP's
     per-block hooks."""
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = torch.compile(block)
+    for blocks in stacks:
+        for i, block in enumerate(blocks):
+            blocks[i] = torch.compile(block)
 
 
-def apply_fsdp(model: nn.Module, pcfg: ParallelConfig, layout: Layout, bf16: bool) -> None:
-    """FSDP2 ``fully_shard`` per block, then the root (embeddings, final norm, head). HSDP shards within
+def apply_fsdp(model: nn.Module, stacks: list[nn.ModuleList], pcfg: ParallelConfig, layout: Layout,
+               bf16: bool) -> None:
+    """FSDP2 ``fully_shard`` per block, then the root (embeddings, final norm, heads). HSDP shards within
     the ``shard`` mesh dimension and replicates across ``replicate``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -112,8 +127,9 @@ def apply_fsdp(model: nn.Module, pcfg: ParallelConfig, layout: Layout, bf16: boo
         mesh = layout.mesh["dp"]
     # bf16 compute and all-gathers, fp32 gradient reduction: the standard FSDP recipe.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for blocks in stacks:
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
@@ -123,12 +139,13 @@ def uses_fsdp(pcfg: ParallelConfig, layout: Layout) -> bool:
 
 def parallelize(model: nn.Module, pcfg: ParallelConfig, layout: Layout, compile: bool, bf16: bool) -> None:
     """Shard ``model`` in place (it may still be on the meta device): TP → AC → compile → FSDP/HSDP."""
+    stacks = block_lists(model)
     apply_tensor_parallel(model, layout)
-    apply_activation_checkpointing(model, pcfg.ac)
+    apply_activation_checkpointing(stacks, pcfg.ac)
     if compile:
-        apply_compile(model)
+        apply_compile(stacks)
     if uses_fsdp(pcfg, layout):
-        apply_fsdp(model, pcfg, layout, bf16)
+        apply_fsdp(model, stacks, pcfg, layout, bf16)
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:

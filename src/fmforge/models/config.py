@@ -1,0 +1,98 @@
+"""Schema building blocks shared by every model family: ``Section`` (strict pydantic base) and the decoder's
+``ModelConfig``. Kept apart from ``fmforge.config`` so model files can import them while ``fmforge.config``
+imports every family's run config (a run's ``model:`` section is a union discriminated on ``arch``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+
+from fmforge.errors import FmforgeError
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Decoder-only transformer. ``arch`` picks the family defaults, ``size`` a named shape; any field set
+    explicitly wins. ``None`` means "take it from arch/size/tokenizer/data" and is filled by ``resolved``."""
+
+    arch: Literal["gpt2", "llama"] = "llama"
+    size: str | None = None
+    n_layer: PositiveInt | None = None
+    n_head: PositiveInt | None = None
+    n_kv_head: PositiveInt | None = None
+    d_model: PositiveInt | None = None
+    d_ff: PositiveInt | None = None
+    vocab_size: PositiveInt | None = None
+    max_seq_len: PositiveInt | None = None
+    norm: Literal["layernorm", "rmsnorm"] | None = None
+    mlp: Literal["gelu", "swiglu"] | None = None
+    pos: Literal["learned", "rope"] | None = None
+    bias: bool | None = None
+    tie_embeddings: bool | None = None
+    rope_theta: PositiveFloat | None = None
+    norm_eps: PositiveFloat = 1e-5
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    init_std: PositiveFloat = 0.02
+    # Pad the embedding/head to a multiple of this many rows: matmuls on 50257 rows are slow, 50304 fast.
+    vocab_multiple: PositiveInt = 64
+
+    def resolved(self, vocab_size: int | None = None, seq_len: int | None = None) -> ModelConfig:
+        """Every field filled: explicit value > named size > arch default. ``vocab_size``/``seq_len`` come
+        from the tokenizer and data when the config leaves them open."""
+        from fmforge.models.registry import ARCH_DEFAULTS, SIZES
+
+        values = self.model_dump()
+        if self.size is not None:
+            if self.size not in SIZES:
+                raise FmforgeError(f"model.size: unknown size {self.size!r}; known: {', '.join(sorted(SIZES))}")
+            for key, val in SIZES[self.size].items():
+                if values.get(key) is None:
+                    values[key] = val
+        for key, val in ARCH_DEFAULTS[self.arch].items():
+            if values.get(key) is None:
+                values[key] = val
+        if values["vocab_size"] is not None and vocab_size is not None and values["vocab_size"] < vocab_size:
+            raise FmforgeError(f"model.vocab_size ({values['vocab_size']}) is smaller than the tokenizer's "
+                               f"vocabulary ({vocab_size})")
+        if values["vocab_size"] is None:
+            if vocab_size is None:
+                raise FmforgeError("model.vocab_size: not set and no tokenizer to take it from")
+            m = self.vocab_multiple
+            values["vocab_size"] = (vocab_size + m - 1) // m * m
+        if values["max_seq_len"] is None:
+            values["max_seq_len"] = seq_len
+        for key in ("n_layer", "n_head", "d_model", "max_seq_len"):
+            if values[key] is None:
+                raise FmforgeError(f"model.{key}: not set (give it, or a model.size that sets it)")
+        if values["n_kv_head"] is None:
+            values["n_kv_head"] = values["n_head"]
+        if values["d_model"] % values["n_head"]:
+            raise FmforgeError(f"model.d_model ({values['d_model']}) must be divisible by model.n_head ({values['n_head']})")
+        if values["n_head"] % values["n_kv_head"]:
+            raise FmforgeError(f"model.n_head ({values['n_head']}) must be divisible by model.n_kv_head ({values['n_kv_head']})")
+        if values["pos"] == "rope" and (values["d_model"] // values["n_head"]) % 2:
+            raise FmforgeError("model: rotary embeddings need an even head dimension (d_model / n_head)")
+        if values["d_ff"] is None:
+            values["d_ff"] = default_d_ff(values["d_model"], values["mlp"])
+        if seq_len is not None and seq_len > values["max_seq_len"]:
+            raise FmforgeError(f"data.seq_len ({seq_len}) exceeds model.max_seq_len ({values['max_seq_len']})")
+        return ModelConfig(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+def default_d_ff(d_model: int, mlp: str) -> int:
+    """GPT-2: 4d. Llama's SwiGLU: 2/3 of 4d (same weights as a 4d GELU MLP), rounded up to a multiple of 64."""
+    if mlp == "swiglu":
+        return (int(8 * d_model / 3) + 63) // 64 * 64
+    return 4 * d_model
