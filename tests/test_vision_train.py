@@ -196,8 +196,8 @@ def test_image_run_mistakes_are_one_line_errors(digits, digit_captions, tmp_path
     with pytest.raises(FmforgeError, match="parallel.tp > 1 is implemented for decoder models"):
         cfg = image_config({"arch": "vit", "size": "vit-nano"}, digits, tmp_path / "c", 5)
         cfg.parallel.tp = 2
-        from fmforge.train.parallel import build_layout
         from fmforge.train.distributed import DistInfo
+        from fmforge.train.parallel import build_layout
 
         build_layout(cfg.parallel, cfg.model, DistInfo(rank=0, world_size=2, local_rank=0, local_world_size=2,
                                                        device=torch.device("cpu")))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -119,13 +119,7 @@ def _arch_tag(value: Any) -> str:
 ARCHS = ("gpt2", "llama", "vit", "mae", "clip", "bert")
 # The ``model:`` section, by ``arch``: decoder LMs (gpt2, llama), ViT classification, MAE, CLIP/SigLIP, BERT.
 AnyModelConfig = Annotated[
-    Union[
-        Annotated[ModelConfig, Tag("decoder")],
-        Annotated[ViTModelConfig, Tag("vit")],
-        Annotated[MAEModelConfig, Tag("mae")],
-        Annotated[CLIPModelConfig, Tag("clip")],
-        Annotated[BertModelConfig, Tag("bert")],
-    ],
+    Annotated[ModelConfig, Tag("decoder")] | Annotated[ViTModelConfig, Tag("vit")] | Annotated[MAEModelConfig, Tag("mae")] | Annotated[CLIPModelConfig, Tag("clip")] | Annotated[BertModelConfig, Tag("bert")],
     Discriminator(_arch_tag),
 ]
 

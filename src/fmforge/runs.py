@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from pydantic import TypeAdapter, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fmforge.config import ModelConfig

@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from fmforge.config import build_config
@@ -154,7 +153,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, zero_s
 
 
 @torch.no_grad()
-def _encode_texts(model, captions: "CaptionTokens", texts: list[str], batch_size: int, device, amp) -> torch.Tensor:
+def _encode_texts(model, captions, texts: list[str], batch_size: int, device, amp) -> torch.Tensor:
     out = []
     for i in range(0, len(texts), batch_size):
         with amp():

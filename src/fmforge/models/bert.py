@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from fmforge.models.config import ModelConfig, Section
 from fmforge.models.blocks import Block, fuse_qkv, init_linear, init_normal_
+from fmforge.models.config import ModelConfig, Section
 from fmforge.models.vit import apply_size, encoder_block_config, lookup_size
 
 

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from fmforge.models.config import ModelConfig, Section
 from fmforge.models.blocks import Block, init_normal_, make_norm
+from fmforge.models.config import ModelConfig, Section
 from fmforge.models.vit import VIT_SIZES, VisionConfig, ViT, apply_size, encoder_block_config, lookup_size
 
 

@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn as nn
 
-from fmforge.models.config import ModelConfig
 from fmforge.models.blocks import Block, KVCache, init_normal_, make_norm, rope_tables
+from fmforge.models.config import ModelConfig
 
 
 class GPT(nn.Module):

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from fmforge.models.config import ModelConfig, Section, default_d_ff
 from fmforge.errors import FmforgeError
 from fmforge.models.blocks import Block, init_linear, init_normal_, make_norm
+from fmforge.models.config import ModelConfig, Section, default_d_ff
 
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 

@@ -9,6 +9,8 @@ learning (CLIP's InfoNCE or SigLIP's sigmoid loss), all three on image shards (`
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,6 +37,18 @@ def block_params(model: nn.Module) -> int:
     return sum(p.numel() for m in model.modules() if isinstance(m, Block) for p in m.parameters())
 
 
+@contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode (no dropout) and no autograd inside, the model's previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def encoder_flops(model: nn.Module, tokens: int, n_layer: int, d_model: int) -> float:
     """Training FLOPs (forward + backward) of one sequence through a tower of shared blocks:
     6 · block weights · tokens + 12 · layers · width · tokens² (attention scores and their weighted sum,
@@ -42,7 +56,7 @@ def encoder_flops(model: nn.Module, tokens: int, n_layer: int, d_model: int) -> 
     return 6.0 * block_params(model) * tokens + 12.0 * n_layer * d_model * tokens * tokens
 
 
-class Task:
+class Task(ABC):
     """Base: ``unit`` is what throughput counts ("tokens" or "samples"), ``units_per_step`` how many one
     optimizer step consumes."""
 
@@ -53,26 +67,31 @@ class Task:
         self.compile = cfg.train.compile
 
     # The loop calls these, in this order.
+    @abstractmethod
     def make_loader(self, micro_batch: int, rank: int, world_size: int):
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def flops_per_unit(self, model: nn.Module) -> float:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def batch_description(self, loader, dp_size: int) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def loss(self, model: nn.Module, batch, device: torch.device, amp) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def validate(self, model: nn.Module, micro_batch: int, device: torch.device, amp) -> dict | None:
         """Validation metrics (``val_loss`` first) over the configured number of batches, or None when the
         data has no validation split. Every rank evaluates the same batches (FSDP needs every rank in
         every forward)."""
-        raise NotImplementedError
 
     def save_pretrained(self, state_dict: dict, run_dir: Path) -> None:
         from fmforge.runs import save_pretrained
@@ -213,25 +232,22 @@ class MaskedLMTask(CausalLMTask):
             logits = model(inputs, mlm_select=selected)
         return clm_loss(logits, labels[selected])
 
-    @torch.no_grad()
     def validate(self, model, micro_batch, device, amp):
         from fmforge.data.loader import eval_windows
         from fmforge.objectives.mlm import IGNORE_INDEX
 
         if self.val_windows is None:
             return None
-        was_training = model.training
-        model.eval()
-        g = torch.Generator(device).manual_seed(0)  # the same masks at every validation: comparable losses
-        total, count = 0.0, 0
-        for inputs, _ in eval_windows(self.val_windows, micro_batch, self.cfg.train.eval_batches):
-            inputs, labels = self._masked(inputs.to(device), generator=g)
-            selected = labels != IGNORE_INDEX
-            with amp():
-                logits = model(inputs, mlm_select=selected)
-            total += F.cross_entropy(logits.float(), labels[selected], reduction="sum").item()
-            count += int(selected.sum())
-        model.train(was_training)
+        with evaluating(model):
+            g = torch.Generator(device).manual_seed(0)  # the same masks at every validation: comparable losses
+            total, count = 0.0, 0
+            for inputs, _ in eval_windows(self.val_windows, micro_batch, self.cfg.train.eval_batches):
+                inputs, labels = self._masked(inputs.to(device), generator=g)
+                selected = labels != IGNORE_INDEX
+                with amp():
+                    logits = model(inputs, mlm_select=selected)
+                total += F.cross_entropy(logits.float(), labels[selected], reduction="sum").item()
+                count += int(selected.sum())
         return {"val_loss": total / max(count, 1)}
 
 
@@ -274,8 +290,9 @@ class ImageTask(Task):
         return model_cfg
 
     @property
+    @abstractmethod
     def vision(self):
-        raise NotImplementedError
+        """The image tower's ``VisionConfig`` (image size, channels, patches)."""
 
     def transforms(self):
         """(train, eval) transforms: torchvision v2 kernels, to the model's image size and channels."""
@@ -351,24 +368,21 @@ class ImageClassificationTask(ImageTask):
             logits = model(images)
         return classification_loss(logits, labels, self.cfg.model.label_smoothing)
 
-    @torch.no_grad()
     def validate(self, model, micro_batch, device, amp):
         from fmforge.objectives.classify import topk_correct
 
         if self.val_shards is None:
             return None
-        was_training = model.training
-        model.eval()
-        total, top1, top5, n = 0.0, 0, 0, 0
-        for images, labels in self.val_batches(micro_batch):
-            images, labels = images.to(device), labels.to(device)
-            with amp():
-                logits = model(images)
-            total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            top1 += int(topk_correct(logits, labels, 1))
-            top5 += int(topk_correct(logits, labels, 5))
-            n += len(labels)
-        model.train(was_training)
+        with evaluating(model):
+            total, top1, top5, n = 0.0, 0, 0, 0
+            for images, labels in self.val_batches(micro_batch):
+                images, labels = images.to(device), labels.to(device)
+                with amp():
+                    logits = model(images)
+                total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+                top1 += int(topk_correct(logits, labels, 1))
+                top5 += int(topk_correct(logits, labels, 5))
+                n += len(labels)
         return {"val_loss": total / n, "val_top1": top1 / n, "val_top5": top5 / n}
 
 
@@ -407,20 +421,17 @@ class MAETask(ImageTask):
         with amp():  # masks come from torch's RNG: checkpointed, so a resumed run draws the same
             return self._loss(model, images)
 
-    @torch.no_grad()
     def validate(self, model, micro_batch, device, amp):
         if self.val_shards is None:
             return None
-        was_training = model.training
-        model.eval()
-        g = torch.Generator(device).manual_seed(0)  # the same masks at every validation: comparable losses
-        total, n = 0.0, 0
-        for images, _ in self.val_batches(micro_batch):
-            images = images.to(device)
-            with amp():
-                total += self._loss(model, images, g).item() * len(images)
-            n += len(images)
-        model.train(was_training)
+        with evaluating(model):
+            g = torch.Generator(device).manual_seed(0)  # the same masks at every validation: comparable losses
+            total, n = 0.0, 0
+            for images, _ in self.val_batches(micro_batch):
+                images = images.to(device)
+                with amp():
+                    total += self._loss(model, images, g).item() * len(images)
+                n += len(images)
         return {"val_loss": total / n}
 
 
@@ -498,27 +509,24 @@ class ContrastiveTask(ImageTask):
             out = model(images, tokens)
         return contrastive_loss(out)
 
-    @torch.no_grad()
     def validate(self, model, micro_batch, device, amp):
         from fmforge.eval.vision import grouped_retrieval_recall
         from fmforge.objectives.contrastive import contrastive_loss
 
         if self.val_shards is None:
             return None
-        was_training = model.training
-        model.eval()
-        total, n, images_f, texts_f, texts = 0.0, 0, [], [], []
-        for images, captions in self.val_batches(micro_batch):
-            images, tokens = images.to(device), self.captions(captions).to(device)
-            with amp():
-                out = model(images, tokens)
-            # Every rank holds the same batch here: score it locally, not against the other ranks' copies.
-            total += contrastive_loss(out, gather=False).item() * len(images)
-            n += len(images)
-            images_f.append(out.image_features.float().cpu())
-            texts_f.append(out.text_features.float().cpu())
-            texts += captions
-        model.train(was_training)
+        with evaluating(model):
+            total, n, images_f, texts_f, texts = 0.0, 0, [], [], []
+            for images, captions in self.val_batches(micro_batch):
+                images, tokens = images.to(device), self.captions(captions).to(device)
+                with amp():
+                    out = model(images, tokens)
+                # Every rank holds the same batch here: score it locally, not against the other ranks' copies.
+                total += contrastive_loss(out, gather=False).item() * len(images)
+                n += len(images)
+                images_f.append(out.image_features.float().cpu())
+                texts_f.append(out.text_features.float().cpu())
+                texts += captions
         # Retrieval among the distinct captions (several images may share one, e.g. captions made from labels).
         owner_of: dict[str, int] = {}
         first: list[int] = []  # where each distinct caption first occurs
