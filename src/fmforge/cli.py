@@ -53,11 +53,39 @@ def _cmd_train(args: argparse.Namespace) -> None:
         os._exit(0)
 
 
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    if args.base:
+        args.overrides = [*args.overrides, f"finetune.base={args.base}"]
+    from fmforge.config import load_config
+
+    if not load_config(args.config, args.overrides).finetune.base:
+        raise FmforgeError("fmforge finetune needs a base model: --base RUN_DIR (or finetune.base in the config)")
+    _cmd_train(args)
+
+
+def _cmd_merge(args: argparse.Namespace) -> None:
+    from fmforge.finetune.base import merge
+
+    merge(args.adapters, args.out, base=args.base)
+
+
 def _cmd_export_safetensors(args: argparse.Namespace) -> None:
     from fmforge.train.checkpoint import export_consolidated
 
     out = export_consolidated(args.checkpoint, args.out)
     print(f"wrote {out / 'model.safetensors'} (+ model.json, tokenizer)")
+
+
+def _cmd_import_hf(args: argparse.Namespace) -> None:
+    from fmforge.models.hf import import_hf
+
+    import_hf(args.hf_dir, args.out)
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> None:
+    from fmforge.models.hf import export_hf
+
+    export_hf(args.run_dir, args.out)
 
 
 def _torchrun(args: argparse.Namespace) -> None:
@@ -248,6 +276,33 @@ def build_parser() -> argparse.ArgumentParser:
                          "checkpoint (implies --resume auto)")
     tr.set_defaults(func=_cmd_train)
 
+    ft = verbs.add_parser(
+        "finetune", help="fine-tune a trained or imported model: full, or LoRA adapters",
+        description="Train starting from a base model (--base RUN_DIR: from `fmforge train` or `fmforge import "
+                    "hf`) on prepared data with the base's tokenizer: finetune.method=full (finetune.freeze "
+                    "lists parameter-name globs to keep frozen) or finetune.method=lora (finetune.lora_rank, "
+                    "lora_alpha, lora_dropout, lora_targets). Everything else is `fmforge train`: the same "
+                    "config, checkpoints, resume and multi-process options. LoRA runs write "
+                    "adapter_model.safetensors + adapter_config.json and a merged model.safetensors.")
+    ft.add_argument("config", metavar="CONFIG.yaml")
+    ft.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    ft.add_argument("--base", metavar="RUN_DIR", help="the model to start from (sets finetune.base)")
+    ft.add_argument("--data", metavar="DATA_DIR", help="prepared data directory (sets data.path)")
+    ft.add_argument("--out", metavar="RUN_DIR", help="run directory (sets train.out_dir)")
+    ft.add_argument("--resume", metavar="auto|PATH", help="as for train")
+    ft.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="as for train")
+    ft.add_argument("--max-restarts", type=int, default=0, metavar="R", help="as for train")
+    ft.set_defaults(func=_cmd_finetune)
+
+    mg = verbs.add_parser(
+        "merge", help="fold LoRA adapters into their base model",
+        description="Load the base model named in ADAPTER_DIR/adapter_config.json (or --base), add the adapters, "
+                    "fold them into the weights (W + alpha/r B A) and write a plain run directory.")
+    mg.add_argument("adapters", metavar="ADAPTER_DIR")
+    mg.add_argument("--base", metavar="RUN_DIR", help="base run directory (default: the one the adapters name)")
+    mg.add_argument("--out", required=True, metavar="RUN_DIR")
+    mg.set_defaults(func=_cmd_merge)
+
     la = verbs.add_parser(
         "launch", help="write (and submit) a multi-node training job: slurm, k8s, sagemaker, skypilot",
         description="Write the job that runs `fmforge train CONFIG --resume auto` under torchrun (c10d "
@@ -314,6 +369,27 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="e.g. RUN_DIR/checkpoints/step_0001000")
     es.add_argument("--out", required=True, metavar="DIR")
     es.set_defaults(func=_cmd_export_safetensors)
+    eh = ex_verbs.add_parser(
+        "hf", help="write a trained model as a Hugging Face directory (AutoModel / AutoTokenizer load it)",
+        description="Write RUN_DIR's model as config.json + model.safetensors + tokenizer files (+ "
+                    "preprocessor_config.json for image models): decoders as LlamaForCausalLM, "
+                    "Qwen2ForCausalLM or GPT2LMHeadModel, BERT as BertForMaskedLM, ViT as "
+                    "ViTForImageClassification (ViTModel without a head), CLIP as CLIPModel.")
+    eh.add_argument("run_dir", metavar="RUN_DIR")
+    eh.add_argument("--out", required=True, metavar="HF_DIR")
+    eh.set_defaults(func=_cmd_export_hf)
+
+    im = verbs.add_parser("import", help="convert a model from another format into an fmforge run directory")
+    im_verbs = im.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    ih = im_verbs.add_parser(
+        "hf", help="a local Hugging Face model directory → fmforge run directory",
+        description="Convert a local Hugging Face directory (config.json + safetensors or pytorch_model.bin + "
+                    "tokenizer files) of a Llama 2/3, Mistral, Qwen2, GPT-2, BERT, ViT or CLIP model into an "
+                    "fmforge run directory that generate, eval, export and fine-tuning read. Nothing is "
+                    "downloaded: fetch the directory first (e.g. huggingface-cli download).")
+    ih.add_argument("hf_dir", metavar="HF_DIR")
+    ih.add_argument("--out", required=True, metavar="RUN_DIR")
+    ih.set_defaults(func=_cmd_import_hf)
 
     pl = verbs.add_parser(
         "plan", help="size model, data, time and cost from a budget with published scaling laws",
@@ -420,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     # key=value words after options arrive as extras; only train takes them.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.verb in ("train", "launch", "ladder", "tune") and all("=" in e and not e.startswith("-") for e in extra):
+        if args.verb in ("train", "finetune", "launch", "ladder", "tune") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

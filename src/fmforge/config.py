@@ -106,6 +106,20 @@ class CheckpointConfig(Section):
     dir: str | None = None
 
 
+class FinetuneConfig(Section):
+    """Start from a trained or imported model (``base``: a run directory with model.safetensors + model.json)
+    instead of random weights. ``full`` trains every parameter except those matching ``freeze``; ``lora``
+    freezes the base and trains rank-``lora_rank`` adapters on the Linear layers matching ``lora_targets``."""
+
+    base: str | None = None
+    method: Literal["full", "lora"] = "full"
+    freeze: list[str] = []  # glob patterns over parameter names, e.g. ["tok_emb.*", "blocks.0.*"]
+    lora_rank: PositiveInt = 8
+    lora_alpha: PositiveFloat = 16.0
+    lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    lora_targets: list[str] = ["*attn.qkv", "*attn.proj", "*mlp.c_fc", "*mlp.c_proj", "*mlp.w1", "*mlp.w2", "*mlp.w3"]
+
+
 class LogConfig(Section):
     tensorboard: bool = True
     progress: Literal["auto", "rich", "plain", "none"] = "auto"  # auto: rich bar on a TTY, plain lines otherwise
@@ -131,6 +145,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     log: LogConfig = LogConfig()
 
 

@@ -20,7 +20,7 @@ from fmforge.errors import FmforgeError
 MODEL_FORMAT_VERSION = 1
 
 
-TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "special_tokens_map.json", "tokenizer_config.json")
 
 
 def save_pretrained(state_dict: dict[str, torch.Tensor], model_cfg, run_dir: str | Path,

@@ -12,6 +12,8 @@ Parameter names are chosen so Hugging Face checkpoints map onto them one tensor 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -65,13 +67,31 @@ def init_linear(layer: nn.Linear, std: float, truncated: bool) -> None:
 # ---------------------------------------------------------------------------------------------------- RoPE
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_len: int, theta: float, device=None,
+                scaling=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [max_len, head_dim] in fp32, in the rotate-half layout of HF Llama: frequency i
-    rotates the pair (i, i + head_dim/2), so HF q/k weights load without a permutation."""
+    rotates the pair (i, i + head_dim/2), so HF q/k weights load without a permutation. ``scaling`` is a
+    ``RopeScaling`` (linear or Llama 3.1's frequency-dependent rescaling) or None."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if scaling is not None:
+        inv_freq = _scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
+
+
+def _scaled_frequencies(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    # Llama 3.1: wavelengths longer than the original context / low_freq_factor are stretched by ``factor``,
+    # shorter than original / high_freq_factor kept, and those in between blended linearly in 1/wavelength.
+    old = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old / scaling.high_freq_factor) & (wavelen <= old / scaling.low_freq_factor)
+    return torch.where(medium, blended, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -143,7 +163,8 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         # One matmul for q, k and v: a single wide GEMM beats three narrow ones. Rows are grouped per kv
         # head (``fuse_qkv``) so tensor parallelism can shard it by rows.
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -202,7 +223,8 @@ class Attention(nn.Module):
 
 class GeluMLP(nn.Module):
     """GPT-2's MLP: d -> d_ff -> d with tanh-approximated GELU (what GPT-2 was trained with).
-    ``gelu_approximate="none"`` is the exact erf GELU that BERT and ViT were trained with."""
+    ``gelu_approximate="none"`` is the exact erf GELU that BERT and ViT were trained with; ``"quick"`` is
+    OpenAI CLIP's x * sigmoid(1.702 x)."""
 
     def __init__(self, cfg: ModelConfig, gelu_approximate: str = "tanh"):
         super().__init__()
@@ -212,8 +234,12 @@ class GeluMLP(nn.Module):
         self.gelu_approximate = gelu_approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel; HF's GPT-2 spells this formula out in eight elementwise ops.
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximate)))
+        h = self.c_fc(x)
+        if self.gelu_approximate == "quick":
+            h = h * torch.sigmoid(1.702 * h)
+        else:  # one fused kernel; HF's GPT-2 spells this formula out in eight elementwise ops
+            h = F.gelu(h, approximate=self.gelu_approximate)
+        return self.drop(self.c_proj(h))
 
     def init_weights(self, std: float, out_std: float, truncated: bool) -> None:
         init_linear(self.c_fc, std, truncated)

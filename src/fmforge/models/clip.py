@@ -18,7 +18,15 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 
 from fmforge.models.blocks import Block, init_normal_, make_norm
 from fmforge.models.config import ModelConfig, Section
-from fmforge.models.vit import VIT_SIZES, VisionConfig, ViT, apply_size, encoder_block_config, lookup_size
+from fmforge.models.vit import (
+    GELU_KERNEL,
+    VIT_SIZES,
+    VisionConfig,
+    ViT,
+    apply_size,
+    encoder_block_config,
+    lookup_size,
+)
 
 
 class TextConfig(Section):
@@ -35,7 +43,7 @@ class TextConfig(Section):
     pad_token_id: NonNegativeInt | None = None
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     mlp: Literal["gelu", "swiglu"] = "gelu"
-    gelu: Literal["exact", "tanh"] = "exact"
+    gelu: Literal["exact", "tanh", "quick"] = "exact"  # OpenAI CLIP checkpoints: quick, x * sigmoid(1.702 x)
     bias: bool = True
     norm_eps: PositiveFloat = 1e-5
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
@@ -143,7 +151,7 @@ class TextTransformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        gelu = "none" if cfg.gelu == "exact" else "tanh"
+        gelu = GELU_KERNEL[cfg.gelu]
         self.blocks = nn.ModuleList(Block(bcfg, causal=True, gelu_approximate=gelu) for _ in range(cfg.n_layer))
         self.norm = make_norm(bcfg)
 

@@ -19,6 +19,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RopeScaling(Section):
+    """Rotary-frequency rescaling for long contexts, as Hugging Face configs spell it: ``linear`` divides every
+    frequency by ``factor`` (position interpolation); ``llama3`` divides only the low frequencies, with a
+    smooth blend between ``low_freq_factor`` and ``high_freq_factor`` (Llama 3.1+)."""
+
+    type: Literal["linear", "llama3"]
+    factor: PositiveFloat
+    low_freq_factor: PositiveFloat = 1.0
+    high_freq_factor: PositiveFloat = 4.0
+    original_max_position_embeddings: PositiveInt = 8192
+
+
 class ModelConfig(Section):
     """Decoder-only transformer. ``arch`` picks the family defaults, ``size`` a named shape; any field set
     explicitly wins. ``None`` means "take it from arch/size/tokenizer/data" and is filled by ``resolved``."""
@@ -36,8 +48,10 @@ class ModelConfig(Section):
     mlp: Literal["gelu", "swiglu"] | None = None
     pos: Literal["learned", "rope"] | None = None
     bias: bool | None = None
+    qkv_bias: bool | None = None  # biases on the q/k/v projection only (Qwen2); None: same as ``bias``
     tie_embeddings: bool | None = None
     rope_theta: PositiveFloat | None = None
+    rope_scaling: RopeScaling | None = None
     norm_eps: PositiveFloat = 1e-5
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     init_std: PositiveFloat = 0.02

@@ -69,7 +69,7 @@ class GPT(nn.Module):
         """Recompute the RoPE tables on the model's current device (``to_empty`` leaves them uninitialized)."""
         if self.cfg.pos == "rope":
             cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta,
-                                   device=self.rope_cos.device)
+                                   device=self.rope_cos.device, scaling=self.cfg.rope_scaling)
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 

@@ -22,6 +22,7 @@ from fmforge.models.blocks import Block, init_linear, init_normal_, make_norm
 from fmforge.models.config import ModelConfig, Section, default_d_ff
 
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
+GELU_KERNEL = {"exact": "none", "tanh": "tanh", "quick": "quick"}  # config name -> GeluMLP's gelu_approximate
 
 
 class VisionConfig(Section):
@@ -39,7 +40,7 @@ class VisionConfig(Section):
     pos: Literal["learned", "sincos"] = "learned"  # sincos: MAE's fixed 2-D table (not a parameter)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     mlp: Literal["gelu", "swiglu"] = "gelu"
-    gelu: Literal["exact", "tanh"] = "exact"  # ViT, MAE and CLIP checkpoints use the erf GELU
+    gelu: Literal["exact", "tanh", "quick"] = "exact"  # ViT/MAE: erf; OpenAI CLIP: quick, x * sigmoid(1.702 x)
     bias: bool = True
     patch_bias: bool = True  # OpenAI CLIP's patch projection has no bias
     ln_pre: bool = False  # OpenAI CLIP normalizes the embedded tokens before the first block
@@ -230,7 +231,7 @@ class ViT(nn.Module):
             self.register_buffer("pos_emb", torch.empty(1, n_pos, d), persistent=False)
         self.norm_pre = make_norm(bcfg) if cfg.ln_pre else None
         self.drop = nn.Dropout(cfg.dropout)
-        gelu = "none" if cfg.gelu == "exact" else "tanh"
+        gelu = GELU_KERNEL[cfg.gelu]
         self.blocks = nn.ModuleList(Block(bcfg, causal=False, gelu_approximate=gelu) for _ in range(cfg.n_layer))
         self.norm = make_norm(bcfg)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes else None
@@ -391,7 +392,7 @@ class MAE(nn.Module):
             self.decoder_pos_emb = nn.Parameter(torch.zeros(1, n_pos, d))
         else:
             self.register_buffer("decoder_pos_emb", torch.empty(1, n_pos, d), persistent=False)
-        gelu = "none" if enc.gelu == "exact" else "tanh"
+        gelu = GELU_KERNEL[enc.gelu]
         self.decoder_blocks = nn.ModuleList(Block(dcfg, causal=False, gelu_approximate=gelu)
                                             for _ in range(cfg.decoder_n_layer))
         self.decoder_norm = make_norm(dcfg)

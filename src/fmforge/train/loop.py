@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from fmforge.config import Config, config_to_dict, save_config
 from fmforge.data.loader import Prefetcher
 from fmforge.errors import FmforgeError
+from fmforge.finetune import base as finetune
 from fmforge.storage import is_remote
 from fmforge.train import checkpoint as ckpt
 from fmforge.train.distributed import (
@@ -196,6 +197,12 @@ def train(cfg: Config, resume: str | None = None, echo=print,
         cfg.data.path = str(Path(cfg.data.path).resolve())
     if cfg.checkpoint.dir and not is_remote(cfg.checkpoint.dir):
         cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir).resolve())
+    if cfg.finetune.base:
+        cfg.finetune.base = str(Path(cfg.finetune.base).resolve())
+        cfg.model = finetune.base_model_config(cfg)
+    elif cfg.finetune.method != "full" or cfg.finetune.freeze:
+        raise FmforgeError(f"finetune.{'method' if cfg.finetune.method != 'full' else 'freeze'} needs "
+                           "finetune.base: the run directory of the model to fine-tune")
     info = init_distributed(cfg.train.device, cfg.parallel.timeout_minutes)
     if not info.is_main:
         echo = _silent
@@ -221,6 +228,8 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
         data_dir = stage_prepared_data(cfg.data.path)
         echo(f"data: {cfg.data.path} staged in {data_dir}")
     task = make_task(cfg, data_dir, echo)  # resolves cfg.model against the data (vocabulary, classes ...)
+    if cfg.finetune.base:
+        finetune.check_tokenizer(cfg.finetune, data_dir)
     layout = build_layout(cfg.parallel, cfg.model, info)
     # Ranks of one tensor-parallel group share a data-parallel rank, hence the same rows of each batch.
     micro_batch = _micro_batch_hint(run_dir, t.micro_batch_size, echo)
@@ -246,6 +255,8 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
     # weight whole from the CPU generator seeded above, so 1 process and N processes start equal.
     with torch.device("meta"):
         model = task.build_model()
+        if cfg.finetune.base:
+            echo(f"fine-tuning {cfg.finetune.base}: {finetune.adapt(model, cfg.finetune)}")
     n_params = model.num_params()
     flops_per_unit = task.flops_per_unit(model)  # per token (text) or per sample (images)
     preflight(info, run_dir, checkpoint_bytes=int(n_params * 4 * 3 * 1.1))  # weights + AdamW moments, fp32
@@ -256,6 +267,8 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
         echo(describe(memory))
     parallelize(model, cfg.parallel, layout, t.compile, bf16)
     materialize(model, device)
+    if cfg.finetune.base and resume_from is None:  # a checkpoint already holds the fine-tuned weights
+        finetune.load_base(model, cfg.finetune)
     fwd_model = wrap_ddp(model, cfg.parallel, layout, info)
     optimizer = build_optimizer(model, o, device)
     scheduler = build_scheduler(optimizer, o, t.max_steps)
@@ -434,6 +447,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
         if logger is not None:
             logger.close()
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = finetune.final_weights(full, cfg.finetune, run_dir, info.is_main)
         run_on_main(info, lambda: task.save_pretrained(full, run_dir))
         barrier(info)  # leave together: a rank tearing down gloo while another still talks to it aborts
     losses = "".join(f", {name} {value:.4f}" for name, value in (("train loss", loss), ("val loss", val_loss))

@@ -23,8 +23,6 @@ from fmforge.models.blocks import Block
 from fmforge.models.config import ModelConfig
 from fmforge.objectives.clm import clm_loss
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_GLOBAL_BATCH_IMAGES = 256
 
 
@@ -261,6 +259,7 @@ class ImageTask(Task):
     needs_mode: str | None = None  # "classification" or "captions"; None: either (labels unused)
 
     def __init__(self, cfg: Config, data_dir: Path, echo):
+        from fmforge.data.image_loader import IMAGENET_MEAN, IMAGENET_STD
         from fmforge.data.image_shards import ImageShards
 
         super().__init__(cfg, data_dir, echo)

@@ -1,0 +1,126 @@
+"""Fine-tuning inside the one training loop: start from a base model's weights, then train all of them
+(``finetune.method: full``, optionally freezing some) or only LoRA adapters (``lora``).
+
+The loop calls three functions: ``adapt`` on the meta-device model before it is sharded (freezing and
+adapters must exist before FSDP groups the parameters), ``load_base`` once it is materialized (a fresh run,
+not a resume: a checkpoint already holds everything), and ``final_weights`` on the gathered state dict
+(LoRA runs save their adapters apart and a merged model that generate/eval/export read as is).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from fmforge.config import Config, FinetuneConfig
+from fmforge.errors import FmforgeError
+
+
+def base_model_config(cfg: Config):
+    """The architecture of ``finetune.base``: a fine-tune continues that model, so its model.json decides."""
+    from fmforge.runs import read_model_config
+
+    base = Path(cfg.finetune.base)
+    if not (base / "model.safetensors").is_file():
+        raise FmforgeError(f"finetune.base {base} holds no model (model.safetensors is missing); give a run "
+                           "directory from `fmforge train` or `fmforge import hf`")
+    return read_model_config(base)
+
+
+def check_tokenizer(ft: FinetuneConfig, data_dir: Path) -> None:
+    """The data must be tokenized with the base model's vocabulary: same tokens, same ids."""
+    from fmforge.data.tokenizer import load_tokenizer
+
+    base_tok, data_tok = Path(ft.base) / "tokenizer.json", Path(data_dir) / "tokenizer.json"
+    if not (base_tok.is_file() and data_tok.is_file()):
+        return
+    vocab = [load_tokenizer(p).tokenizer.get_vocab(with_added_tokens=True) for p in (base_tok, data_tok)]
+    if vocab[0] != vocab[1]:
+        raise FmforgeError(f"{data_dir} was tokenized with another vocabulary than the base model "
+                           f"{ft.base}: prepare it with `fmforge data prepare ... --tokenizer {ft.base}`")
+
+
+def merge(adapter_dir: str | Path, out: str | Path, base: str | Path | None = None, echo=print) -> Path:
+    """``fmforge merge``: fold LoRA adapters into their base model and write the result as a run directory
+    (model.safetensors + model.json + tokenizer) that generate, eval and export read."""
+    from fmforge.finetune.lora import ADAPTER_CONFIG, load_adapters, merge_lora
+    from fmforge.runs import load_pretrained, save_pretrained
+
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    config_path = adapter_dir / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise FmforgeError(f"no LoRA adapters in {adapter_dir}: {ADAPTER_CONFIG} is missing")
+    base = Path(base or json.loads(config_path.read_text()).get("base") or "")
+    if not base.name:
+        raise FmforgeError(f"{config_path} names no base model: pass --base RUN_DIR")
+    if (out / "model.safetensors").exists():
+        raise FmforgeError(f"{out} already holds a model; choose another --out")
+    model, _ = load_pretrained(base)
+    load_adapters(model, adapter_dir)
+    n = merge_lora(model)
+    save_pretrained(model.state_dict(), model.cfg, out, base)
+    echo(f"merged {n} LoRA adapters from {adapter_dir} into {base}; wrote {out}")
+    return out
+
+
+def adapt(model: nn.Module, ft: FinetuneConfig) -> str:
+    """Freeze (full) or add adapters (lora) on the meta-device model; returns a one-line description."""
+    from fmforge.finetune.lora import apply_lora
+
+    if ft.method == "lora":
+        wrapped = apply_lora(model, ft.lora_rank, ft.lora_alpha, ft.lora_dropout, ft.lora_targets)
+        what = f"LoRA r={ft.lora_rank} alpha={ft.lora_alpha:g} on {len(wrapped)} Linear layers"
+    else:
+        frozen = [n for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, f) for f in ft.freeze)]
+        if ft.freeze and not frozen:
+            raise FmforgeError(f"finetune.freeze {ft.freeze} matches no parameter; names look like "
+                               f"{', '.join(n for n, _ in list(model.named_parameters())[:4])}")
+        for name, p in model.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
+        what = "full fine-tune" + (f", {len(frozen)} tensors frozen" if frozen else "")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{what}: {trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters train"
+
+
+@torch.no_grad()
+def load_base(model: nn.Module, ft: FinetuneConfig) -> None:
+    """Copy the base weights into the (possibly sharded) model; adapters keep their fresh init."""
+    from fmforge.finetune.lora import lora_modules
+
+    weights = Path(ft.base) / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise FmforgeError(f"cannot read {weights}: {err}") from None
+    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    missing = [k for k in result.missing_keys
+               if not k.endswith((".lora_A", ".lora_B")) and not (tied and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise FmforgeError(f"{weights} does not fit the model: missing {missing[:3]}, unexpected "
+                           f"{list(result.unexpected_keys)[:3]}")
+    for m in lora_modules(model).values():
+        m.reset_lora()
+    if hasattr(model, "reset_buffers"):
+        model.reset_buffers()
+
+
+def final_weights(state: dict[str, torch.Tensor], ft: FinetuneConfig, run_dir: Path, is_main: bool):
+    """The weights to save as the run's model: LoRA runs also write their adapters alone, then merge them."""
+    from fmforge.finetune.lora import merged_state_dict, write_adapters
+
+    if ft.method != "lora":
+        return state
+    adapters = {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
+    if is_main:
+        write_adapters(adapters, run_dir, ft.lora_rank, ft.lora_alpha, base=str(ft.base))
+    return merged_state_dict(state, ft.lora_alpha / ft.lora_rank)
