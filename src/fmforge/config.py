@@ -113,6 +113,9 @@ class FinetuneConfig(Section):
 
     base: str | None = None
     method: Literal["full", "lora"] = "full"
+    # What the data is and which loss: "lm" (the model's own pretraining objective on prepared data), "sft"
+    # (chat JSONL at data.path, loss on assistant tokens only; decoders)
+    task: Literal["lm", "sft"] = "lm"
     freeze: list[str] = []  # glob patterns over parameter names, e.g. ["tok_emb.*", "blocks.0.*"]
     lora_rank: PositiveInt = 8
     lora_alpha: PositiveFloat = 16.0

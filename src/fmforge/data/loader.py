@@ -108,9 +108,13 @@ class GlobalBatchLoader:
         mine = indices[self.rank * per_rank: (self.rank + 1) * per_rank]
         micro = []
         for i in range(0, per_rank, self.micro_batch):
-            rows = self.windows.batch(mine[i: i + self.micro_batch])
-            micro.append((rows[:, :-1], rows[:, 1:]))
+            micro.append(self.inputs_targets(self.windows.batch(mine[i: i + self.micro_batch])))
         return micro
+
+    @staticmethod
+    def inputs_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch of windows [n, T+1] as (inputs, targets): the window and the window shifted by one."""
+        return rows[:, :-1], rows[:, 1:]
 
     def set_micro_batch(self, micro_batch: int) -> None:
         """Split each rank's share into micro-batches of this size instead (the global batch is unchanged)."""

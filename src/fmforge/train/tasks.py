@@ -165,6 +165,65 @@ class CausalLMTask(Task):
         return {"val_loss": evaluate_batches(model, batches, device, amp)["loss"]}
 
 
+class SFTTask(CausalLMTask):
+    """Instruction SFT: chat JSONL at ``data.path`` (``finetune/sft.py``), tokenized with the base model's
+    tokenizer, one conversation per row, loss on assistant tokens only. The global batch counts
+    conversations: ``train.global_batch_tokens / data.seq_len`` rows per step."""
+
+    def __init__(self, cfg: Config, data_dir: Path, echo):
+        from fmforge.data.tokenizer import load_tokenizer
+        from fmforge.finetune.sft import ChatRows
+
+        Task.__init__(self, cfg, data_dir, echo)
+        if not cfg.finetune.base:
+            raise FmforgeError("finetune.task=sft fine-tunes a model: set finetune.base (or pass --base)")
+        base = Path(cfg.finetune.base)
+        self.tokenizer_dir = base
+        tok = load_tokenizer(base / "tokenizer.json")
+        seq_len = cfg.data.seq_len
+        self.train_windows = ChatRows(data_dir, tok, seq_len, "train", echo=echo)
+        try:
+            self.val_windows = ChatRows(data_dir, tok, seq_len, "val", echo=echo)
+        except FmforgeError:
+            echo(f"warning: no validation: {data_dir} has too few conversations to hold 5% out")
+            self.val_windows = None
+        cfg.model = cfg.model.resolved(vocab_size=tok.vocab_size, seq_len=seq_len)
+        if cfg.train.global_batch_tokens % seq_len:
+            raise FmforgeError(f"train.global_batch_tokens ({cfg.train.global_batch_tokens}) must be a multiple "
+                               f"of data.seq_len ({seq_len})")
+        self.units_per_step = cfg.train.global_batch_tokens
+
+    def make_loader(self, micro_batch: int, rank: int, world_size: int):
+        from fmforge.finetune.sft import ChatBatchLoader
+
+        return ChatBatchLoader(self.train_windows, self.units_per_step // self.cfg.data.seq_len, micro_batch,
+                               self.cfg.train.seed, rank=rank, world_size=world_size)
+
+    def validate(self, model, micro_batch, device, amp):
+        from fmforge.finetune.sft import ChatBatchLoader
+        from fmforge.objectives.clm import IGNORE_INDEX
+
+        if self.val_windows is None:
+            return None
+        total = count = 0.0
+        with evaluating(model):
+            for start in range(0, len(self.val_windows), micro_batch):
+                rows = self.val_windows.batch(range(start, min(start + micro_batch, len(self.val_windows))))
+                inputs, targets = (t.to(device) for t in ChatBatchLoader.inputs_targets(rows))
+                with amp():
+                    logits = model(inputs)
+                mask = targets != IGNORE_INDEX
+                total += F.cross_entropy(logits.float()[mask], targets[mask], reduction="sum").item()
+                count += int(mask.sum())
+        return {"val_loss": total / max(count, 1)}
+
+    def save_pretrained(self, state_dict: dict, run_dir: Path) -> None:
+        from fmforge.finetune.sft import write_chat_template
+
+        super().save_pretrained(state_dict, run_dir)
+        write_chat_template(run_dir)
+
+
 def mask_token_id(tokenizer, vocab_size: int) -> tuple[int, bool]:
     """The id [MASK] gets: the tokenizer's own mask token when it has one (WordPiece's [MASK], RoBERTa's
     <mask>), else the first row past its vocabulary, which the padded embedding already holds and the
@@ -544,8 +603,12 @@ TASKS = {"gpt2": CausalLMTask, "llama": CausalLMTask, "bert": MaskedLMTask, "vit
 
 
 def make_task(cfg: Config, data_dir: Path, echo) -> Task:
-    """The task for ``cfg.model.arch``, with ``cfg.model`` (and, for images, ``train.global_batch_size``)
-    resolved against the data in place."""
+    """The task for ``cfg.model.arch`` (and ``finetune.task``), with ``cfg.model`` (and, for images,
+    ``train.global_batch_size``) resolved against the data in place."""
+    if cfg.finetune.task == "sft":
+        if not is_decoder(cfg.model):
+            raise FmforgeError(f"finetune.task=sft trains decoders (gpt2, llama), not model.arch={cfg.model.arch}")
+        return SFTTask(cfg, data_dir, echo)
     return TASKS[cfg.model.arch](cfg, data_dir, echo)
 
 
