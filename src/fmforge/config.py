@@ -114,8 +114,10 @@ class FinetuneConfig(Section):
     base: str | None = None
     method: Literal["full", "lora"] = "full"
     # What the data is and which loss: "lm" (the model's own pretraining objective on prepared data), "sft"
-    # (chat JSONL at data.path, loss on assistant tokens only; decoders)
-    task: Literal["lm", "sft"] = "lm"
+    # (chat JSONL at data.path, loss on assistant tokens only), "dpo" (preference JSONL at data.path, against
+    # the frozen base as reference); sft and dpo train decoders
+    task: Literal["lm", "sft", "dpo"] = "lm"
+    dpo_beta: PositiveFloat = 0.1  # DPO's inverse temperature: how far the policy may move from the reference
     freeze: list[str] = []  # glob patterns over parameter names, e.g. ["tok_emb.*", "blocks.0.*"]
     lora_rank: PositiveInt = 8
     lora_alpha: PositiveFloat = 16.0

@@ -224,6 +224,72 @@ class SFTTask(CausalLMTask):
         write_chat_template(run_dir)
 
 
+class DPOTask(SFTTask):
+    """Direct preference optimization on preference JSONL at ``data.path`` (``finetune/dpo.py``), the base
+    model as frozen reference (its log-probabilities computed once, here). The global batch counts
+    comparisons: ``train.global_batch_tokens / data.seq_len`` per step."""
+
+    def __init__(self, cfg: Config, data_dir: Path, echo):
+        from fmforge.data.tokenizer import load_tokenizer
+        from fmforge.device import pick_device
+        from fmforge.finetune.dpo import PreferenceRows
+        from fmforge.runs import load_pretrained
+
+        Task.__init__(self, cfg, data_dir, echo)
+        if not cfg.finetune.base:
+            raise FmforgeError("finetune.task=dpo fine-tunes a model: set finetune.base (or pass --base)")
+        base = Path(cfg.finetune.base)
+        self.tokenizer_dir = base
+        tok = load_tokenizer(base / "tokenizer.json")
+        device = pick_device(cfg.train.device)
+        reference, _ = load_pretrained(base, device, family="decoder")
+        seq_len = cfg.data.seq_len
+        self.train_windows = PreferenceRows(data_dir, tok, seq_len, "train", reference, device, echo=echo)
+        try:
+            self.val_windows = PreferenceRows(data_dir, tok, seq_len, "val", reference, device, echo=echo)
+        except FmforgeError:
+            echo(f"warning: no validation: {data_dir} has too few comparisons to hold 5% out")
+            self.val_windows = None
+        del reference
+        cfg.model = cfg.model.resolved(vocab_size=tok.vocab_size, seq_len=seq_len)
+        if cfg.train.global_batch_tokens % seq_len:
+            raise FmforgeError(f"train.global_batch_tokens ({cfg.train.global_batch_tokens}) must be a multiple "
+                               f"of data.seq_len ({seq_len})")
+        self.units_per_step = cfg.train.global_batch_tokens
+
+    def make_loader(self, micro_batch: int, rank: int, world_size: int):
+        from fmforge.finetune.dpo import PreferenceBatchLoader
+
+        return PreferenceBatchLoader(self.train_windows, self.units_per_step // self.cfg.data.seq_len, micro_batch,
+                                     self.cfg.train.seed, rank=rank, world_size=world_size)
+
+    def loss(self, model, batch, device, amp):
+        from fmforge.finetune.dpo import dpo_loss, policy_logps
+
+        tokens, reference = (t.to(device, non_blocking=True) for t in batch)
+        with amp():
+            policy = policy_logps(model, tokens)
+        return dpo_loss(policy, reference, self.cfg.finetune.dpo_beta)[0]
+
+    def validate(self, model, micro_batch, device, amp):
+        from fmforge.finetune.dpo import dpo_loss, policy_logps
+
+        if self.val_windows is None:
+            return None
+        losses, margins = [], []
+        with evaluating(model):
+            for start in range(0, len(self.val_windows), micro_batch):
+                tokens, reference = self.val_windows.batch(range(start, min(start + micro_batch, len(self.val_windows))))
+                with amp():
+                    policy = policy_logps(model, tokens.to(device))
+                loss, margin = dpo_loss(policy, reference.to(device), self.cfg.finetune.dpo_beta)
+                losses.append(loss.item() * len(tokens))
+                margins.append(margin.cpu())
+        margin = torch.cat(margins)
+        return {"val_loss": sum(losses) / len(margin), "val_reward_margin": margin.mean().item(),
+                "val_reward_accuracy": (margin > 0).float().mean().item()}
+
+
 def mask_token_id(tokenizer, vocab_size: int) -> tuple[int, bool]:
     """The id [MASK] gets: the tokenizer's own mask token when it has one (WordPiece's [MASK], RoBERTa's
     <mask>), else the first row past its vocabulary, which the padded embedding already holds and the
@@ -605,10 +671,11 @@ TASKS = {"gpt2": CausalLMTask, "llama": CausalLMTask, "bert": MaskedLMTask, "vit
 def make_task(cfg: Config, data_dir: Path, echo) -> Task:
     """The task for ``cfg.model.arch`` (and ``finetune.task``), with ``cfg.model`` (and, for images,
     ``train.global_batch_size``) resolved against the data in place."""
-    if cfg.finetune.task == "sft":
+    if cfg.finetune.task in ("sft", "dpo"):
         if not is_decoder(cfg.model):
-            raise FmforgeError(f"finetune.task=sft trains decoders (gpt2, llama), not model.arch={cfg.model.arch}")
-        return SFTTask(cfg, data_dir, echo)
+            raise FmforgeError(f"finetune.task={cfg.finetune.task} trains decoders (gpt2, llama), not "
+                               f"model.arch={cfg.model.arch}")
+        return (SFTTask if cfg.finetune.task == "sft" else DPOTask)(cfg, data_dir, echo)
     return TASKS[cfg.model.arch](cfg, data_dir, echo)
 
 
