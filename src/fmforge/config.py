@@ -109,10 +109,12 @@ class CheckpointConfig(Section):
 class FinetuneConfig(Section):
     """Start from a trained or imported model (``base``: a run directory with model.safetensors + model.json)
     instead of random weights. ``full`` trains every parameter except those matching ``freeze``; ``lora``
-    freezes the base and trains rank-``lora_rank`` adapters on the Linear layers matching ``lora_targets``."""
+    freezes the base and trains rank-``lora_rank`` adapters on the Linear layers matching ``lora_targets``;
+    ``prefix`` / ``prompt`` freeze the base and train ``virtual_tokens`` learned keys/values per layer or
+    input embeddings."""
 
     base: str | None = None
-    method: Literal["full", "lora"] = "full"
+    method: Literal["full", "lora", "prefix", "prompt"] = "full"
     # What the data is and which loss: "lm" (the model's own pretraining objective on prepared data), "sft"
     # (chat JSONL at data.path, loss on assistant tokens only), "dpo" (preference JSONL at data.path, against
     # the frozen base as reference); sft and dpo train decoders
@@ -123,6 +125,10 @@ class FinetuneConfig(Section):
     lora_alpha: PositiveFloat = 16.0
     lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     lora_targets: list[str] = ["*attn.qkv", "*attn.proj", "*mlp.c_fc", "*mlp.c_proj", "*mlp.w1", "*mlp.w2", "*mlp.w3"]
+    # prefix / prompt tuning (decoders): this many learned virtual tokens, started from the base model's own
+    # activations (prefix) or embeddings (prompt) of ``init_text``'s tokens, else of random vocabulary tokens
+    virtual_tokens: PositiveInt = 20
+    init_text: str | None = None
 
 
 class LogConfig(Section):

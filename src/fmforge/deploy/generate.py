@@ -62,7 +62,7 @@ def sample(model, prompt_ids: list[int], max_new_tokens: int, *, temperature: fl
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if not prompt_ids:
         raise FmforgeError("sampling needs at least one prompt token")
-    max_len = model.cfg.max_seq_len
+    max_len = model.cfg.max_seq_len - getattr(model, "virtual", 0)  # virtual tokens take the first positions
     if len(prompt_ids) > max_len:
         raise FmforgeError(f"prompt is {len(prompt_ids)} tokens; the model's context is {max_len}")
     # The last new token is never fed back, so a full context still predicts one more token.

@@ -18,20 +18,39 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from fmforge.config import Config, FinetuneConfig
 from fmforge.errors import FmforgeError
+from fmforge.models.config import ModelConfig
+
+VIRTUAL = ("prefix_k", "prefix_v", "prompt")  # the parameters prefix and prompt tuning add to a decoder
 
 
 def base_model_config(cfg: Config):
-    """The architecture of ``finetune.base``: a fine-tune continues that model, so its model.json decides."""
+    """The architecture of ``finetune.base``: a fine-tune continues that model, so its model.json decides
+    (plus the virtual tokens of prefix or prompt tuning)."""
     from fmforge.runs import read_model_config
 
-    base = Path(cfg.finetune.base)
+    ft = cfg.finetune
+    base = Path(ft.base)
     if not (base / "model.safetensors").is_file():
         raise FmforgeError(f"finetune.base {base} holds no model (model.safetensors is missing); give a run "
                            "directory from `fmforge train` or `fmforge import hf`")
-    return read_model_config(base)
+    model_cfg = read_model_config(base)
+    if ft.method in ("prefix", "prompt"):
+        if not isinstance(model_cfg, ModelConfig):
+            raise FmforgeError(f"finetune.method={ft.method} tunes decoders (gpt2, llama), not {model_cfg.arch}")
+        if model_cfg.prefix_tokens or model_cfg.prompt_tokens:
+            raise FmforgeError(f"{base} already has virtual tokens; fine-tune its base instead")
+        # The virtual tokens take the first positions: rotary tables stretch to fit, a learned table cannot.
+        needed = cfg.data.seq_len + ft.virtual_tokens
+        if needed > model_cfg.max_seq_len and model_cfg.pos != "rope":
+            raise FmforgeError(f"data.seq_len ({cfg.data.seq_len}) + {ft.virtual_tokens} virtual tokens exceed the "
+                               f"base's {model_cfg.max_seq_len} learned positions: lower data.seq_len")
+        model_cfg = ModelConfig(**{**model_cfg.model_dump(), f"{ft.method}_tokens": ft.virtual_tokens,
+                                   "max_seq_len": max(model_cfg.max_seq_len, needed)})
+    return model_cfg
 
 
 def check_tokenizer(ft: FinetuneConfig, data_dir: Path) -> None:
@@ -77,6 +96,10 @@ def adapt(model: nn.Module, ft: FinetuneConfig) -> str:
     if ft.method == "lora":
         wrapped = apply_lora(model, ft.lora_rank, ft.lora_alpha, ft.lora_dropout, ft.lora_targets)
         what = f"LoRA r={ft.lora_rank} alpha={ft.lora_alpha:g} on {len(wrapped)} Linear layers"
+    elif ft.method in ("prefix", "prompt"):
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in VIRTUAL)
+        what = f"{ft.method} tuning, {ft.virtual_tokens} virtual tokens"
     else:
         frozen = [n for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, f) for f in ft.freeze)]
         if ft.freeze and not frozen:
@@ -103,8 +126,8 @@ def load_base(model: nn.Module, ft: FinetuneConfig) -> None:
         raise FmforgeError(f"cannot read {weights}: {err}") from None
     tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
     result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    missing = [k for k in result.missing_keys
-               if not k.endswith((".lora_A", ".lora_B")) and not (tied and k == "lm_head.weight")]
+    missing = [k for k in result.missing_keys if not k.endswith((".lora_A", ".lora_B")) and k not in VIRTUAL
+               and not (tied and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
         raise FmforgeError(f"{weights} does not fit the model: missing {missing[:3]}, unexpected "
                            f"{list(result.unexpected_keys)[:3]}")
@@ -112,6 +135,43 @@ def load_base(model: nn.Module, ft: FinetuneConfig) -> None:
         m.reset_lora()
     if hasattr(model, "reset_buffers"):
         model.reset_buffers()
+    if ft.method in ("prefix", "prompt"):
+        init_virtual_tokens(model, ft)
+
+
+@torch.no_grad()
+def init_virtual_tokens(model: nn.Module, ft: FinetuneConfig, seed: int = 0) -> None:
+    """Start the virtual tokens from real ones (both papers found this trains better than noise): the
+    tokens of ``init_text``, repeated or cut to fit, else ``virtual_tokens`` random vocabulary ids. Prompt
+    tuning takes their embeddings; prefix tuning their keys and values in every layer, as the base model
+    computes them at positions 0..n-1."""
+    from fmforge.data.tokenizer import load_tokenizer
+    from fmforge.models.blocks import copy_full_
+
+    tok = load_tokenizer(Path(ft.base) / "tokenizer.json")
+    n = ft.virtual_tokens
+    if ft.init_text:
+        ids = tok.encode(ft.init_text)
+        if not ids:
+            raise FmforgeError("finetune.init_text encodes to no tokens")
+        ids = (ids * (n // len(ids) + 1))[:n]
+    else:
+        ids = torch.randint(tok.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    device = next(model.parameters()).device
+    idx = torch.tensor([ids], device=device)
+    was_training = model.training
+    model.eval()
+    with model.without_virtual_tokens() as base:
+        if ft.method == "prompt":
+            weight = base.tok_emb.weight  # gathered whole when FSDP shards it
+            weight = weight.full_tensor() if isinstance(weight, DTensor) else weight
+            copy_full_(model.prompt, weight[idx[0]].float())
+        else:
+            cache = base.new_cache(1, n, dtype=torch.float32)
+            base(idx, 0, cache)
+            copy_full_(model.prefix_k, torch.stack([c.k[0, :, :n] for c in cache]))
+            copy_full_(model.prefix_v, torch.stack([c.v[0, :, :n] for c in cache]))
+    model.train(was_training)
 
 
 def final_weights(state: dict[str, torch.Tensor], ft: FinetuneConfig, run_dir: Path, is_main: bool):

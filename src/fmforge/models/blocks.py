@@ -170,10 +170,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start_pos: int = 0, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [B, T, d] at positions start_pos..start_pos+T-1; ``rope`` holds cos/sin for exactly those positions.
         ``attn_mask`` (no-cache path only) is a boolean mask, True = may attend, broadcastable to
-        [B, n_head, T, T], e.g. key padding for encoders; with causal=True it is and-ed with causality."""
+        [B, n_head, T, T], e.g. key padding for encoders; with causal=True it is and-ed with causality.
+        ``prefix`` (no-cache path, causal): learned keys and values [n_kv_head, P, head_dim] of P virtual
+        tokens before the sequence (prefix tuning), which every position attends to; with a cache they are
+        simply its first P entries."""
         B, T, _ = x.shape
         groups = self.n_head // self.n_kv_head
         qkv = self.qkv(x)
@@ -198,6 +202,12 @@ class Attention(nn.Module):
                 is_causal = False
                 if T > 1:
                     mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
+        elif prefix is not None:
+            P = prefix[0].size(1)
+            k = torch.cat([prefix[0].to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([prefix[1].to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)  # all of the prefix, causal after
+            is_causal = False
         elif mask is not None and is_causal:
             mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             is_causal = False
@@ -285,11 +295,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start_pos: int = 0, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.post_norm:
-            x = self.norm1(x + self.attn(x, rope, start_pos, cache, attn_mask))
+            x = self.norm1(x + self.attn(x, rope, start_pos, cache, attn_mask, prefix))
             return self.norm2(x + self.mlp(x))
-        x = x + self.attn(self.norm1(x), rope, start_pos, cache, attn_mask)
+        x = x + self.attn(self.norm1(x), rope, start_pos, cache, attn_mask, prefix)
         return x + self.mlp(self.norm2(x))
 
     def init_weights(self, std: float, out_std: float, truncated: bool) -> None:

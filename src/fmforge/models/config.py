@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from fmforge.errors import FmforgeError
 
@@ -57,6 +57,11 @@ class ModelConfig(Section):
     init_std: PositiveFloat = 0.02
     # Pad the embedding/head to a multiple of this many rows: matmuls on 50257 rows are slow, 50304 fast.
     vocab_multiple: PositiveInt = 64
+    # Learned virtual tokens in front of every sequence (set by `fmforge finetune` with method prefix/prompt):
+    # prefix tuning (Li & Liang 2021) learns each layer's keys and values for them; prompt tuning (Lester et
+    # al. 2021) learns their input embeddings. They take positions 0..n-1; the text starts after them.
+    prefix_tokens: NonNegativeInt = 0
+    prompt_tokens: NonNegativeInt = 0
 
     def resolved(self, vocab_size: int | None = None, seq_len: int | None = None) -> ModelConfig:
         """Every field filled: explicit value > named size > arch default. ``vocab_size``/``seq_len`` come
@@ -94,6 +99,8 @@ class ModelConfig(Section):
             raise FmforgeError(f"model.n_head ({values['n_head']}) must be divisible by model.n_kv_head ({values['n_kv_head']})")
         if values["pos"] == "rope" and (values["d_model"] // values["n_head"]) % 2:
             raise FmforgeError("model: rotary embeddings need an even head dimension (d_model / n_head)")
+        if values["prefix_tokens"] and values["prompt_tokens"]:
+            raise FmforgeError("model: prefix_tokens and prompt_tokens exclude each other (prefix or prompt tuning)")
         if values["d_ff"] is None:
             values["d_ff"] = default_d_ff(values["d_model"], values["mlp"])
         if seq_len is not None and seq_len > values["max_seq_len"]:

@@ -116,22 +116,30 @@ def import_hf(hf_dir: str | Path, out: str | Path, echo=print):
     return cfg
 
 
-def _tokenizer_config(run_dir: Path, max_len: int | None) -> dict | None:
-    """An HF ``tokenizer_config.json`` for the run's tokenizer.json, so ``AutoTokenizer`` loads it as a fast
-    tokenizer with the same special tokens."""
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _tokenizer_config(run_dir: Path, max_len: int | None):
+    """(the run's tokenizer, an HF ``tokenizer_config.json`` for it) so ``AutoTokenizer`` loads it as a fast
+    tokenizer with the same special tokens; None without a tokenizer."""
     from fmforge.data.tokenizer import load_tokenizer
 
     if not (run_dir / "tokenizer.json").is_file():
         return None
     tok = load_tokenizer(run_dir / "tokenizer.json")
-    out = {"tokenizer_class": "PreTrainedTokenizerFast", **tok.special_tokens_map()}
+    # Keep what the run's own config holds (a chat template from SFT, an imported model's tokenizer class).
+    existing = run_dir / "tokenizer_config.json"
+    out = _read_json(existing) if existing.is_file() else {}
+    out.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    out.update(tok.special_tokens_map())
     for role, name in (("mask_token", "[MASK]"), ("cls_token", "[CLS]"), ("sep_token", "[SEP]"),
                        ("unk_token", "[UNK]")):
         if tok.tokenizer.token_to_id(name) is not None:
             out[role] = name
     if max_len:
         out["model_max_length"] = max_len
-    return out
+    return tok, out
 
 
 def export_hf(run_dir: str | Path, out: str | Path, echo=print) -> Path:
@@ -153,21 +161,29 @@ def export_hf(run_dir: str | Path, out: str | Path, echo=print) -> Path:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise FmforgeError(f"cannot read {weights}: {err}") from None
+    if getattr(cfg, "prefix_tokens", 0) or getattr(cfg, "prompt_tokens", 0):
+        raise FmforgeError(f"{run_dir} has prefix/prompt-tuned virtual tokens, which transformers models have no "
+                           "place for; export its base model instead")
     family = _family("gpt2" if family_of(cfg) == "decoder" else cfg.arch)
     hf_cfg = family.config_to_hf(cfg)
     hf_state = family.state_to_hf(state, cfg)
+    max_len = getattr(cfg, "max_seq_len", None) or getattr(getattr(cfg, "text", None), "context_length", None)
+    tokenizer = _tokenizer_config(run_dir, max_len)
+    if tokenizer is not None:
+        tok, tok_cfg = tokenizer
+        for role, tid in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)):
+            if tid is not None:  # transformers' generation defaults read these
+                hf_cfg.setdefault(f"{role}_token_id", tid)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in hf_state.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})  # transformers refuses safetensors files without format=pt
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    max_len = getattr(cfg, "max_seq_len", None) or getattr(getattr(cfg, "text", None), "context_length", None)
-    tok_cfg = _tokenizer_config(run_dir, max_len)
-    if tok_cfg is not None:
+    _write_json(out / "config.json", hf_cfg)
+    if tokenizer is not None:
         shutil.copyfile(run_dir / "tokenizer.json", out / "tokenizer.json")
-        (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+        _write_json(out / "tokenizer_config.json", tok_cfg)
     vision = getattr(cfg, "vision", None) or (cfg if family_of(cfg) == "vit" else None)
     if vision is not None:
-        (out / "preprocessor_config.json").write_text(json.dumps(_preprocessor(run_dir, vision, cfg.arch), indent=2) + "\n")
+        _write_json(out / "preprocessor_config.json", _preprocessor(run_dir, vision, cfg.arch))
     echo(f"exported {run_dir} ({family_of(cfg)}) to {out}")
     return out
 
