@@ -360,7 +360,7 @@ def test_contrastive_training_step_pulls_matching_pairs_together():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         images, tokens = torch.randn(8, 3, 32, 32), torch.randint(0, 511, (8, 16))
         losses = []
-        for _ in range(15):
+        for _ in range(25):
             loss = contrastive_loss(model(images, tokens))
             opt.zero_grad()
             loss.backward()

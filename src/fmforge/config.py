@@ -117,8 +117,10 @@ class FinetuneConfig(Section):
     method: Literal["full", "lora", "prefix", "prompt"] = "full"
     # What the data is and which loss: "lm" (the model's own pretraining objective on prepared data), "sft"
     # (chat JSONL at data.path, loss on assistant tokens only), "dpo" (preference JSONL at data.path, against
-    # the frozen base as reference); sft and dpo train decoders
-    task: Literal["lm", "sft", "dpo"] = "lm"
+    # the frozen base as reference) for decoders; "classify" (labelled text at data.path, a new [CLS] head)
+    # for BERT-family encoders
+    task: Literal["lm", "sft", "dpo", "classify"] = "lm"
+    val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1  # sft/dpo/classify: held out by content hash
     dpo_beta: PositiveFloat = 0.1  # DPO's inverse temperature: how far the policy may move from the reference
     freeze: list[str] = []  # glob patterns over parameter names, e.g. ["tok_emb.*", "blocks.0.*"]
     lora_rank: PositiveInt = 8

@@ -126,8 +126,9 @@ def load_base(model: nn.Module, ft: FinetuneConfig) -> None:
         raise FmforgeError(f"cannot read {weights}: {err}") from None
     tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
     result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    new_head = ("pooler.", "classifier.") if ft.task == "classify" else ()  # a classifier starts fresh
     missing = [k for k in result.missing_keys if not k.endswith((".lora_A", ".lora_B")) and k not in VIRTUAL
-               and not (tied and k == "lm_head.weight")]
+               and not (tied and k == "lm_head.weight") and not k.startswith(new_head or ("\0",))]
     if missing or result.unexpected_keys:
         raise FmforgeError(f"{weights} does not fit the model: missing {missing[:3]}, unexpected "
                            f"{list(result.unexpected_keys)[:3]}")

@@ -130,11 +130,13 @@ class Bert(nn.Module):
         """No derived buffers; here so every family materializes from the meta device the same way."""
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, mlm_select: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, mlm_select: torch.Tensor | None = None,
+                classify: bool = False) -> torch.Tensor:
         """Final hidden states [B, T, d]. ``attention_mask`` [B, T] is 1 for real tokens and 0 for padding:
         no token attends to padding (padded positions still get outputs, which the heads ignore).
         With ``mlm_select`` (bool [B, T]) the masked-LM logits of just those positions [n, vocab] instead:
-        the pretraining path, inside ``forward`` so DDP and FSDP see the head run."""
+        the pretraining path; with ``classify`` the class logits [B, num_labels] from [CLS]. Both heads run
+        inside ``forward`` so DDP and FSDP see them."""
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequences of {T} tokens exceed max_seq_len {self.cfg.max_seq_len}")
@@ -145,6 +147,8 @@ class Bert(nn.Module):
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T keys]
         for block in self.blocks:
             x = block(x, attn_mask=mask)
+        if classify:
+            return self.cls_logits(x)
         return x if mlm_select is None else self.mlm_logits(x[mlm_select])
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -96,8 +96,10 @@ def _openai_vision(vit_size: str) -> dict:
 
 
 CLIP_SIZES: dict[str, dict] = {
-    # CPU size: 32x32 images, 64-token captions over a small BPE vocabulary.
-    "clip-nano": dict(vision=dict(image_size=32, patch_size=8, d_model=64, n_layer=2, n_head=4, num_classes=0),
+    # CPU size: 32x32 images, 32-token captions over a small BPE vocabulary.
+    # OpenAI's tower layout (LayerNorm before the blocks, no patch bias), so CPU runs export to HF CLIPModel.
+    "clip-nano": dict(vision=dict(image_size=32, patch_size=8, d_model=64, n_layer=2, n_head=4, num_classes=0,
+                                  ln_pre=True, patch_bias=False, norm_eps=1e-5),
                       text=dict(vocab_size=512, context_length=32, d_model=64, n_layer=2, n_head=4),
                       embed_dim=64),
     # Radford et al. 2021, table 20: ViT-B/32 and ViT-B/16 towers share the 12-layer 512-wide text tower.

@@ -181,11 +181,11 @@ class SFTTask(CausalLMTask):
         self.tokenizer_dir = base
         tok = load_tokenizer(base / "tokenizer.json")
         seq_len = cfg.data.seq_len
-        self.train_windows = ChatRows(data_dir, tok, seq_len, "train", echo=echo)
+        self.train_windows = ChatRows(data_dir, tok, seq_len, "train", cfg.finetune.val_fraction, echo=echo)
         try:
-            self.val_windows = ChatRows(data_dir, tok, seq_len, "val", echo=echo)
+            self.val_windows = ChatRows(data_dir, tok, seq_len, "val", cfg.finetune.val_fraction, echo=echo)
         except FmforgeError:
-            echo(f"warning: no validation: {data_dir} has too few conversations to hold 5% out")
+            echo(f"warning: no validation: {data_dir} has too few conversations for finetune.val_fraction")
             self.val_windows = None
         cfg.model = cfg.model.resolved(vocab_size=tok.vocab_size, seq_len=seq_len)
         if cfg.train.global_batch_tokens % seq_len:
@@ -244,11 +244,13 @@ class DPOTask(SFTTask):
         device = pick_device(cfg.train.device)
         reference, _ = load_pretrained(base, device, family="decoder")
         seq_len = cfg.data.seq_len
-        self.train_windows = PreferenceRows(data_dir, tok, seq_len, "train", reference, device, echo=echo)
+        self.train_windows = PreferenceRows(data_dir, tok, seq_len, "train", reference, device,
+                                           cfg.finetune.val_fraction, echo=echo)
         try:
-            self.val_windows = PreferenceRows(data_dir, tok, seq_len, "val", reference, device, echo=echo)
+            self.val_windows = PreferenceRows(data_dir, tok, seq_len, "val", reference, device,
+                                             cfg.finetune.val_fraction, echo=echo)
         except FmforgeError:
-            echo(f"warning: no validation: {data_dir} has too few comparisons to hold 5% out")
+            echo(f"warning: no validation: {data_dir} has too few comparisons for finetune.val_fraction")
             self.val_windows = None
         del reference
         cfg.model = cfg.model.resolved(vocab_size=tok.vocab_size, seq_len=seq_len)
@@ -288,6 +290,82 @@ class DPOTask(SFTTask):
         margin = torch.cat(margins)
         return {"val_loss": sum(losses) / len(margin), "val_reward_margin": margin.mean().item(),
                 "val_reward_accuracy": (margin > 0).float().mean().item()}
+
+
+class TextClassificationTask(Task):
+    """Sequence classification fine-tuning of a BERT-family encoder on labelled text at ``data.path``
+    (``finetune/classify.py``): a [CLS] pooler + classifier head (new, randomly initialized) on the base's
+    encoder. The global batch counts sentences: ``train.global_batch_tokens / data.seq_len`` per step."""
+
+    unit = "samples"
+
+    def __init__(self, cfg: Config, data_dir: Path, echo):
+        from fmforge.data.tokenizer import load_tokenizer
+        from fmforge.finetune.classify import LabelledRows
+
+        super().__init__(cfg, data_dir, echo)
+        if not cfg.finetune.base:
+            raise FmforgeError("finetune.task=classify fine-tunes a model: set finetune.base (or pass --base)")
+        base = Path(cfg.finetune.base)
+        self.tokenizer_dir = base
+        tok = load_tokenizer(base / "tokenizer.json")
+        seq_len, frac = cfg.data.seq_len, cfg.finetune.val_fraction
+        self.train_rows = LabelledRows(data_dir, tok, seq_len, "train", frac, echo=echo)
+        try:
+            self.val_rows = LabelledRows(data_dir, tok, seq_len, "val", frac, echo=echo)
+        except FmforgeError:
+            echo(f"warning: no validation: {data_dir} has too few examples for finetune.val_fraction")
+            self.val_rows = None
+        m = cfg.model
+        if seq_len > m.max_seq_len:
+            raise FmforgeError(f"data.seq_len ({seq_len}) exceeds the base's max_seq_len ({m.max_seq_len})")
+        cfg.model = type(m)(**{**m.model_dump(), "num_labels": len(self.train_rows.classes)})
+        if cfg.train.global_batch_tokens % seq_len:
+            raise FmforgeError(f"train.global_batch_tokens ({cfg.train.global_batch_tokens}) must be a multiple "
+                               f"of data.seq_len ({seq_len})")
+        self.units_per_step = cfg.train.global_batch_tokens // seq_len
+
+    def make_loader(self, micro_batch: int, rank: int, world_size: int):
+        from fmforge.finetune.classify import LabelledBatchLoader
+
+        return LabelledBatchLoader(self.train_rows, self.units_per_step, micro_batch, self.cfg.train.seed,
+                                   rank=rank, world_size=world_size)
+
+    def build_model(self) -> nn.Module:
+        from fmforge.models.bert import Bert
+
+        return Bert(self.cfg.model)
+
+    def flops_per_unit(self, model: nn.Module) -> float:
+        m = self.cfg.model
+        return encoder_flops(model, self.cfg.data.seq_len, m.n_layer, m.d_model)
+
+    def batch_description(self, loader, dp_size: int) -> str:
+        return (f"global batch {self.units_per_step} sentences = {loader.accum_steps} x {loader.micro_batch} x "
+                f"{dp_size}, {len(self.train_rows.classes)} classes")
+
+    def loss(self, model, batch, device, amp):
+        from fmforge.objectives.classify import classification_loss
+
+        (ids, mask), labels = batch
+        with amp():
+            logits = model(ids.to(device), mask.to(device), classify=True)
+        return classification_loss(logits, labels.to(device))
+
+    def validate(self, model, micro_batch, device, amp):
+        if self.val_rows is None:
+            return None
+        total, correct = 0.0, 0
+        with evaluating(model):
+            for start in range(0, len(self.val_rows), micro_batch):
+                ids, mask, labels = self.val_rows.batch(range(start, min(start + micro_batch, len(self.val_rows))))
+                with amp():
+                    logits = model(ids.to(device), mask.to(device), classify=True).float()
+                labels = labels.to(device)
+                total += F.cross_entropy(logits, labels, reduction="sum").item()
+                correct += int((logits.argmax(-1) == labels).sum())
+        n = len(self.val_rows)
+        return {"val_loss": total / n, "val_accuracy": correct / n, "val_majority_baseline": self.val_rows.majority()}
 
 
 def mask_token_id(tokenizer, vocab_size: int) -> tuple[int, bool]:
@@ -671,6 +749,11 @@ TASKS = {"gpt2": CausalLMTask, "llama": CausalLMTask, "bert": MaskedLMTask, "vit
 def make_task(cfg: Config, data_dir: Path, echo) -> Task:
     """The task for ``cfg.model.arch`` (and ``finetune.task``), with ``cfg.model`` (and, for images,
     ``train.global_batch_size``) resolved against the data in place."""
+    if cfg.finetune.task == "classify":
+        if cfg.model.arch != "bert":
+            raise FmforgeError(f"finetune.task=classify fine-tunes BERT-family encoders, not model.arch={cfg.model.arch} "
+                               "(ViT classifiers train with model.arch=vit on labelled images)")
+        return TextClassificationTask(cfg, data_dir, echo)
     if cfg.finetune.task in ("sft", "dpo"):
         if not is_decoder(cfg.model):
             raise FmforgeError(f"finetune.task={cfg.finetune.task} trains decoders (gpt2, llama), not "
