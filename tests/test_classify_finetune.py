@@ -47,7 +47,7 @@ def test_labelled_data_mistakes_are_counted_or_one_line_errors(tmp_path):
     assert dropped == {"missing_text": 1, "invalid_line": 1, "missing_label": 1}
     with pytest.raises(FmforgeError, match="labelled data not found"):
         read_labelled(tmp_path / "missing.jsonl")
-    with pytest.raises(FmforgeError, match="finetune.task=classify fine-tunes BERT-family encoders"):
+    with pytest.raises(FmforgeError, match="finetune.task=classify fine-tunes BERT-family text encoders and ViT/MAE"):
         train(build_config({"model": {"arch": "llama"}, "data": {"path": str(mixed)},
                             "finetune": {"task": "classify"}, "train": {"out_dir": str(tmp_path / "r")}}),
               echo=quiet)

@@ -277,3 +277,22 @@ def test_bert_trains_on_text_prepared_with_a_wordpiece_tokenizer(corpus_dir, tmp
               if "val_loss" in r]
     assert len(losses) == 2 and losses[1] < losses[0]
     assert "[MASK]" in (out / "tokenizer.json").read_text()
+
+
+def test_an_mae_encoder_fine_tunes_into_a_digit_classifier(digits, tmp_path):
+    """finetune.task=classify on a MAE base: its encoder (no decoder) under a new head for the data's classes."""
+    mae = tmp_path / "mae"
+    train(image_config({"arch": "mae", "size": "mae-nano"}, digits, mae, 300), echo=quiet)
+    cfg = image_config({}, digits, tmp_path / "ft", 150)
+    cfg.finetune.base, cfg.finetune.task = str(mae), "classify"
+    messages = []
+    train(cfg, echo=messages.append)
+    assert any("full fine-tune" in m for m in messages)
+    result = evaluate_run(tmp_path / "ft", echo=quiet)
+    model = json.loads((tmp_path / "ft" / "model.json").read_text())
+    assert model["family"] == "vit" and model["num_classes"] == 10 and model["pos"] == "sincos"
+    scratch = tmp_path / "scratch"
+    train(image_config({"arch": "vit", "size": "vit-nano", "pos": "sincos"}, digits, scratch, 150), echo=quiet)
+    from_scratch = evaluate_run(scratch, echo=quiet)["val_top1"]
+    # Seen: 0.809 fine-tuned from the MAE encoder vs 0.738 from scratch, 150 steps each on one thread.
+    assert result["val_top1"] > 0.7 and result["val_top1"] > from_scratch, (result, from_scratch)

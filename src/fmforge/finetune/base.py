@@ -38,6 +38,8 @@ def base_model_config(cfg: Config):
         raise FmforgeError(f"finetune.base {base} holds no model (model.safetensors is missing); give a run "
                            "directory from `fmforge train` or `fmforge import hf`")
     model_cfg = read_model_config(base)
+    if ft.task == "classify" and model_cfg.arch in ("vit", "mae"):
+        model_cfg = image_classifier_config(model_cfg)
     if ft.method in ("prefix", "prompt"):
         if not isinstance(model_cfg, ModelConfig):
             raise FmforgeError(f"finetune.method={ft.method} tunes decoders (gpt2, llama), not {model_cfg.arch}")
@@ -89,6 +91,27 @@ def merge(adapter_dir: str | Path, out: str | Path, base: str | Path | None = No
     return out
 
 
+def image_classifier_config(model_cfg):
+    """A ViT classifier on the base's image encoder (a ViT's, or an MAE's), its class count left to the data:
+    the base's head, if any, is replaced."""
+    from fmforge.models.vit import ViTModelConfig
+
+    encoder = model_cfg.encoder if model_cfg.arch == "mae" else model_cfg
+    fields = {k: v for k, v in encoder.model_dump().items()
+              if k in ViTModelConfig.model_fields and k not in ("arch", "size", "num_classes")}
+    return ViTModelConfig(**fields)
+
+
+def base_state(state: dict[str, torch.Tensor], ft: FinetuneConfig) -> dict[str, torch.Tensor]:
+    """The base's tensors the fine-tuned model takes: for an image classifier, the encoder without a head
+    (an MAE's ``encoder.*``, renamed)."""
+    if ft.task != "classify" or not any(k.startswith(("encoder.", "patch_embed.")) for k in state):
+        return state
+    if any(k.startswith("encoder.") for k in state):  # MAE: keep the encoder, drop the decoder
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
 def adapt(model: nn.Module, ft: FinetuneConfig) -> str:
     """Freeze (full) or add adapters (lora) on the meta-device model; returns a one-line description."""
     from fmforge.finetune.lora import apply_lora
@@ -125,8 +148,9 @@ def load_base(model: nn.Module, ft: FinetuneConfig) -> None:
     except (SafetensorError, OSError) as err:
         raise FmforgeError(f"cannot read {weights}: {err}") from None
     tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    state = base_state(state, ft)
     result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    new_head = ("pooler.", "classifier.") if ft.task == "classify" else ()  # a classifier starts fresh
+    new_head = ("pooler.", "classifier.", "head.") if ft.task == "classify" else ()  # a classifier starts fresh
     missing = [k for k in result.missing_keys if not k.endswith((".lora_A", ".lora_B")) and k not in VIRTUAL
                and not (tied and k == "lm_head.weight") and not k.startswith(new_head or ("\0",))]
     if missing or result.unexpected_keys:

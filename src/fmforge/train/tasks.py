@@ -750,9 +750,11 @@ def make_task(cfg: Config, data_dir: Path, echo) -> Task:
     """The task for ``cfg.model.arch`` (and ``finetune.task``), with ``cfg.model`` (and, for images,
     ``train.global_batch_size``) resolved against the data in place."""
     if cfg.finetune.task == "classify":
+        if cfg.model.arch == "vit":  # a ViT or MAE base, its encoder under a new head (finetune.base)
+            return ImageClassificationTask(cfg, data_dir, echo)
         if cfg.model.arch != "bert":
-            raise FmforgeError(f"finetune.task=classify fine-tunes BERT-family encoders, not model.arch={cfg.model.arch} "
-                               "(ViT classifiers train with model.arch=vit on labelled images)")
+            raise FmforgeError(f"finetune.task=classify fine-tunes BERT-family text encoders and ViT/MAE image "
+                               f"encoders, not model.arch={cfg.model.arch}")
         return TextClassificationTask(cfg, data_dir, echo)
     if cfg.finetune.task in ("sft", "dpo"):
         if not is_decoder(cfg.model):
