@@ -63,3 +63,15 @@ def tiny_overrides(data: Path, out: Path, **extra) -> list[str]:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def chat_base(prepared, tmp_path_factory) -> Path:
+    """A nano Llama briefly pretrained on the prepared corpus: the base of the SFT and DPO tests."""
+    from fmforge.config import build_config
+    from fmforge.train.loop import train
+
+    out = tmp_path_factory.mktemp("chat_base") / "run"
+    train(build_config({}, tiny_overrides(prepared, out, **{"train.max_steps": 20, "checkpoint.interval": 0,
+                                                            "data.seq_len": 64})), echo=lambda _msg: None)
+    return out

@@ -21,14 +21,6 @@ def quiet(_msg):
     pass
 
 
-@pytest.fixture(scope="module")
-def base_run(prepared, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dpo_base") / "run"
-    train(build_config({}, tiny_overrides(prepared, out, **{"train.max_steps": 20, "checkpoint.interval": 0,
-                                                            "data.seq_len": 64})), echo=quiet)
-    return out
-
-
 def preference_file(tmp_path, limit=600):
     """chatterbot's statements with their own first reply as chosen and the same reply with its words in
     scrambled order as rejected: a preference for fluent answers that a model can learn in a few steps."""
@@ -49,12 +41,12 @@ def preference_file(tmp_path, limit=600):
     return path
 
 
-def test_dpo_raises_the_chosen_over_rejected_margin_and_leaves_the_reference_alone(base_run, tmp_path):
+def test_dpo_raises_the_chosen_over_rejected_margin_and_leaves_the_reference_alone(chat_base, tmp_path):
     prefs = preference_file(tmp_path)
-    digest = hashlib.sha256((base_run / "model.safetensors").read_bytes()).hexdigest()
+    digest = hashlib.sha256((chat_base / "model.safetensors").read_bytes()).hexdigest()
     out, messages = tmp_path / "dpo", []
     train(build_config({}, tiny_overrides(prefs, out, **{
-        "finetune.base": str(base_run), "finetune.task": "dpo", "finetune.dpo_beta": 0.1, "data.seq_len": 64,
+        "finetune.base": str(chat_base), "finetune.task": "dpo", "finetune.dpo_beta": 0.1, "data.seq_len": 64,
         "train.max_steps": 60, "train.eval_interval": 30, "checkpoint.interval": 0, "optim.lr": 5e-3,
         "train.global_batch_tokens": 1024, "train.micro_batch_size": 8, "train.log_interval": 1})),
         echo=messages.append)
@@ -66,13 +58,13 @@ def test_dpo_raises_the_chosen_over_rejected_margin_and_leaves_the_reference_alo
     assert losses[-5:].mean() < 0.65
     assert all("val_reward_margin" in r for r in read_metrics(out) if "val_loss" in r)
     # On the training comparisons, against the untouched base as reference:
-    base, tok = load_pretrained(base_run)
+    base, tok = load_pretrained(chat_base)
     policy, _ = load_pretrained(out)
     rows = PreferenceRows(prefs, tok, 64, "train", base, torch.device("cpu"), echo=quiet)
     with torch.no_grad():
         margin = dpo_loss(policy_logps(policy, rows.tokens), rows.reference, 0.1)[1]
     assert margin.mean() > 0.1 and (margin > 0).float().mean() > 0.7, (margin.mean(), (margin > 0).float().mean())
-    assert hashlib.sha256((base_run / "model.safetensors").read_bytes()).hexdigest() == digest
+    assert hashlib.sha256((chat_base / "model.safetensors").read_bytes()).hexdigest() == digest
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
 
 

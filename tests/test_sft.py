@@ -23,14 +23,6 @@ def quiet(_msg):
     pass
 
 
-@pytest.fixture(scope="module")
-def base_run(prepared, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft_base") / "run"
-    train(build_config({}, tiny_overrides(prepared, out, **{"train.max_steps": 20, "checkpoint.interval": 0,
-                                                            "data.seq_len": 64})), echo=quiet)
-    return out
-
-
 def test_labels_are_masked_everywhere_except_assistant_tokens(prepared):
     tok = load_tokenizer(prepared / "tokenizer.json")
     ids, labels = encode_chat(tok, CHAT, 200)
@@ -52,7 +44,7 @@ def test_the_jinja_chat_template_renders_what_training_tokenized(prepared):
     assert tok.tokenizer.encode(rendered.replace("<|eos|>", "")).ids  # plain text for any tokenizer
 
 
-def test_sft_on_real_dialogs_lowers_the_assistant_loss_and_ships_the_template(base_run, tmp_path):
+def test_sft_on_real_dialogs_lowers_the_assistant_loss_and_ships_the_template(chat_base, tmp_path):
     chats = tmp_path / "chats.jsonl"
     n = write_chatterbot_chats(chats)
     assert n > 1000
@@ -60,7 +52,7 @@ def test_sft_on_real_dialogs_lowers_the_assistant_loss_and_ships_the_template(ba
         f.write("{not json\n" + json.dumps({"messages": [{"role": "narrator", "content": "x"}]}) + "\n")
     out, messages = tmp_path / "sft", []
     train(build_config({}, tiny_overrides(chats, out, **{
-        "finetune.base": str(base_run), "finetune.task": "sft", "data.seq_len": 64, "train.max_steps": 40,
+        "finetune.base": str(chat_base), "finetune.task": "sft", "data.seq_len": 64, "train.max_steps": 40,
         "train.eval_interval": 20, "train.eval_batches": 4, "checkpoint.interval": 0, "optim.lr": 2e-3})),
         echo=messages.append)
     warning = next(m for m in messages if "skipped" in m and "conversation(s)" in m)

@@ -137,7 +137,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return TextTokenizer(tok, eos_id=ids["eos"], bos_id=ids["bos"], pad_id=ids["pad"])
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object; anything else is a one-line error naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -169,7 +170,7 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
     config: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
         if (file.parent / name).is_file():
-            config.update(_read_json(file.parent / name))
+            config.update(read_json_object(file.parent / name))
     try:
         tok = Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises a bare Exception for bad JSON or an unknown model type

@@ -19,6 +19,7 @@ import torch
 
 from fmforge.data.loader import GlobalBatchLoader
 from fmforge.errors import FmforgeError
+from fmforge.finetune.records import report_dropped
 
 FASTTEXT_LABEL = "__label__"
 
@@ -70,9 +71,8 @@ class LabelledRows:
 
     def __init__(self, path: Path, tokenizer, seq_len: int, split: str, val_fraction: float, echo=print):
         pairs, dropped = read_labelled(path)
-        if split == "train" and dropped:
-            echo(f"warning: {path}: skipped {sum(dropped.values())} line(s): "
-                 + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())))
+        if split == "train":
+            report_dropped(echo, path, dropped, "line(s)")
         names = sorted({label for _, label in pairs})
         self.classes = sorted(names, key=int) if all(n.lstrip("-").isdigit() for n in names) else names
         if len(self.classes) < 2:

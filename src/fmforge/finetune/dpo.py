@@ -15,7 +15,6 @@ reference cannot change.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -25,33 +24,21 @@ import torch.nn.functional as F
 
 from fmforge.data.loader import GlobalBatchLoader
 from fmforge.errors import FmforgeError
+from fmforge.finetune.records import read_jsonl, report_dropped
 from fmforge.finetune.sft import encode_chat
 from fmforge.objectives.clm import IGNORE_INDEX
 
 
+def _problem(record) -> str | None:
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k]
+                                               for k in ("prompt", "chosen", "rejected")):
+        return "missing_field"
+    return "chosen_equals_rejected" if record["chosen"] == record["rejected"] else None
+
+
 def read_preferences(path: Path) -> tuple[list[dict], Counter]:
     """Well-formed comparisons of a preference JSONL file and the dropped lines counted by reason."""
-    if not path.is_file():
-        raise FmforgeError(f"preference data not found: {path} (a .jsonl file of "
-                           '{"prompt": ..., "chosen": ..., "rejected": ...} lines)')
-    pairs, dropped = [], Counter()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                dropped["invalid_json"] += 1
-                continue
-            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k]
-                                                       for k in ("prompt", "chosen", "rejected")):
-                dropped["missing_field"] += 1
-            elif record["chosen"] == record["rejected"]:
-                dropped["chosen_equals_rejected"] += 1
-            else:
-                pairs.append(record)
-    return pairs, dropped
+    return read_jsonl(path, _problem, 'preference {"prompt": ..., "chosen": ..., "rejected": ...} lines')
 
 
 def sequence_logps(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -89,9 +76,8 @@ class PreferenceRows:
                 dropped["reply_cut_off"] += 1
                 continue
             rows.append(np.stack([np.stack(pair) for pair in both]))
-        if split == "train" and dropped:
-            echo(f"warning: {path}: skipped {sum(dropped.values())} comparison(s): "
-                 + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())))
+        if split == "train":
+            report_dropped(echo, path, dropped, "comparison(s)")
         if not rows:
             raise FmforgeError(f"no usable {split} comparisons in {path}")
         self.tokens = torch.from_numpy(np.stack(rows))

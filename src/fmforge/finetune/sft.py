@@ -24,6 +24,7 @@ import torch
 
 from fmforge.data.loader import GlobalBatchLoader
 from fmforge.errors import FmforgeError
+from fmforge.finetune.records import read_jsonl, report_dropped
 from fmforge.objectives.clm import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
@@ -64,24 +65,8 @@ def _problem(record) -> str | None:
 
 def read_chats(path: Path) -> tuple[list[list[dict]], Counter]:
     """Every well-formed conversation of a chat JSONL file, and the dropped lines counted by reason."""
-    if not path.is_file():
-        raise FmforgeError(f"chat data not found: {path} (a .jsonl file of {{\"messages\": [...]}} lines)")
-    chats, dropped = [], Counter()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                dropped["invalid_json"] += 1
-                continue
-            problem = _problem(record)
-            if problem:
-                dropped[problem] += 1
-            else:
-                chats.append(record["messages"])
-    return chats, dropped
+    records, dropped = read_jsonl(path, _problem, 'chat {"messages": [...]} lines')
+    return [r["messages"] for r in records], dropped
 
 
 def encode_chat(tokenizer, messages: list[dict], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,9 +103,8 @@ class ChatRows:
                 continue
             rows.append(ids)
             labels.append(lab)
-        if split == "train" and dropped:
-            echo(f"warning: {path}: skipped {sum(dropped.values())} conversation(s): "
-                 + ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())))
+        if split == "train":
+            report_dropped(echo, path, dropped, "conversation(s)")
         if not rows:
             raise FmforgeError(f"no usable {split} conversations in {path}")
         self.seq_len = seq_len

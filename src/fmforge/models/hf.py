@@ -21,6 +21,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fmforge.data.tokenizer import read_json_object
 from fmforge.errors import FmforgeError
 
 
@@ -36,16 +37,6 @@ def _family(model_type: str):
     raise FmforgeError(f"unsupported architecture: model_type {model_type!r}; fmforge converts {', '.join(known)}")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FmforgeError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise FmforgeError(f"cannot read {path}: expected a JSON object")
-    return data
-
-
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Every tensor of an HF directory: one safetensors file, a sharded set (via its index), or a
     ``pytorch_model.bin`` (loaded with ``weights_only``: no code from the file runs)."""
@@ -55,7 +46,7 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         if single.is_file():
             return load_file(str(single))
         if index.is_file():
-            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+            shards = sorted(set(read_json_object(index).get("weight_map", {}).values()))
             if not shards:
                 raise FmforgeError(f"{index} lists no weight files")
             tensors: dict[str, torch.Tensor] = {}
@@ -87,7 +78,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, echo=print):
         raise FmforgeError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     if (out / "model.safetensors").exists():
         raise FmforgeError(f"{out} already holds a model; choose another --out")
-    hf_cfg = _read_json(hf_dir / "config.json")
+    hf_cfg = read_json_object(hf_dir / "config.json")
     family = _family(str(hf_cfg.get("model_type")))
     cfg = family.config_from_hf(hf_cfg)
     state = family.state_from_hf(read_hf_weights(hf_dir), cfg)
@@ -107,7 +98,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, echo=print):
     raw = {"model": cfg.model_dump(mode="json"), "train": {"out_dir": str(out)}}
     pre = hf_dir / "preprocessor_config.json"
     if pre.is_file():  # the normalization the image model was trained with
-        proc = _read_json(pre)
+        proc = read_json_object(pre)
         if proc.get("image_mean") and proc.get("image_std"):
             raw["data"] = {"mean": list(proc["image_mean"]), "std": list(proc["image_std"])}
     save_config(build_config(raw), out / "config.yaml")
@@ -130,7 +121,7 @@ def _tokenizer_config(run_dir: Path, max_len: int | None):
     tok = load_tokenizer(run_dir / "tokenizer.json")
     # Keep what the run's own config holds (a chat template from SFT, an imported model's tokenizer class).
     existing = run_dir / "tokenizer_config.json"
-    out = _read_json(existing) if existing.is_file() else {}
+    out = read_json_object(existing) if existing.is_file() else {}
     out.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     out.update(tok.special_tokens_map())
     for role, name in (("mask_token", "[MASK]"), ("cls_token", "[CLS]"), ("sep_token", "[SEP]"),
