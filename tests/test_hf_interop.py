@@ -125,3 +125,29 @@ def test_import_and_export_mistakes_are_one_line_errors(hf_llama_dir, tmp_path):
     proc = run_cli("export", "hf", tmp_path / "nothing", "--out", tmp_path / "hf")
     assert proc.returncode == 2 and "run directory not found" in proc.stderr
     assert load_tokenizer(tmp_path / "run" / "tokenizer.json").vocab_size == 320
+
+
+def test_a_trained_clip_run_exports_with_a_tokenizer_that_closes_captions_like_training(tmp_path):
+    """The exported CLIPModel + AutoTokenizer embed captions exactly as fmforge does (end-of-text appended)."""
+    from fmforge.data.builtin_images import write_skimage_captions
+    from fmforge.data.image_shards import prepare_images
+
+    data = tmp_path / "data"
+    prepare_images([str(write_skimage_captions(tmp_path / "raw"))], data, val_fraction=0.0, vocab_size=300, log=None)
+    run = tmp_path / "clip"
+    train(build_config({"model": {"arch": "clip", "size": "clip-nano"}, "data": {"path": str(data)},
+                        "train": {"out_dir": str(run), "max_steps": 2, "global_batch_size": 4, "micro_batch_size": 4,
+                                  "eval_interval": 0, "threads": 1}, "log": {"tensorboard": False}}), echo=quiet)
+    export_hf(run, tmp_path / "hf", echo=quiet)
+    ref = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours, _ = load_pretrained(run)
+    captions = ["Color image of the astronaut Eileen Collins.", "A rocket"]
+    batch = hf_tok(captions, padding=True, return_tensors="pt")
+    from fmforge.train.tasks import CaptionTokens
+
+    with torch.no_grad():
+        out = ref.get_text_features(**batch)
+        hf_text = out if isinstance(out, torch.Tensor) else out.pooler_output
+        mine = ours.encode_text(CaptionTokens(load_tokenizer(run / "tokenizer.json"), 32)(captions), normalize=False)
+    torch.testing.assert_close(hf_text, mine, rtol=0, atol=1e-4)

@@ -170,13 +170,27 @@ def export_hf(run_dir: str | Path, out: str | Path, echo=print) -> Path:
               metadata={"format": "pt"})  # transformers refuses safetensors files without format=pt
     _write_json(out / "config.json", hf_cfg)
     if tokenizer is not None:
-        shutil.copyfile(run_dir / "tokenizer.json", out / "tokenizer.json")
+        if family_of(cfg) == "clip":
+            _save_caption_tokenizer(tok, out / "tokenizer.json")
+        else:
+            shutil.copyfile(run_dir / "tokenizer.json", out / "tokenizer.json")
         _write_json(out / "tokenizer_config.json", tok_cfg)
     vision = getattr(cfg, "vision", None) or (cfg if family_of(cfg) == "vit" else None)
     if vision is not None:
         _write_json(out / "preprocessor_config.json", _preprocessor(run_dir, vision, cfg.arch))
     echo(f"exported {run_dir} ({family_of(cfg)}) to {out}")
     return out
+
+
+def _save_caption_tokenizer(tok, path: Path) -> None:
+    """CLIP's text tower pools at the end-of-text token, which fmforge appends to every caption
+    (``train.tasks.CaptionTokens``); the exported tokenizer appends it too, so ``AutoTokenizer`` output fed
+    to the ``CLIPModel`` gives the same embeddings."""
+    from tokenizers.processors import TemplateProcessing
+
+    eos = tok.tokenizer.id_to_token(tok.eos_id)
+    tok.tokenizer.post_processor = TemplateProcessing(single=f"$A {eos}", special_tokens=[(eos, tok.eos_id)])
+    tok.save(path)
 
 
 def _preprocessor(run_dir: Path, vision, arch: str) -> dict:
