@@ -4,7 +4,7 @@ chat template travels with the model, bad lines are counted and skipped."""
 import json
 
 import pytest
-from conftest import read_metrics, tiny_overrides
+from conftest import read_metrics, run_cli, tiny_overrides
 
 from fmforge.config import build_config
 from fmforge.data.builtin_chat import write_chatterbot_chats
@@ -62,6 +62,8 @@ def test_sft_on_real_dialogs_lowers_the_assistant_loss_and_ships_the_template(ch
     assert len(val) == 2 and val[1] < val[0]
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"] == CHAT_TEMPLATE and config["eos_token"] == "<|eos|>"
+    proc = run_cli("eval", out)  # perplexity needs prepared data, which a chat file is not
+    assert proc.returncode == 2 and "not on prepared data; pass --data" in proc.stderr, proc.stderr
 
 
 def test_sft_mistakes_are_one_line_errors(prepared, tmp_path):

@@ -95,6 +95,9 @@ def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, max_batche
     if is_remote(data_dir):
         data_dir = stage_prepared_data(data_dir)
     data_dir = Path(data_dir)
+    if data_dir.is_file():  # SFT/DPO/classification runs name a JSONL file, not prepared shards
+        raise FmforgeError(f"{run_dir} was fine-tuned on {data_dir.name}, not on prepared data; pass --data "
+                           "PREPARED_DIR (from `fmforge data prepare --tokenizer RUN_DIR`) to measure perplexity")
     seq_len = int(run_cfg["data"]["seq_len"])
     dev = pick_device(device)
     model, tok = load_pretrained(run_dir, dev, family="decoder")
