@@ -218,7 +218,9 @@ def test_image_run_mistakes_are_one_line_errors(digits, digit_captions, tmp_path
         build_config({"model": {"arch": "vit", "n_layer": 0}})
 
 
-def test_two_process_clip_training_takes_negatives_from_both_ranks_and_matches_one_process(digit_captions, tmp_path):
+@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+def test_two_process_clip_training_takes_negatives_from_both_ranks_and_matches_one_process(dp, digit_captions,
+                                                                                        tmp_path):
     """1 process with micro-batch 64 and 2 gloo processes with 32 each see the same 64 captions as negatives
     per step (features gathered with gradient), so they log the same losses."""
     import subprocess
@@ -232,7 +234,7 @@ def test_two_process_clip_training_takes_negatives_from_both_ranks_and_matches_o
     cfg = image_config(CLIP_DIGITS, digit_captions, tmp_path / "unused", 8, micro_batch_size=32, **settings)
     raw = cfg.model_dump(mode="json", exclude_unset=True)  # what the data decides stays unset
     raw["train"].pop("out_dir")
-    raw["parallel"] = {"dp": "ddp"}
+    raw["parallel"] = {"dp": dp}
     (tmp_path / "clip.yaml").write_text(yaml.safe_dump(raw))
     two = tmp_path / "two"
     proc = subprocess.run([sys.executable, "-m", "fmforge", "train", str(tmp_path / "clip.yaml"), "--out", str(two),

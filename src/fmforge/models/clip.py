@@ -138,8 +138,8 @@ class CLIPModelConfig(CLIPConfig):
 class CLIPOutput(NamedTuple):
     image_features: torch.Tensor  # [B, embed_dim], unit norm
     text_features: torch.Tensor  # [B, embed_dim], unit norm
-    logit_scale: torch.Tensor  # scalar: exp(learned log-scale), clamped at max_logit_scale
-    logit_bias: torch.Tensor | None  # scalar for the sigmoid loss, else None
+    logit_scale: torch.Tensor  # [1]: exp(learned log-scale), clamped at max_logit_scale
+    logit_bias: torch.Tensor | None  # [1] for the sigmoid loss, else None
 
 
 class TextTransformer(nn.Module):
@@ -194,8 +194,9 @@ class CLIP(nn.Module):
         self.text = TextTransformer(cfg.text)
         self.image_proj = nn.Linear(cfg.vision.d_model, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(cfg.text.d_model, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.empty(()))
-        self.logit_bias = nn.Parameter(torch.empty(())) if cfg.init_logit_bias is not None else None
+        # Shape [1], not a 0-d scalar: FSDP2 shards parameters along a dimension and refuses scalars.
+        self.logit_scale = nn.Parameter(torch.empty(1))
+        self.logit_bias = nn.Parameter(torch.empty(1)) if cfg.init_logit_bias is not None else None
         self.init_weights()
 
     @torch.no_grad()

@@ -213,7 +213,8 @@ def _clip_modules(cfg: CLIPModelConfig) -> dict:
             "text.pos_emb": "text_model.embeddings.position_embedding",
             **_layers("text.blocks", "text_model.encoder.layers", txt.n_layer, txt.n_head, CLIP_LAYER),
             "text.norm": "text_model.final_layer_norm",
-            "image_proj": "visual_projection", "text_proj": "text_projection", "logit_scale": "logit_scale"}
+            "image_proj": "visual_projection", "text_proj": "text_projection",
+            "logit_scale": _Same("logit_scale", squeeze=1)}  # HF's is 0-d, ours [1] (FSDP shards no scalars)
 
 
 def _fresh_mlm_head(cfg: BertModelConfig) -> dict[str, torch.Tensor]:
