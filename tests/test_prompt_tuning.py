@@ -57,7 +57,8 @@ def test_generation_with_virtual_tokens_uses_the_kv_cache_and_matches_full_recom
     model = with_virtual(base_run, method, 5)
     with torch.no_grad():
         model.prompt is not None and model.prompt.add_(0.3 * torch.randn_like(model.prompt))
-        model.prefix_k is not None and model.prefix_k.add_(0.3 * torch.randn_like(model.prefix_k))
+        for block in model.blocks:
+            block.attn.prefix_k is not None and block.attn.prefix_k.add_(0.3 * torch.randn_like(block.attn.prefix_k))
     prompt = [0, 17, 42, 99]
     cached = sample(model, prompt, 12, temperature=0.0, use_cache=True)
     recomputed = sample(model, prompt, 12, temperature=0.0, use_cache=False)
@@ -80,8 +81,8 @@ def test_tuning_lowers_the_loss_while_every_base_weight_stays_bit_identical(prep
     before, after = load_file(str(base_run / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for key, value in before.items():
         assert torch.equal(after[key], value), key
-    virtual = {"prefix": {"prefix_k", "prefix_v"}, "prompt": {"prompt"}}[method]
-    assert set(after) - set(before) == virtual
+    virtual = {"prefix": {f"blocks.{i}.attn.prefix_{kv}" for i in range(2) for kv in "kv"}, "prompt": {"prompt"}}
+    assert set(after) - set(before) == virtual[method]
     model, tok = load_pretrained(out)  # model.json carries the virtual tokens: generate reads it as is
     assert model.virtual == 8
     assert len(sample(model, tok.encode("def"), 5, temperature=0.0)) == 5

@@ -24,7 +24,11 @@ from fmforge.config import Config, FinetuneConfig
 from fmforge.errors import FmforgeError
 from fmforge.models.config import ModelConfig
 
-VIRTUAL = ("prefix_k", "prefix_v", "prompt")  # the parameters prefix and prompt tuning add to a decoder
+
+def is_virtual(name: str) -> bool:
+    """The parameters prefix and prompt tuning add to a decoder: each attention's prefix keys and values,
+    or the model's prompt embeddings."""
+    return name == "prompt" or name.endswith(("attn.prefix_k", "attn.prefix_v"))
 
 
 def base_model_config(cfg: Config):
@@ -121,7 +125,7 @@ def adapt(model: nn.Module, ft: FinetuneConfig) -> str:
         what = f"LoRA r={ft.lora_rank} alpha={ft.lora_alpha:g} on {len(wrapped)} Linear layers"
     elif ft.method in ("prefix", "prompt"):
         for name, p in model.named_parameters():
-            p.requires_grad_(name in VIRTUAL)
+            p.requires_grad_(is_virtual(name))
         what = f"{ft.method} tuning, {ft.virtual_tokens} virtual tokens"
     else:
         frozen = [n for n, p in model.named_parameters() if any(fnmatch.fnmatchcase(n, f) for f in ft.freeze)]
@@ -151,7 +155,7 @@ def load_base(model: nn.Module, ft: FinetuneConfig) -> None:
     state = base_state(state, ft)
     result = set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     new_head = ("pooler.", "classifier.", "head.") if ft.task == "classify" else ()  # a classifier starts fresh
-    missing = [k for k in result.missing_keys if not k.endswith((".lora_A", ".lora_B")) and k not in VIRTUAL
+    missing = [k for k in result.missing_keys if not k.endswith((".lora_A", ".lora_B")) and not is_virtual(k)
                and not (tied and k == "lm_head.weight") and not k.startswith(new_head or ("\0",))]
     if missing or result.unexpected_keys:
         raise FmforgeError(f"{weights} does not fit the model: missing {missing[:3]}, unexpected "
@@ -194,8 +198,9 @@ def init_virtual_tokens(model: nn.Module, ft: FinetuneConfig, seed: int = 0) -> 
         else:
             cache = base.new_cache(1, n, dtype=torch.float32)
             base(idx, 0, cache)
-            copy_full_(model.prefix_k, torch.stack([c.k[0, :, :n] for c in cache]))
-            copy_full_(model.prefix_v, torch.stack([c.v[0, :, :n] for c in cache]))
+            for block, layer_cache in zip(model.blocks, cache):
+                copy_full_(block.attn.prefix_k, layer_cache.k[0, :, :n])
+                copy_full_(block.attn.prefix_v, layer_cache.v[0, :, :n])
     model.train(was_training)
 
 

@@ -167,17 +167,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        # Prefix tuning (Li & Liang 2021): this layer's learned keys and values of the virtual tokens. They live
+        # here, not on the model, so FSDP gathers them with the block that uses them.
+        self.prefix_k = self.prefix_v = None
+        if getattr(cfg, "prefix_tokens", 0):
+            shape = (cfg.n_kv_head, cfg.prefix_tokens, cfg.head_dim)
+            self.prefix_k, self.prefix_v = nn.Parameter(torch.empty(shape)), nn.Parameter(torch.empty(shape))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start_pos: int = 0, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None,
-                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, use_prefix: bool = True) -> torch.Tensor:
         """x [B, T, d] at positions start_pos..start_pos+T-1; ``rope`` holds cos/sin for exactly those positions.
         ``attn_mask`` (no-cache path only) is a boolean mask, True = may attend, broadcastable to
         [B, n_head, T, T], e.g. key padding for encoders; with causal=True it is and-ed with causality.
-        ``prefix`` (no-cache path, causal): learned keys and values [n_kv_head, P, head_dim] of P virtual
-        tokens before the sequence (prefix tuning), which every position attends to; with a cache they are
-        simply its first P entries."""
+        With prefix tuning (and ``use_prefix``) every position also attends to the P learned keys/values in
+        front (positions 0..P-1, so the text starts at start_pos >= P); with a cache they are its first P
+        entries, written when the cache is still empty."""
         B, T, _ = x.shape
         groups = self.n_head // self.n_kv_head
         qkv = self.qkv(x)
@@ -192,6 +197,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
 
         is_causal, mask = self.causal, attn_mask
+        prefix = (self.prefix_k, self.prefix_v) if use_prefix and self.prefix_k is not None else None
+        if prefix is not None and cache is not None and cache.length == 0:
+            cache.update(0, *(t.to(cache.k.dtype).expand(B, -1, -1, -1) for t in prefix))
         if cache is not None:
             if attn_mask is not None or not self.causal:
                 raise ValueError("KV cache decoding is for causal attention without an extra mask")
@@ -226,6 +234,9 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float, truncated: bool) -> None:
         init_linear(self.qkv, std, truncated)
         init_linear(self.proj, out_std, truncated)
+        for virtual in (self.prefix_k, self.prefix_v):
+            if virtual is not None:  # usually replaced by an init from text (finetune.base.init_virtual_tokens)
+                init_normal_(virtual, std, truncated)
 
 
 # ---------------------------------------------------------------------------------------------------- MLPs
@@ -295,12 +306,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start_pos: int = 0, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None,
-                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, use_prefix: bool = True) -> torch.Tensor:
         if self.post_norm:
-            x = self.norm1(x + self.attn(x, rope, start_pos, cache, attn_mask, prefix))
+            x = self.norm1(x + self.attn(x, rope, start_pos, cache, attn_mask, use_prefix))
             return self.norm2(x + self.mlp(x))
-        x = x + self.attn(self.norm1(x), rope, start_pos, cache, attn_mask, prefix)
+        x = x + self.attn(self.norm1(x), rope, start_pos, cache, attn_mask, use_prefix)
         return x + self.mlp(self.norm2(x))
 
     def init_weights(self, std: float, out_std: float, truncated: bool) -> None:

@@ -30,12 +30,8 @@ class GPT(nn.Module):
         # Virtual tokens (see ModelConfig.prefix_tokens / prompt_tokens): learned, in front of every sequence.
         self.virtual = cfg.prefix_tokens or cfg.prompt_tokens
         self._plain = False  # see without_virtual_tokens
+        # (prefix tuning's keys/values live in each block's attention)
         self.prompt = nn.Parameter(torch.empty(cfg.prompt_tokens, cfg.d_model)) if cfg.prompt_tokens else None
-        if cfg.prefix_tokens:
-            shape = (cfg.n_layer, cfg.n_kv_head, cfg.prefix_tokens, cfg.head_dim)
-            self.prefix_k, self.prefix_v = nn.Parameter(torch.empty(shape)), nn.Parameter(torch.empty(shape))
-        else:
-            self.prefix_k = self.prefix_v = None
         if cfg.pos == "rope":
             # Non-persistent: derived from the config, so never saved; filled by reset_buffers() (via init_weights).
             self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
@@ -73,9 +69,8 @@ class GPT(nn.Module):
             depth = cfg.n_layer if cfg.arch == "gpt2" else i + 1
             block.init_weights(std, std / math.sqrt(2 * depth), truncated)
         self.norm_f.reset_parameters()
-        for virtual in (self.prompt, self.prefix_k, self.prefix_v):
-            if virtual is not None:  # usually replaced by an init from text (finetune.base.init_virtual_tokens)
-                init_normal_(virtual, std, truncated)
+        if self.prompt is not None:  # usually replaced by an init from text (finetune.base.init_virtual_tokens)
+            init_normal_(self.prompt, std, truncated)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -109,14 +104,7 @@ class GPT(nn.Module):
             rope = (self.rope_cos[first:first + n], self.rope_sin[first:first + n])
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            prefix = None
-            if P and self.prefix_k is not None:
-                if cache is None:
-                    prefix = (self.prefix_k[i], self.prefix_v[i])
-                elif start_pos == 0:  # prefix tuning with a cache: the prefix is the cache's first P entries
-                    cache[i].update(0, self.prefix_k[i].expand(B, -1, -1, -1).to(cache[i].k.dtype),
-                                    self.prefix_v[i].expand(B, -1, -1, -1).to(cache[i].v.dtype))
-            x = block(x, rope, first, None if cache is None else cache[i], prefix=prefix)
+            x = block(x, rope, first, None if cache is None else cache[i], use_prefix=bool(P))
         logits = self.lm_head(self.norm_f(x))
         return logits[:, P:] if prompted else logits
 
