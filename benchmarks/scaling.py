@@ -49,7 +49,7 @@ def run_case(data: Path, out: Path, nproc: int, mode: str, compile: bool, args) 
     dp, _, extra = mode.partition("+")
     overrides = {
         "model.arch": args.arch_of(args.size), "model.size": args.size, "data.seq_len": args.seq_len,
-        "train.global_batch_tokens": args.global_batch_tokens, "train.micro_batch_size": args.micro_batch,
+        "train.global_batch": args.global_batch_tokens, "train.micro_batch_size": args.micro_batch,
         "train.max_steps": args.steps, "train.log_interval": args.log_interval, "train.eval_interval": 0,
         "train.eval_batches": 1, "train.compile": compile, "train.device": args.device,
         "checkpoint.interval": 0, "log.tensorboard": False, "log.progress": "plain",

@@ -24,8 +24,8 @@ import torch
 
 from fmforge.models.clip import CLIP, CLIPConfig
 from fmforge.models.vit import VisionConfig, ViT
-from fmforge.objectives.classify import classification_loss
 from fmforge.objectives.contrastive import contrastive_loss
+from fmforge.objectives.image_classify import classification_loss
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -52,7 +52,7 @@ def tiny_overrides(data: Path, out: Path, **extra) -> list[str]:
     """A nano Llama that takes a few ms per step on CPU: for loop, resume and checkpoint behaviour."""
     base = {
         "model.arch": "llama", "model.size": "nano", "model.n_kv_head": 2, "data.seq_len": 64,
-        "train.global_batch_tokens": 512, "train.micro_batch_size": 4, "train.max_steps": 40,
+        "train.global_batch": 512, "train.micro_batch_size": 4, "train.max_steps": 40,
         "train.log_interval": 1, "train.eval_interval": 20, "train.eval_batches": 2, "train.threads": 1,
         "optim.warmup_steps": 5, "optim.lr": 3e-3, "checkpoint.interval": 10, "checkpoint.keep_last": 3,
         "log.tensorboard": False, "data.path": str(data), "train.out_dir": str(out),

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmforge.models.bert import BERT_SIZES, Bert, BertConfig, hf_bert_state_dict
-from fmforge.objectives.classify import classification_loss
+from fmforge.models.bert import Bert, BertConfig, hf_bert_state_dict
+from fmforge.models.sizes import BERT_SIZES
+from fmforge.objectives.image_classify import classification_loss
 from fmforge.objectives.mlm import mask_tokens, mlm_loss
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -8,9 +8,9 @@ import pytest
 from conftest import read_metrics
 
 from fmforge.config import build_config
+from fmforge.data.labelled import pang_lee_polarity, read_labelled
 from fmforge.errors import FmforgeError
-from fmforge.finetune.classify import pang_lee_polarity, read_labelled
-from fmforge.models.hf import import_hf
+from fmforge.interop.hf.convert import import_hf
 from fmforge.train.loop import train
 
 
@@ -27,7 +27,7 @@ def test_minilm_fine_tuned_on_real_sentences_beats_the_majority_baseline_clearly
         "data": {"path": str(data), "seq_len": 48},
         "finetune": {"base": str(tmp_path / "minilm"), "task": "classify", "val_fraction": 0.25},
         "optim": {"lr": 1e-4, "warmup_steps": 5, "weight_decay": 0.01, "min_lr_ratio": 0.1},
-        "train": {"out_dir": str(out), "max_steps": 80, "global_batch_tokens": 16 * 48, "micro_batch_size": 16,
+        "train": {"out_dir": str(out), "max_steps": 80, "global_batch": 16, "micro_batch_size": 16,
                   "eval_interval": 40, "threads": 2, "log_interval": 5},
         "checkpoint": {"interval": 0}, "log": {"tensorboard": False}})
     train(cfg, echo=quiet)

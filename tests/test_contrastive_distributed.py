@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fmforge.models.clip import CLIP, SIGLIP_LOGIT_INIT, CLIPConfig
+from fmforge.models.clip import CLIP, CLIPConfig
+from fmforge.models.sizes import SIGLIP_LOGIT_INIT
 from fmforge.objectives.contrastive import contrastive_loss
 
 GLOBAL_BATCH, WORLD = 8, 2

@@ -15,8 +15,8 @@ import torch
 from conftest import read_metrics, tiny_overrides
 from safetensors.torch import load_file
 
+import fmforge.objectives.clm as clm
 import fmforge.train.loop as loop
-import fmforge.train.tasks as tasks
 from fmforge.config import build_config
 from fmforge.errors import FmforgeError
 from fmforge.train.distributed import DistInfo, preflight
@@ -126,14 +126,14 @@ def test_out_of_memory_halves_the_micro_batch_and_the_run_matches_one_started_th
     small = tmp_path / "small"
     loop.train(build_config({}, tiny_overrides(prepared, small, **{**STEPS, "train.micro_batch_size": 2})),
                echo=lambda *_: None)
-    real = tasks.clm_loss
+    real = clm.clm_loss
 
     def oom_above_two(logits, targets):
         if logits.size(0) > 2:
             raise torch.OutOfMemoryError("injected")
         return real(logits, targets)
 
-    monkeypatch.setattr(tasks, "clm_loss", oom_above_two)
+    monkeypatch.setattr(clm, "clm_loss", oom_above_two)
     messages, out = [], tmp_path / "big"
     loop.train(build_config({}, tiny_overrides(prepared, out, **STEPS)), echo=messages.append)  # micro-batch 4
     assert any("out of device memory at step 1: micro-batch 4 -> 2, accumulation 2 -> 4" in m for m in messages)
@@ -195,14 +195,14 @@ def _workers(cli_pid: int) -> list[int]:
 
 
 def test_non_finite_loss_skips_the_update_and_the_run_goes_on(prepared, tmp_path, monkeypatch):
-    real, calls = tasks.clm_loss, []
+    real, calls = clm.clm_loss, []
 
     def poisoned(logits, targets):
         calls.append(1)
         loss = real(logits, targets)
         return loss * float("nan") if len(calls) == 5 else loss  # step 3's first micro-batch
 
-    monkeypatch.setattr(tasks, "clm_loss", poisoned)
+    monkeypatch.setattr(clm, "clm_loss", poisoned)
     messages = []
     result = loop.train(build_config({}, tiny_overrides(prepared, tmp_path / "run", **{"train.max_steps": 8})),
                         echo=messages.append)
@@ -237,13 +237,13 @@ def test_preflight_names_the_rank_and_the_failed_check(tmp_path):
 
 def test_a_loss_spike_rolls_back_to_the_last_checkpoint_and_skips_the_offending_batches(prepared, tmp_path,
                                                                                        monkeypatch):
-    real, calls = tasks.clm_loss, []
+    real, calls = clm.clm_loss, []
 
     def spiky(logits, targets):
         calls.append(1)
         return real(logits, targets) * (30.0 if len(calls) == 49 else 1.0)  # step 25 (2 micro-batches a step)
 
-    monkeypatch.setattr(tasks, "clm_loss", spiky)
+    monkeypatch.setattr(clm, "clm_loss", spiky)
     messages = []
     out = tmp_path / "run"
     result = loop.train(build_config({}, tiny_overrides(prepared, out, **{

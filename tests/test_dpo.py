@@ -11,8 +11,9 @@ from conftest import read_metrics, tiny_overrides
 
 from fmforge.config import build_config
 from fmforge.data.builtin_chat import write_chatterbot_chats
+from fmforge.data.preferences import PreferenceRows, read_preferences
 from fmforge.errors import FmforgeError
-from fmforge.finetune.dpo import PreferenceRows, dpo_loss, policy_logps, read_preferences
+from fmforge.objectives.dpo import dpo_loss, policy_logps, reference_logps
 from fmforge.runs import load_pretrained
 from fmforge.train.loop import train
 
@@ -48,7 +49,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin_and_leaves_the_reference_alo
     train(build_config({}, tiny_overrides(prefs, out, **{
         "finetune.base": str(chat_base), "finetune.task": "dpo", "finetune.dpo_beta": 0.1, "data.seq_len": 64,
         "train.max_steps": 60, "train.eval_interval": 30, "checkpoint.interval": 0, "optim.lr": 5e-3,
-        "train.global_batch_tokens": 1024, "train.micro_batch_size": 8, "train.log_interval": 1})),
+        "train.global_batch": 16, "train.micro_batch_size": 8, "train.log_interval": 1})),
         echo=messages.append)
     warning = next(m for m in messages if "comparison(s)" in m)
     assert "chosen_equals_rejected 1" in warning and "missing_field 1" in warning and "invalid_json 1" in warning
@@ -60,9 +61,10 @@ def test_dpo_raises_the_chosen_over_rejected_margin_and_leaves_the_reference_alo
     # On the training comparisons, against the untouched base as reference:
     base, tok = load_pretrained(chat_base)
     policy, _ = load_pretrained(out)
-    rows = PreferenceRows(prefs, tok, 64, "train", base, torch.device("cpu"), echo=quiet)
+    rows = PreferenceRows(prefs, tok, 64, "train", echo=quiet)
     with torch.no_grad():
-        margin = dpo_loss(policy_logps(policy, rows.tokens), rows.reference, 0.1)[1]
+        reference = reference_logps(base, rows.tokens, torch.device("cpu"))
+        margin = dpo_loss(policy_logps(policy, rows.tokens), reference, 0.1)[1]
     assert margin.mean() > 0.1 and (margin > 0).float().mean() > 0.7, (margin.mean(), (margin > 0).float().mean())
     assert hashlib.sha256((chat_base / "model.safetensors").read_bytes()).hexdigest() == digest
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from fmforge.errors import FmforgeError
+from fmforge.interop.hf.decoder import config_from_hf, config_to_hf, state_from_hf, state_to_hf
 from fmforge.models.blocks import rope_tables
 from fmforge.models.config import ModelConfig
 from fmforge.models.gpt import GPT
-from fmforge.models.hf_decoder import config_from_hf, config_to_hf, state_from_hf, state_to_hf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

@@ -12,10 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from fmforge.errors import FmforgeError
-from fmforge.models import build_model
-from fmforge.models.bert import BertModelConfig, hf_bert_state_dict
-from fmforge.models.clip import CLIPModelConfig
-from fmforge.models.hf_encoders import (
+from fmforge.interop.hf.encoders import (
     BERT_DEFAULTS,
     CLIP_DEFAULTS,
     CLIP_TEXT_DEFAULTS,
@@ -27,6 +24,9 @@ from fmforge.models.hf_encoders import (
     state_from_hf,
     state_to_hf,
 )
+from fmforge.models import build_model
+from fmforge.models.bert import BertModelConfig, hf_bert_state_dict
+from fmforge.models.clip import CLIPModelConfig
 from fmforge.models.vit import ViTModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

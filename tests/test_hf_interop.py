@@ -12,7 +12,7 @@ from conftest import run_cli, tiny_overrides
 from fmforge.config import build_config
 from fmforge.data.tokenizer import load_tokenizer, train_tokenizer
 from fmforge.errors import FmforgeError
-from fmforge.models.hf import export_hf, import_hf
+from fmforge.interop.hf.convert import export_hf, import_hf
 from fmforge.runs import load_pretrained
 from fmforge.train.loop import train
 
@@ -136,7 +136,7 @@ def test_a_trained_clip_run_exports_with_a_tokenizer_that_closes_captions_like_t
     prepare_images([str(write_skimage_captions(tmp_path / "raw"))], data, val_fraction=0.0, vocab_size=300, log=None)
     run = tmp_path / "clip"
     train(build_config({"model": {"arch": "clip", "size": "clip-nano"}, "data": {"path": str(data)},
-                        "train": {"out_dir": str(run), "max_steps": 2, "global_batch_size": 4, "micro_batch_size": 4,
+                        "train": {"out_dir": str(run), "max_steps": 2, "global_batch": 4, "micro_batch_size": 4,
                                   "eval_interval": 0, "threads": 1}, "log": {"tensorboard": False}}), echo=quiet)
     export_hf(run, tmp_path / "hf", echo=quiet)
     ref = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
@@ -144,7 +144,7 @@ def test_a_trained_clip_run_exports_with_a_tokenizer_that_closes_captions_like_t
     ours, _ = load_pretrained(run)
     captions = ["Color image of the astronaut Eileen Collins.", "A rocket"]
     batch = hf_tok(captions, padding=True, return_tensors="pt")
-    from fmforge.train.tasks import CaptionTokens
+    from fmforge.objectives.contrastive import CaptionTokens
 
     with torch.no_grad():
         out = ref.get_text_features(**batch)

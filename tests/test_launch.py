@@ -314,7 +314,7 @@ def test_sbatch_script_trains_on_real_slurm_then_checkpoints_requeues_and_resume
     run_dir = tmp_path / "run"
     max_steps = 400
     overrides = [f"{k}={v}" for k, v in {
-        "model.size": "nano", "model.n_kv_head": 2, "data.seq_len": 64, "train.global_batch_tokens": 512,
+        "model.size": "nano", "model.n_kv_head": 2, "data.seq_len": 64, "train.global_batch": 512,
         "train.micro_batch_size": 4, "train.max_steps": max_steps, "train.log_interval": 1,
         "train.eval_interval": 10_000, "train.eval_batches": 1, "train.threads": 1, "optim.warmup_steps": 5,
         "checkpoint.interval": 10_000,  # so a mid-run checkpoint can only come from the time-limit signal

@@ -165,7 +165,7 @@ def test_batch_and_lr_guidance_cites_sources_and_rescaling_rules():
 
 def test_rescale_keeps_tokens_and_warmup_tokens_and_splits_over_ranks(tmp_path):
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text("data: {seq_len: 128}\ntrain: {global_batch_tokens: 65536, max_steps: 1000, "
+    cfg_path.write_text("data: {seq_len: 128}\ntrain: {global_batch: 65536, max_steps: 1000, "
                         "micro_batch_size: 8}\noptim: {lr: 0.001, warmup_steps: 100}\n")
     out = tmp_path / "new.yaml"
     r = run_cli("plan", "--rescale", cfg_path, "--global-batch-tokens", 262144, "--world-size", 8,
@@ -174,7 +174,7 @@ def test_rescale_keeps_tokens_and_warmup_tokens_and_splits_over_ranks(tmp_path):
     new = load_config(out)
     assert new.optim.lr == pytest.approx(0.002)  # sqrt(4)
     assert new.train.max_steps == 250 and new.optim.warmup_steps == 25
-    assert new.train.global_batch_tokens == 262144 and "256 sequences per rank" in r.stdout
+    assert new.train.global_batch == 262144 and "256 sequences per rank" in r.stdout
     r = run_cli("plan", "--rescale", cfg_path, "--world-size", 7)
     assert r.returncode == 2 and "do not split over 7 ranks" in r.stderr
 

@@ -8,9 +8,9 @@ from conftest import read_metrics, run_cli, tiny_overrides
 
 from fmforge.config import build_config
 from fmforge.data.builtin_chat import write_chatterbot_chats
+from fmforge.data.chat import CHAT_TEMPLATE, encode_chat, read_chats, segments
 from fmforge.data.tokenizer import load_tokenizer
 from fmforge.errors import FmforgeError
-from fmforge.finetune.sft import CHAT_TEMPLATE, encode_chat, read_chats, segments
 from fmforge.objectives.clm import IGNORE_INDEX
 from fmforge.train.loop import train
 

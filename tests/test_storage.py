@@ -8,10 +8,12 @@ import sys
 import pytest
 import torch
 
-from fmforge import storage
+from fmforge.data import staging
 from fmforge.data.prepare import load_manifest, prepare_data
 from fmforge.data.sources import DocumentReader, resolve_inputs
 from fmforge.errors import FmforgeError
+from fmforge.io import fs as objstore
+from fmforge.train import mirror
 from fmforge.train.checkpoint import load_checkpoint, save_checkpoint
 from fmforge.train.distributed import DistInfo
 
@@ -48,7 +50,7 @@ def _checkpoints(root, steps, keep_last=10):
 
 def _files_under(url: str) -> list[str]:
     """Objects under ``url``. (SeaweedFS, unlike AWS, lists an emptied folder for a while; it holds no files.)"""
-    found = storage.filesystem(url).find(url, detail=True)
+    found = objstore.filesystem(url).find(url, detail=True)
     return sorted(p for p, info in found.items() if info["type"] == "file")
 
 
@@ -86,39 +88,39 @@ def small_prepared(tmp_path_factory):
 
 
 def test_is_remote_means_a_scheme_other_than_file():
-    assert storage.is_remote("s3://bucket/key") and storage.is_remote("gs://b/k")
-    assert not storage.is_remote("/data/prepared") and not storage.is_remote("relative/dir")
-    assert not storage.is_remote("file:///data") and not storage.is_remote(str(__file__))
+    assert objstore.is_remote("s3://bucket/key") and objstore.is_remote("gs://b/k")
+    assert not objstore.is_remote("/data/prepared") and not objstore.is_remote("relative/dir")
+    assert not objstore.is_remote("file:///data") and not objstore.is_remote(str(__file__))
 
 
 def test_missing_s3fs_is_a_one_line_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "s3fs", None)  # import s3fs now raises ImportError
     with pytest.raises(FmforgeError, match=r"s3://b/x.*pip install 'fmforge\[s3\]'"):
-        storage.filesystem("s3://b/x")
+        objstore.filesystem("s3://b/x")
 
 
 def test_bad_url_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3_url, monkeypatch, tmp_path):
     with pytest.raises(FmforgeError, match="bad URL 's3:///key'"):
-        storage.read_text("s3:///key")
+        objstore.read_text("s3:///key")
     nobucket = "s3://no-such-bucket-fmforge/run"
     with pytest.raises(FmforgeError, match=f"{nobucket}.*no such bucket"):
-        storage.list_remote_checkpoints(nobucket)
+        mirror.list_remote_checkpoints(nobucket)
     with pytest.raises(FmforgeError, match=f"{nobucket}/data/manifest.json.*no such bucket"):
-        storage.stage_prepared_data(f"{nobucket}/data", cache_dir=tmp_path)
+        staging.stage_prepared_data(f"{nobucket}/data", cache_dir=tmp_path)
     with pytest.raises(FmforgeError, match=f"no manifest.json at {s3_url}/empty"):
-        storage.stage_prepared_data(f"{s3_url}/empty", cache_dir=tmp_path)
+        staging.stage_prepared_data(f"{s3_url}/empty", cache_dir=tmp_path)
     with pytest.raises(FmforgeError, match=f"cannot read input {s3_url}/missing.txt: not found"):
         resolve_inputs([f"{s3_url}/missing.txt"])
     with pytest.raises(FmforgeError, match=f"no files match '{nobucket}/\\*.txt'"):
         resolve_inputs([f"{nobucket}/*.txt"])
     with pytest.raises(FmforgeError, match="cannot read s3://Bad Bucket/x"):
-        storage.read_text("s3://Bad Bucket/x")
-    assert storage.list_remote_checkpoints(f"{s3_url}/nothing-yet") == []  # a fresh run's empty prefix
+        objstore.read_text("s3://Bad Bucket/x")
+    assert mirror.list_remote_checkpoints(f"{s3_url}/nothing-yet") == []  # a fresh run's empty prefix
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: connection refused
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(FmforgeError, match=f"cannot read {s3_url}/x.*Could not connect") as err:
-        storage.read_text(f"{s3_url}/x")
+        objstore.read_text(f"{s3_url}/x")
     assert "\n" not in str(err.value)
 
 
@@ -127,14 +129,14 @@ def test_text_and_directory_helpers_round_trip(s3_url, tmp_path):
     (src / "a" / "b").mkdir(parents=True)
     (src / "top.txt").write_text("top")
     (src / "a" / "b" / "deep.bin").write_bytes(bytes(range(256)) * 40)
-    assert storage.upload_dir(src, f"{s3_url}/dir") == ["a/b/deep.bin", "top.txt"]
-    assert storage.list_dir(f"{s3_url}/dir") == ["a", "top.txt"]
-    assert storage.list_dir(f"{s3_url}/nothing") == []
-    assert storage.exists(f"{s3_url}/dir/a") and not storage.exists(f"{s3_url}/dir/zzz")
-    storage.download_dir(f"{s3_url}/dir", tmp_path / "back")
+    assert objstore.upload_dir(src, f"{s3_url}/dir") == ["a/b/deep.bin", "top.txt"]
+    assert objstore.list_dir(f"{s3_url}/dir") == ["a", "top.txt"]
+    assert objstore.list_dir(f"{s3_url}/nothing") == []
+    assert objstore.exists(f"{s3_url}/dir/a") and not objstore.exists(f"{s3_url}/dir/zzz")
+    objstore.download_dir(f"{s3_url}/dir", tmp_path / "back")
     assert (tmp_path / "back" / "a" / "b" / "deep.bin").read_bytes() == (src / "a" / "b" / "deep.bin").read_bytes()
-    storage.write_text(f"{s3_url}/note", "héllo\n")
-    assert storage.read_text(f"{s3_url}/note") == "héllo\n"
+    objstore.write_text(f"{s3_url}/note", "héllo\n")
+    assert objstore.read_text(f"{s3_url}/note") == "héllo\n"
 
 
 # ---- checkpoints ----
@@ -144,13 +146,13 @@ def test_mirrored_checkpoint_restores_identical_tensors_after_local_loss(s3_url,
     local = tmp_path / "checkpoints"
     model, optimizer, [path] = _checkpoints(local, [3])
     remote = f"{s3_url}/checkpoints"
-    assert storage.mirror_checkpoint(path, remote, keep_last=2) == f"{remote}/step_0000003"
-    assert storage.list_remote_checkpoints(remote) == ["step_0000003"]
-    assert storage.read_text(f"{remote}/latest") == "step_0000003\n"
+    assert mirror.mirror_checkpoint(path, remote, keep_last=2) == f"{remote}/step_0000003"
+    assert mirror.list_remote_checkpoints(remote) == ["step_0000003"]
+    assert objstore.read_text(f"{remote}/latest") == "step_0000003\n"
     shutil.rmtree(local)  # the node is gone; only object storage remains
 
     warnings = []
-    fetched = storage.latest_remote_checkpoint(remote, local, warn=warnings.append)
+    fetched = mirror.latest_remote_checkpoint(remote, local, warn=warnings.append)
     assert fetched == local / "step_0000003" and not warnings
     assert not list(local.glob(".tmp_*"))
     fresh, fresh_opt = _model_and_optimizer(seed=1)
@@ -163,7 +165,7 @@ def test_mirrored_checkpoint_restores_identical_tensors_after_local_loss(s3_url,
             assert torch.equal(optimizer.state[pa][key], fresh_opt.state[pb][key])
     # A verified local copy is used as is: nothing is downloaded again.
     mtime = (fetched / "meta.json").stat().st_mtime_ns
-    assert storage.fetch_checkpoint(remote, "step_0000003", local) == fetched
+    assert mirror.fetch_checkpoint(remote, "step_0000003", local) == fetched
     assert (fetched / "meta.json").stat().st_mtime_ns == mtime
 
 
@@ -172,12 +174,12 @@ def test_corrupt_remote_checkpoint_is_skipped_with_a_warning_for_the_older_one(s
     _, _, paths = _checkpoints(local, [1, 2])
     remote = f"{s3_url}/checkpoints"
     for p in paths:
-        storage.mirror_checkpoint(p, remote, keep_last=5)
-    storage.write_text(f"{remote}/step_0000002/train_state.pt", "flipped bits")
+        mirror.mirror_checkpoint(p, remote, keep_last=5)
+    objstore.write_text(f"{remote}/step_0000002/train_state.pt", "flipped bits")
     shutil.rmtree(local)
 
     warnings = []
-    fetched = storage.latest_remote_checkpoint(remote, local, warn=warnings.append)
+    fetched = mirror.latest_remote_checkpoint(remote, local, warn=warnings.append)
     assert fetched == local / "step_0000001"
     assert len(warnings) == 1
     assert f"{remote}/step_0000002: train_state.pt fails its checksum" in warnings[0]
@@ -189,37 +191,37 @@ def test_half_uploaded_checkpoint_without_meta_is_not_listed_and_is_cleaned_up(s
     local = tmp_path / "checkpoints"
     _, _, paths = _checkpoints(local, [1, 2, 3])
     remote = f"{s3_url}/checkpoints"
-    storage.mirror_checkpoint(paths[0], remote, keep_last=5)
-    storage.upload_dir(paths[1], f"{remote}/step_0000002")  # an upload killed before meta.json ...
-    storage.filesystem(remote).rm_file(f"{remote}/step_0000002/meta.json")  # ... never wrote it
-    storage.write_text(f"{remote}/latest", "step_0000002\n")
+    mirror.mirror_checkpoint(paths[0], remote, keep_last=5)
+    objstore.upload_dir(paths[1], f"{remote}/step_0000002")  # an upload killed before meta.json ...
+    objstore.filesystem(remote).rm_file(f"{remote}/step_0000002/meta.json")  # ... never wrote it
+    objstore.write_text(f"{remote}/latest", "step_0000002\n")
 
-    assert storage.list_remote_checkpoints(remote) == ["step_0000001"]
+    assert mirror.list_remote_checkpoints(remote) == ["step_0000001"]
     warnings = []
-    assert storage.latest_remote_checkpoint(remote, tmp_path / "elsewhere", warnings.append).name == "step_0000001"
+    assert mirror.latest_remote_checkpoint(remote, tmp_path / "elsewhere", warnings.append).name == "step_0000001"
     assert not warnings
-    storage.mirror_checkpoint(paths[2], remote, keep_last=5)  # removes the older unfinished upload
-    assert storage.list_remote_checkpoints(remote) == ["step_0000001", "step_0000003"]
+    mirror.mirror_checkpoint(paths[2], remote, keep_last=5)  # removes the older unfinished upload
+    assert mirror.list_remote_checkpoints(remote) == ["step_0000001", "step_0000003"]
     assert _files_under(f"{remote}/step_0000002") == []
 
     unfinished = tmp_path / "step_0000009"
     shutil.copytree(paths[2], unfinished)
     (unfinished / "meta.json").unlink()
     with pytest.raises(FmforgeError, match="is not finished"):
-        storage.mirror_checkpoint(unfinished, remote, keep_last=5)
+        mirror.mirror_checkpoint(unfinished, remote, keep_last=5)
 
 
 def test_pruning_keeps_the_last_keep_last_checkpoints(s3_url, tmp_path):
     _, _, paths = _checkpoints(tmp_path / "checkpoints", [10, 20, 30, 40])
     remote = f"{s3_url}/checkpoints"
     for p in paths:
-        storage.mirror_checkpoint(p, remote, keep_last=2)
-    assert storage.list_remote_checkpoints(remote) == ["step_0000030", "step_0000040"]
+        mirror.mirror_checkpoint(p, remote, keep_last=2)
+    assert mirror.list_remote_checkpoints(remote) == ["step_0000030", "step_0000040"]
     assert _files_under(f"{remote}/step_0000010") == _files_under(f"{remote}/step_0000020") == []
-    assert storage.read_text(f"{remote}/latest").strip() == "step_0000040"
+    assert objstore.read_text(f"{remote}/latest").strip() == "step_0000040"
     # Re-mirroring a step replaces it in place and keeps the others.
-    storage.mirror_checkpoint(paths[-1], remote, keep_last=2)
-    assert storage.list_remote_checkpoints(remote) == ["step_0000030", "step_0000040"]
+    mirror.mirror_checkpoint(paths[-1], remote, keep_last=2)
+    assert mirror.list_remote_checkpoints(remote) == ["step_0000030", "step_0000040"]
 
 
 # ---- prepared data ----
@@ -227,9 +229,9 @@ def test_pruning_keeps_the_last_keep_last_checkpoints(s3_url, tmp_path):
 
 def test_staged_prepared_data_round_trips_and_is_reused(s3_url, small_prepared, tmp_path, monkeypatch):
     url = f"{s3_url}/data"
-    storage.publish_prepared_data(small_prepared, url)
+    staging.publish_prepared_data(small_prepared, url)
     monkeypatch.setenv("FMFORGE_CACHE", str(tmp_path / "cache"))
-    staged = storage.stage_prepared_data(url)
+    staged = staging.stage_prepared_data(url)
     assert staged.parent == tmp_path / "cache" / "data" and len(staged.name) == 16
     manifest = load_manifest(staged)
     assert manifest == load_manifest(small_prepared)
@@ -239,31 +241,31 @@ def test_staged_prepared_data_round_trips_and_is_reused(s3_url, small_prepared, 
         assert (staged / name).read_bytes() == (small_prepared / name).read_bytes(), name
 
     mtimes = {n: (staged / n).stat().st_mtime_ns for n in names}
-    assert storage.stage_prepared_data(url) == staged
+    assert staging.stage_prepared_data(url) == staged
     assert {n: (staged / n).stat().st_mtime_ns for n in names} == mtimes  # nothing downloaded again
 
     shard = staged / manifest["shards"][0]["file"]
     shard.write_bytes(shard.read_bytes()[:-6])  # a damaged local copy is replaced
-    storage.stage_prepared_data(url)
+    staging.stage_prepared_data(url)
     assert shard.read_bytes() == (small_prepared / shard.name).read_bytes()
 
 
 def test_truncated_remote_shard_is_caught_with_a_clear_error(s3_url, small_prepared, tmp_path):
     url = f"{s3_url}/data"
-    storage.publish_prepared_data(small_prepared, url)
+    staging.publish_prepared_data(small_prepared, url)
     shard = load_manifest(small_prepared)["shards"][0]["file"]
-    fs = storage.filesystem(url)
+    fs = objstore.filesystem(url)
     fs.pipe_file(f"{url}/{shard}", (small_prepared / shard).read_bytes()[:-10])
     with pytest.raises(FmforgeError, match=f"prepared data at {url} is corrupt: corrupt token shard "
                                            f"{url}/{shard}: .*truncated.*still bad") as err:
-        storage.stage_prepared_data(url, cache_dir=tmp_path / "cache")
+        staging.stage_prepared_data(url, cache_dir=tmp_path / "cache")
     assert "\n" not in str(err.value)
     assert not list((tmp_path / "cache").glob("*/manifest.json"))  # the staged copy never claims completeness
 
 
 def test_prepare_from_s3_sources_matches_the_same_files_read_locally(s3_url, tmp_path):
     corpus = _corpus(tmp_path / "corpus")
-    storage.upload_dir(corpus, f"{s3_url}/corpus")
+    objstore.upload_dir(corpus, f"{s3_url}/corpus")
 
     # A bare prefix is searched like a directory: same files, same order, hidden ones skipped.
     remote_files = resolve_inputs([f"{s3_url}/corpus"])
@@ -304,14 +306,14 @@ def test_training_reads_s3_data_mirrors_checkpoints_and_resumes_on_a_machine_tha
     train(build_config({}, tiny_overrides(prepared, tmp_path / "local", **steps)), echo=lambda *_: None)
     reference = [m["loss"] for m in read_metrics(tmp_path / "local") if "loss" in m]
 
-    storage.publish_prepared_data(prepared, f"{s3_url}/data")
+    staging.publish_prepared_data(prepared, f"{s3_url}/data")
     remote = {"data.path": f"{s3_url}/data", "checkpoint.dir": f"{s3_url}/ckpt"}
     cfg = build_config({}, tiny_overrides(prepared, tmp_path / "run", **{**steps, **remote}))
     run, messages = tmp_path / "run", []
     train(cfg.model_copy(deep=True), echo=messages.append)
     assert any("staged in" in m for m in messages)
     assert [m["loss"] for m in read_metrics(run) if "loss" in m] == reference  # same data, read from S3
-    assert storage.list_remote_checkpoints(f"{s3_url}/ckpt") == ["step_0000010", "step_0000020"]
+    assert mirror.list_remote_checkpoints(f"{s3_url}/ckpt") == ["step_0000010", "step_0000020"]
 
     # The machine is gone; a new one continues from step 10 of the mirror (the newer step 20 is set aside).
     shutil.rmtree(run)

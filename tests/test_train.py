@@ -118,7 +118,7 @@ def test_a_failing_read_ahead_surfaces_in_the_training_process(prepared):
 
 def test_training_on_real_text_falls_below_the_unigram_baseline(prepared, tmp_path):
     result, _ = _train(prepared, tmp_path / "run", **{"model.size": "micro", "train.max_steps": 150,
-                                                         "train.global_batch_tokens": 2048,
+                                                         "train.global_batch": 2048,
                                                          "train.micro_batch_size": 16,
                                                          "train.eval_interval": 0, "train.eval_batches": 8,
                                                          "checkpoint.interval": 0, "train.log_interval": 25})
@@ -216,7 +216,7 @@ def test_gradient_accumulation_matches_one_big_micro_batch(prepared, tmp_path):
 
 def test_global_batch_that_does_not_divide_is_a_clear_error(prepared, tmp_path):
     with pytest.raises(FmforgeError, match="multiple of"):
-        _train(prepared, tmp_path / "r", **{"train.global_batch_tokens": 500})
+        _train(prepared, tmp_path / "r", **{"train.global_batch": 500})
     with pytest.raises(FmforgeError, match="micro_batch_size"):
         _train(prepared, tmp_path / "r", **{"train.micro_batch_size": 3})
 

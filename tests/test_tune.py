@@ -151,7 +151,7 @@ def test_missing_data_dir_is_refused(tmp_path):
     ("optim.warmup_steps: {low: 0.5, high: 3, int: true}\n", "optim.warmup_steps: int ranges need whole-number"),
     ("optim.schedule: {choices: [cosine, linear]}\n", "optim.schedule: Input should be"),
     ("optim.warmup_steps: {choices: [1, 40]}\n", r"every choice must be below train.max_steps \(12\)"),
-    ("train.global_batch_tokens: {choices: [512, 600]}\n", "not a multiple of data.seq_len x"),
+    ("train.global_batch: {choices: [512, 600]}\n", "not a multiple of data.seq_len x"),
     ("train.out_dir: {choices: [a, b]}\n", "train.out_dir is set by tune"),
     ("- optim.lr\n", "expected a mapping of config keys"),
 ])
@@ -173,8 +173,8 @@ def test_warmup_range_is_clipped_below_max_steps(tmp_path, capsys):
 def test_default_space_batches_are_whole_micro_batches_around_the_base(tmp_path):
     base = config_to_dict(load_config(None, _overrides(tmp_path, tmp_path)))  # 512 tokens, seq 64, micro 4
     space = default_space(base)
-    assert space["train.global_batch_tokens"] == {"choices": [256, 512, 1024]}
-    assert set(space) == {"optim.lr", "optim.warmup_steps", "train.global_batch_tokens", "optim.weight_decay"}
+    assert space["train.global_batch"] == {"choices": [256, 512, 1024]}
+    assert set(space) == {"optim.lr", "optim.warmup_steps", "train.global_batch", "optim.weight_decay"}
     assert load_space(None, base) == space
 
 

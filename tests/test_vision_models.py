@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from fmforge.errors import FmforgeError
-from fmforge.models.clip import CLIP, CLIP_SIZES, SIGLIP_LOGIT_INIT, CLIPConfig, TextConfig
+from fmforge.models.clip import CLIP, CLIPConfig, TextConfig
+from fmforge.models.sizes import CLIP_SIZES, MAE_SIZES, SIGLIP_LOGIT_INIT, VIT_SIZES
 from fmforge.models.vit import (
     MAE,
-    MAE_SIZES,
-    VIT_SIZES,
     MAEConfig,
     VisionConfig,
     ViT,
@@ -23,8 +22,8 @@ from fmforge.models.vit import (
     sincos_pos_embed,
     unpatchify,
 )
-from fmforge.objectives.classify import accuracy, classification_loss, topk_correct
 from fmforge.objectives.contrastive import clip_loss, contrastive_loss, siglip_loss
+from fmforge.objectives.image_classify import accuracy, classification_loss, topk_correct
 from fmforge.objectives.mae import mae_loss, masked_patch_mse, pixel_targets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

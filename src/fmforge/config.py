@@ -13,21 +13,17 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    Discriminator,
     Field,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    Tag,
     ValidationError,
     model_validator,
 )
 
 from fmforge.errors import FmforgeError
-from fmforge.models.bert import BertModelConfig
-from fmforge.models.clip import CLIPModelConfig
-from fmforge.models.config import Fraction, ModelConfig, NonNegativeFloat, Section, default_d_ff  # noqa: F401
-from fmforge.models.vit import MAEModelConfig, ViTModelConfig
+from fmforge.models.config import Fraction, ModelConfig, NonNegativeFloat, Section
+from fmforge.models.registry import ARCHS, AnyModelConfig
 
 
 class DataConfig(Section):
@@ -66,12 +62,17 @@ class OptimConfig(Section):
     fused: bool | None = None  # None: fused AdamW wherever the device supports it
 
 
+DEFAULT_GLOBAL_BATCH_TOKENS = 65536  # language-model pretraining's global batch when train.global_batch is unset
+
+
 class TrainConfig(Section):
     out_dir: str | None = None
     seed: NonNegativeInt = 1337
     max_steps: PositiveInt = 1000
-    global_batch_tokens: PositiveInt = 65536  # text runs (causal and masked LM)
-    global_batch_size: PositiveInt | None = None  # image runs: images (or image-text pairs) per step; None: 256
+    # Per optimizer step, in the objective's unit: tokens for language-model pretraining (causal and masked),
+    # conversations (sft), comparisons (dpo), sequences (text classify), images or image-text pairs (vision).
+    # None: the objective's default (65,536 tokens; 256 of anything else).
+    global_batch: PositiveInt | None = None
     micro_batch_size: PositiveInt = 8
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto, cpu, cuda or cuda:N
@@ -138,20 +139,10 @@ class LogConfig(Section):
     progress: Literal["auto", "rich", "plain", "none"] = "auto"  # auto: rich bar on a TTY, plain lines otherwise
 
 
-def _arch_tag(value: Any) -> str:
-    arch = value.get("arch", "llama") if isinstance(value, dict) else getattr(value, "arch", None)
-    return "decoder" if arch in ("gpt2", "llama") else str(arch)
-
-
-ARCHS = ("gpt2", "llama", "vit", "mae", "clip", "bert")
-# The ``model:`` section, by ``arch``: decoder LMs (gpt2, llama), ViT classification, MAE, CLIP/SigLIP, BERT.
-AnyModelConfig = Annotated[
-    Annotated[ModelConfig, Tag("decoder")] | Annotated[ViTModelConfig, Tag("vit")] | Annotated[MAEModelConfig, Tag("mae")] | Annotated[CLIPModelConfig, Tag("clip")] | Annotated[BertModelConfig, Tag("bert")],
-    Discriminator(_arch_tag),
-]
-
-
 class Config(Section):
+    """A run: ``model`` is one family's config, chosen by ``model.arch`` (``models/registry.py``)."""
+
+
     model: AnyModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -204,8 +195,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+RENAMED = {  # old key -> its replacement, named in a one-line error
+    ("train", "global_batch_tokens"): "train.global_batch (tokens for language-model pretraining)",
+    ("train", "global_batch_size"): "train.global_batch (images for vision runs)",
+}
+
+
+def _check_renamed(raw: dict) -> None:
+    for (section, key), new in RENAMED.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise FmforgeError(f"config error: {section}.{key} is gone: use {new}")
+
+
 def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     raw = apply_overrides(copy.deepcopy(raw or {}), list(overrides))
+    _check_renamed(raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

@@ -21,7 +21,19 @@ from pathlib import Path
 import torch
 
 from fmforge.config import build_config
+from fmforge.data.builtin_images import DIGIT_NAMES, write_digit_captions, write_digits
+from fmforge.data.image_shards import prepare_images
+from fmforge.data.prepare import prepare_data
+from fmforge.deploy.generate import generate
+from fmforge.device import pick_device
 from fmforge.errors import FmforgeError
+from fmforge.eval.perplexity import evaluate
+from fmforge.eval.runs import evaluate_run
+from fmforge.models.gpt import GPT
+from fmforge.objectives import make_task
+from fmforge.objectives.clm import clm_loss
+from fmforge.train.loop import autocast_for, train
+from fmforge.train.optim import build_optimizer
 
 MARKER = ".fmforge-quickstart"
 
@@ -29,7 +41,7 @@ QUICKSTART_CONFIG = {
     "model": {"arch": "llama", "size": "micro", "n_kv_head": 2},
     "data": {"seq_len": 256},
     "optim": {"lr": 3e-3, "warmup_steps": 30, "schedule": "cosine", "min_lr_ratio": 0.05, "weight_decay": 0.1},
-    "train": {"global_batch_tokens": 8192, "micro_batch_size": 16, "precision": "auto", "eval_batches": 16,
+    "train": {"global_batch": 8192, "micro_batch_size": 16, "precision": "auto", "eval_batches": 16,
               "log_interval": 10},
     "checkpoint": {"keep_last": 2},
 }
@@ -54,17 +66,12 @@ def write_pydoc_topics(path: Path) -> int:
 
 def _seconds_per_step(cfg, vocab_size: int) -> float:
     """Time two optimizer steps of the real model on random tokens, to fit max_steps to the time budget."""
-    from fmforge.device import pick_device
-    from fmforge.models.gpt import GPT
-    from fmforge.objectives.clm import clm_loss
-    from fmforge.train.loop import autocast_for
-    from fmforge.train.optim import build_optimizer
 
     device = pick_device(cfg.train.device)
     amp = autocast_for(device, cfg.train.precision)
     model = GPT(cfg.model.resolved(vocab_size=vocab_size, seq_len=cfg.data.seq_len)).to(device)
     opt = build_optimizer(model, cfg.optim, device)
-    micro = cfg.train.global_batch_tokens // (cfg.train.micro_batch_size * cfg.data.seq_len)
+    micro = cfg.train.global_batch // (cfg.train.micro_batch_size * cfg.data.seq_len)
     x = torch.randint(0, vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1), device=device)
     times = []
     for _ in range(3):
@@ -92,10 +99,6 @@ def _fresh_output(out: Path, minutes: float) -> None:
 
 def quickstart(out: str | Path = "runs/quickstart", minutes: float = 6.0, echo=print, task: str = "language") -> dict:
     """Run the embedded end-to-end demo into ``out`` and return its evaluation. ``task``: language or vision."""
-    from fmforge.data.prepare import prepare_data
-    from fmforge.deploy.generate import generate
-    from fmforge.eval.perplexity import evaluate
-    from fmforge.train.loop import train
 
     if task == "vision":
         return quickstart_vision(out, minutes, echo)
@@ -145,7 +148,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 6.0, echo=p
 # ---------------------------------------------------------------------------------------------------- vision
 
 _IMAGE_DATA = {"crop_scale": [0.6, 1.0], "hflip": 0.0, "crop_pct": 1.0}  # digits: no flips, mild crops
-_IMAGE_TRAIN = {"global_batch_size": 128, "micro_batch_size": 128, "log_interval": 20, "eval_batches": 100}
+_IMAGE_TRAIN = {"global_batch": 128, "micro_batch_size": 128, "log_interval": 20, "eval_batches": 100}
 _IMAGE_OPTIM = {"lr": 3e-3, "warmup_steps": 20, "weight_decay": 0.05, "min_lr_ratio": 0.05}
 VISION_CONFIGS = {
     # 8x8 one-channel digits in 2x2 patches: 16 patches + [CLS].
@@ -164,14 +167,10 @@ VISION_SHARES = {"vit": 0.3, "mae": 0.35, "clip": 0.35}  # of the training budge
 
 def _seconds_per_step_task(cfg) -> float:
     """Time optimizer steps of a run's real task (data loading, augmentation, model, loss) on this machine."""
-    from fmforge.device import pick_device
-    from fmforge.train.loop import autocast_for
-    from fmforge.train.optim import build_optimizer
-    from fmforge.train.tasks import make_task
 
-    cfg = cfg.model_copy(deep=True)
     device = pick_device(cfg.train.device)
     task = make_task(cfg, Path(cfg.data.path), lambda _msg: None)
+    cfg = task.resolved_config()
     model = task.build_model().to(device)
     opt = build_optimizer(model, cfg.optim, device)
     loader = task.make_loader(cfg.train.micro_batch_size, 0, 1)
@@ -190,10 +189,6 @@ def _seconds_per_step_task(cfg) -> float:
 
 def quickstart_vision(out: str | Path = "runs/quickstart-vision", minutes: float = 4.0, echo=print) -> dict:
     """Vision quickstart (see the module docstring) into ``out``; returns every model's evaluation."""
-    from fmforge.data.builtin_images import DIGIT_NAMES, write_digit_captions, write_digits
-    from fmforge.data.image_shards import prepare_images
-    from fmforge.eval.runs import evaluate_run
-    from fmforge.train.loop import train
 
     out = Path(out)
     _fresh_output(out, minutes)

@@ -10,12 +10,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fmforge.config import ModelConfig
+from fmforge.data.tokenizer import load_tokenizer
 from fmforge.errors import FmforgeError
+from fmforge.models.registry import FAMILIES, build_model, family_of, parse_model_config
 
 MODEL_FORMAT_VERSION = 1
 
@@ -44,15 +45,8 @@ def save_pretrained(state_dict: dict[str, torch.Tensor], model_cfg, run_dir: str
                 shutil.copyfile(Path(tokenizer_dir) / name, run_dir / name)
 
 
-def family_of(model_cfg) -> str:
-    """"decoder" for the causal LMs (gpt2, llama), else the config's arch: vit, mae, clip, bert."""
-    return "decoder" if isinstance(model_cfg, ModelConfig) else model_cfg.arch
-
-
 def read_model_config(run_dir: str | Path):
     """The architecture in ``RUN_DIR/model.json``: a ``ModelConfig`` for decoders, else that family's config."""
-    from fmforge.config import AnyModelConfig
-
     path = Path(run_dir) / "model.json"
     if not path.is_file():
         raise FmforgeError(f"no trained model in {run_dir}: {path.name} is missing (has the run finished?)")
@@ -63,7 +57,7 @@ def read_model_config(run_dir: str | Path):
     arch.pop("format_version", None)
     arch.pop("family", None)
     try:
-        return TypeAdapter(AnyModelConfig).validate_python(arch)
+        return parse_model_config(arch)
     except ValidationError as err:
         raise FmforgeError(f"{path} does not describe a model fmforge knows: {str(err).splitlines()[0]}") from None
 
@@ -72,16 +66,12 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu", fam
     """Return ``(model, tokenizer)`` from a finished run directory, model in eval mode on ``device``. The
     tokenizer is None for image-only models (ViT, MAE). ``family`` ("decoder", "vit", ...) names the kind
     of model the caller needs; another kind is a one-line error."""
-    from fmforge.data.tokenizer import load_tokenizer
-    from fmforge.models import build_model
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FmforgeError(f"run directory not found: {run_dir}")
     cfg = read_model_config(run_dir)
     if family is not None and family_of(cfg) != family:
-        want = "a language model (gpt2/llama)" if family == "decoder" else f"a {family} model"
-        raise FmforgeError(f"{run_dir} holds a {family_of(cfg)} model; this needs {want}")
+        raise FmforgeError(f"{run_dir} holds a {family_of(cfg)} model; this needs {FAMILIES[family].description}")
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise FmforgeError(f"no trained model in {run_dir}: model.safetensors is missing")

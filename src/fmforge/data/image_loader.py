@@ -24,7 +24,6 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from fmforge.data.image_shards import ImageShards
+from fmforge.data.sampler import GlobalBatchSampler, SampledLoader
 from fmforge.errors import FmforgeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -136,116 +136,56 @@ def _collate(samples: list[tuple[torch.Tensor, int | str]], mode: str):
     return images, (torch.tensor(targets, dtype=torch.int64) if mode == "classification" else targets)
 
 
-@dataclass
-class LoaderState:
-    epoch: int = 0
-    cursor: int = 0  # index in this epoch's permutation where the next global batch starts
-
-
-class ImageBatchLoader:
-    """Yields, for each optimizer step, this rank's micro-batches ``(images, targets)`` of one global batch:
-    images ``[micro_batch, 3, H, W]`` float32, targets an int64 label tensor (classification) or a list of
-    caption strings (captions). A global batch never spans epochs: the permutation's tail that does not
-    fill one is skipped, so every rank and world size agrees on where epochs begin.
+class ImageBatchLoader(SampledLoader):
+    """Yields, for each optimizer step, this rank's micro-batches ``(images, targets)`` of one global batch
+    in ``sampler.GlobalBatchSampler``'s order: images ``[micro_batch, 3, H, W]`` float32, targets an int64
+    label tensor (classification) or a list of caption strings (captions).
 
     transform: ``transform(pil_rgb_image, generator) -> [3, H, W] tensor`` drawing its randomness from the
         generator only (default ``TrainTransform(224)``).
-    workers: threads decoding and transforming one step's samples (default: the usable cores, at most 8).
+    workers: threads decoding and transforming a micro-batch (default: the usable cores, at most 8).
     decode_failures: how many damaged samples were met and replaced (see the module docstring).
     """
 
     def __init__(self, shards: ImageShards, global_batch: int, micro_batch: int, seed: int, rank: int = 0,
                  world_size: int = 1, transform: Transform | None = None, workers: int | None = None,
                  log: Callable[[str], None] | None = None):
-        if global_batch % (micro_batch * world_size):
-            raise FmforgeError(f"global batch of {global_batch} images is not a multiple of micro_batch_size "
-                               f"({micro_batch}) x world size ({world_size})")
-        if len(shards) < global_batch:
-            raise FmforgeError(f"the {shards.split} split has {len(shards)} images, fewer than one global batch "
-                               f"({global_batch}); prepare more images or lower the global batch")
-        if not 0 <= rank < world_size:
-            raise FmforgeError(f"rank {rank} is outside world size {world_size}")
-        self.shards = shards
-        self.global_batch, self.micro_batch = global_batch, micro_batch
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.sampler = GlobalBatchSampler(len(shards), global_batch, micro_batch, seed, rank, world_size,
+                                          what="images", too_few="prepare more images")
+        self.shards, self.seed = shards, seed
         self.transform = transform if transform is not None else TrainTransform()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.workers = min(8, cores) if workers is None else workers
-        self.state = LoaderState()
         self._decoder = _Decoder(shards, log)
         self._pool: ThreadPoolExecutor | None = None
-        self._perm_epoch: int | None = None
-        self._perm: np.ndarray | None = None
-
-    @property
-    def accum_steps(self) -> int:
-        return self.global_batch // (self.micro_batch * self.world_size)
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.shards) // self.global_batch
+        return self.sampler.steps_per_epoch
 
     @property
     def decode_failures(self) -> int:
         return len(self._decoder.bad)
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-            self._perm_epoch = epoch
-        return self._perm
-
-    def next_global_batch_indices(self) -> np.ndarray:
-        if self.state.cursor + self.global_batch > len(self.shards):
-            self.state = LoaderState(epoch=self.state.epoch + 1, cursor=0)
-        start = self.state.cursor
-        indices = self.permutation(self.state.epoch)[start: start + self.global_batch]
-        self.state.cursor += self.global_batch
-        return indices
 
     def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, int | str]:
         """Sample ``index`` of the split as it appears in ``epoch`` (augmented): ``([3, H, W], target)``."""
         image, target = self._decoder.load(index)
         return self.transform(image, sample_generator(self.seed, epoch, index)), target
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor | list[str]]]:
-        """This rank's micro-batches for the next optimizer step."""
-        indices = self.next_global_batch_indices()
-        epoch = self.state.epoch
-        per_rank = self.global_batch // self.world_size
-        mine = [int(i) for i in indices[self.rank * per_rank: (self.rank + 1) * per_rank]]
+    def read(self, indices: np.ndarray, epoch: int):
+        indices = [int(i) for i in indices]
         if self.workers > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="fmforge-images")
-            samples = list(self._pool.map(lambda i: self.sample(i, epoch), mine))
+            samples = list(self._pool.map(lambda i: self.sample(i, epoch), indices))
         else:
-            samples = [self.sample(i, epoch) for i in mine]
-        return [_collate(samples[i: i + self.micro_batch], self.shards.mode)
-                for i in range(0, per_rank, self.micro_batch)]
+            samples = [self.sample(i, epoch) for i in indices]
+        return _collate(samples, self.shards.mode)
 
     def __iter__(self):
         """Steps without end (each a list of micro-batches); the loader's state advances with each."""
         while True:
             yield self.next_step()
-
-    def set_micro_batch(self, micro_batch: int) -> None:
-        """Split each rank's share into micro-batches of this size instead (the global batch is unchanged)."""
-        per_rank = self.global_batch // self.world_size
-        if micro_batch < 1 or per_rank % micro_batch:
-            raise FmforgeError(f"micro-batch {micro_batch} does not divide this rank's {per_rank} images per step")
-        self.micro_batch = micro_batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "cursor": self.state.cursor, "seed": self.seed,
-                "global_batch": self.global_batch, "samples": len(self.shards)}
-
-    def load_state_dict(self, state: dict) -> None:
-        expected = {"seed": self.seed, "global_batch": self.global_batch, "samples": len(self.shards)}
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise FmforgeError(f"the checkpoint's data order does not match this run: its {key} was "
-                                   f"{state.get(key)}, this run's is {value}")
-        self.state = LoaderState(epoch=int(state["epoch"]), cursor=int(state["cursor"]))
 
 
 def eval_batches(shards: ImageShards, batch_size: int, transform: Transform | None = None,

@@ -3,22 +3,21 @@
 Documents sit in the shards as ``[bos] text [eos]`` back to back; a window is ``seq_len + 1`` consecutive
 tokens (inputs and shifted targets), so documents are packed across window edges as in GPT-2/nanoGPT.
 
-Order contract (DESIGN.md): the sequence of global batches is a function of (seed, epoch) only. Rank r of
-world w takes rows ``[r*G/w, (r+1)*G/w)`` of every global batch of G windows, so the same seed and global
-batch give the same data at any world size; the loader position is just (epoch, cursor).
+The order of global batches, and each rank's slice of them, is ``sampler.py``'s: a function of (seed,
+epoch) only, the same at any world size.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fmforge.data.prepare import load_manifest
+from fmforge.data.sampler import GlobalBatchSampler, SampledLoader
 from fmforge.data.shards import read_shard
 from fmforge.errors import FmforgeError
 
@@ -51,89 +50,26 @@ class TokenWindows:
         return torch.from_numpy(np.stack([self.window(int(i)) for i in indices]).astype(np.int64))
 
 
-@dataclass
-class LoaderState:
-    epoch: int = 0
-    cursor: int = 0  # index in this epoch's permutation where the next global batch starts
+class GlobalBatchLoader(SampledLoader):
+    """Yields, for each optimizer step, this rank's micro-batches ``(inputs, targets)`` of one global batch
+    of rows (token windows, or any row source with ``len()`` and ``batch(indices)``), in the order of
+    ``sampler.GlobalBatchSampler``. Row sources other than windows override ``inputs_targets``."""
 
-
-class GlobalBatchLoader:
-    """Yields, for each optimizer step, this rank's micro-batches ``(inputs, targets)`` of one global batch.
-
-    A global batch never spans epochs: the permutation's tail that does not fill one is skipped, so every
-    rank and every world size agrees on where epochs begin.
-    """
+    what, size_key = "windows", "windows"
 
     def __init__(self, windows: TokenWindows, global_batch: int, micro_batch: int, seed: int,
                  rank: int = 0, world_size: int = 1):
-        if global_batch % (micro_batch * world_size):
-            raise FmforgeError(f"global batch of {global_batch} sequences is not a multiple of "
-                               f"micro_batch_size ({micro_batch}) x world size ({world_size})")
-        if len(windows) < global_batch:
-            raise FmforgeError(f"the train split has {len(windows)} windows of {windows.seq_len + 1} tokens, fewer "
-                               f"than one global batch ({global_batch}); prepare more data or lower "
-                               "train.global_batch_tokens")
         self.windows = windows
-        self.global_batch = global_batch
-        self.micro_batch = micro_batch
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.state = LoaderState()
-        self._perm_epoch: int | None = None
-        self._perm: np.ndarray | None = None
+        self.sampler = GlobalBatchSampler(len(windows), global_batch, micro_batch, seed, rank, world_size,
+                                          what=self.what, size_key=self.size_key)
 
-    @property
-    def accum_steps(self) -> int:
-        return self.global_batch // (self.micro_batch * self.world_size)
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
-            self._perm_epoch = epoch
-        return self._perm
-
-    def next_global_batch_indices(self) -> np.ndarray:
-        if self.state.cursor + self.global_batch > len(self.windows):
-            self.state = LoaderState(epoch=self.state.epoch + 1, cursor=0)
-        start = self.state.cursor
-        indices = self.permutation(self.state.epoch)[start: start + self.global_batch]
-        self.state.cursor += self.global_batch
-        return indices
-
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches for the next optimizer step."""
-        indices = self.next_global_batch_indices()
-        per_rank = self.global_batch // self.world_size
-        mine = indices[self.rank * per_rank: (self.rank + 1) * per_rank]
-        micro = []
-        for i in range(0, per_rank, self.micro_batch):
-            micro.append(self.inputs_targets(self.windows.batch(mine[i: i + self.micro_batch])))
-        return micro
+    def read(self, indices: np.ndarray, epoch: int):
+        return self.inputs_targets(self.windows.batch(indices))
 
     @staticmethod
     def inputs_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A micro-batch of windows [n, T+1] as (inputs, targets): the window and the window shifted by one."""
         return rows[:, :-1], rows[:, 1:]
-
-    def set_micro_batch(self, micro_batch: int) -> None:
-        """Split each rank's share into micro-batches of this size instead (the global batch is unchanged)."""
-        per_rank = self.global_batch // self.world_size
-        if micro_batch < 1 or per_rank % micro_batch:
-            raise FmforgeError(f"micro-batch {micro_batch} does not divide this rank's {per_rank} sequences per step")
-        self.micro_batch = micro_batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "cursor": self.state.cursor, "seed": self.seed,
-                "global_batch": self.global_batch, "windows": len(self.windows)}
-
-    def load_state_dict(self, state: dict) -> None:
-        expected = {"seed": self.seed, "global_batch": self.global_batch, "windows": len(self.windows)}
-        for key, value in expected.items():
-            if state[key] != value:
-                raise FmforgeError(f"the checkpoint's data order does not match this run: its {key} was "
-                                   f"{state[key]}, this run's is {value}")
-        self.state = LoaderState(epoch=int(state["epoch"]), cursor=int(state["cursor"]))
 
 
 class Prefetcher:

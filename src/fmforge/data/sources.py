@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from fmforge import storage
 from fmforge.errors import FmforgeError
+from fmforge.io import fs as remote
 
 TEXT_EXTENSIONS = (".txt", ".md", ".py", ".rst")
 KNOWN_EXTENSIONS = TEXT_EXTENSIONS + (".jsonl", ".parquet")
@@ -80,8 +80,8 @@ def _hidden_from(pattern: str, key: str) -> bool:
 
 def _resolve_remote(url: str) -> list[str]:
     """A remote input as URLs, with the same rules as a local one."""
-    fs = storage.filesystem(url)
-    with storage.errors(url, "read input"):
+    fs = remote.filesystem(url)
+    with remote.errors(url, "read input"):
         if _is_glob(url):
             pattern = fs._strip_protocol(url)
             matches = {k: v for k, v in fs.glob(url, detail=True).items() if not _hidden_from(pattern, k)}
@@ -109,7 +109,7 @@ def resolve_inputs(inputs: list[str]) -> list[Path | str]:
     files: list[Path | str] = []
     for item in inputs:
         item = str(item)
-        if storage.is_remote(item):
+        if remote.is_remote(item):
             files += _resolve_remote(item)
         elif _is_glob(item):
             matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
@@ -170,15 +170,15 @@ class DocumentReader:
     sum(dropped)), ``sources`` the files with size and hash."""
 
     def __init__(self, files: list[Path | str], text_field: str = "text"):
-        self.files = [f if storage.is_remote(f) else Path(f) for f in files]
+        self.files = [f if remote.is_remote(f) else Path(f) for f in files]
         self.text_field = text_field
         self.read = 0
         self.dropped: Counter[str] = Counter()
         self.sources: list[SourceFile] = []
         self._filesystems: dict = {}  # scheme → fsspec filesystem, made on first use
         # A remote read can also fail in the backend (connection, credentials), not only with an OSError.
-        remote = any(isinstance(f, str) for f in self.files)
-        self._read_errors = storage.backend_errors() if remote else (OSError,)
+        any_remote = any(isinstance(f, str) for f in self.files)
+        self._read_errors = remote.backend_errors() if any_remote else (OSError,)
         if any(_suffix(f) == ".parquet" for f in self.files):
             _import_pyarrow()  # fail before any work, not halfway through the corpus
 
@@ -204,7 +204,7 @@ class DocumentReader:
     def _filesystem(self, url: str):
         scheme = url.split("://", 1)[0].lower()
         if scheme not in self._filesystems:
-            self._filesystems[scheme] = storage.filesystem(url)
+            self._filesystems[scheme] = remote.filesystem(url)
         return self._filesystems[scheme]
 
     def _skip(self, reason: str, n: int = 1) -> None:

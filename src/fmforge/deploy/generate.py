@@ -8,6 +8,7 @@ import torch
 
 from fmforge.device import pick_device
 from fmforge.errors import FmforgeError
+from fmforge.runs import load_pretrained
 
 
 def _check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -105,7 +106,6 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 200, temper
     the tokenizer's eos. ``seed`` fixes the sampling RNG (same seed, same device: same text); None draws
     a fresh seed. ``temperature`` 0 is greedy. ``device`` is auto (cuda when available), cpu or cuda.
     """
-    from fmforge.runs import load_pretrained
 
     _check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     dev = pick_device(device)

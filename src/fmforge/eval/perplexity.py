@@ -6,49 +6,27 @@ tokens, so models with different vocabularies compare on the same text.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
+from fmforge.data.loader import TokenWindows, eval_windows
+from fmforge.data.prepare import load_manifest
+from fmforge.data.shards import read_shard
+from fmforge.data.staging import stage_prepared_data
+from fmforge.device import pick_device
 from fmforge.errors import FmforgeError
-from fmforge.storage import is_remote, stage_prepared_data
-
-
-@torch.no_grad()
-def evaluate_batches(model, batches, device: torch.device, amp=contextlib.nullcontext,
-                     token_bytes: torch.Tensor | None = None) -> dict:
-    """Mean next-token loss (nats) over ``(inputs, targets)`` batches; with ``token_bytes`` also the UTF-8
-    byte count of the targets, for bits per byte."""
-    was_training = model.training
-    model.eval()
-    total, count, nbytes = 0.0, 0, 0
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with amp():
-            logits = model(inputs)
-        nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-        total += nats.item()
-        count += targets.numel()
-        if token_bytes is not None:
-            nbytes += int(token_bytes[targets.cpu()].sum())
-    model.train(was_training)
-    if count == 0:
-        raise FmforgeError("nothing to evaluate: the validation split is empty")
-    out = {"loss": total / count, "tokens": count, "nats": total}
-    if token_bytes is not None:
-        out["bytes"] = nbytes
-    return out
+from fmforge.io.fs import is_remote
+from fmforge.objectives.clm import evaluate_batches
+from fmforge.runs import load_pretrained
+from fmforge.train.loop import autocast_for
 
 
 def token_counts(data_dir: str | Path, split: str, vocab_size: int) -> np.ndarray:
-    from fmforge.data.prepare import load_manifest
-    from fmforge.data.shards import read_shard
 
     data_dir = Path(data_dir)
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -63,7 +41,6 @@ def token_counts(data_dir: str | Path, split: str, vocab_size: int) -> np.ndarra
 def unigram_baseline(data_dir: str | Path) -> float:
     """Cross-entropy (nats/token) on the val split of a unigram model fit on the train split (add-one
     smoothing): what a model that ignores context scores. A language model must land far below it."""
-    from fmforge.data.prepare import load_manifest
 
     vocab = load_manifest(data_dir)["tokenizer"]["vocab_size"]
     train = token_counts(data_dir, "train", vocab) + 1
@@ -77,10 +54,6 @@ def unigram_baseline(data_dir: str | Path) -> float:
 def evaluate(run_dir: str | Path, data_dir: str | Path | None = None, max_batches: int | None = None,
              batch_size: int = 8, device: str = "auto", json_out: bool = False, echo=print) -> dict:
     """The ``fmforge eval`` verb: loss, perplexity and bits per byte on a prepared validation split."""
-    from fmforge.data.loader import TokenWindows, eval_windows
-    from fmforge.device import pick_device
-    from fmforge.runs import load_pretrained
-    from fmforge.train.loop import autocast_for
 
     if batch_size < 1:
         raise FmforgeError(f"--batch-size must be at least 1, got {batch_size}")

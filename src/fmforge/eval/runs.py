@@ -23,15 +23,24 @@ import torch
 import yaml
 
 from fmforge.config import build_config
+from fmforge.data.image_loader import eval_batches
+from fmforge.data.image_shards import ImageShards
+from fmforge.data.staging import stage_prepared_data
+from fmforge.device import pick_device
 from fmforge.errors import FmforgeError
 from fmforge.eval.vision import (
     TEMPLATES,
-    grouped_retrieval_recall,
     knn_predict,
     linear_probe,
     zero_shot_logits,
     zero_shot_weights,
 )
+from fmforge.io.fs import is_remote
+from fmforge.models import build_model
+from fmforge.objectives import make_task
+from fmforge.objectives.contrastive import CaptionTokens, grouped_retrieval_recall
+from fmforge.runs import family_of, load_pretrained
+from fmforge.train.loop import autocast_for
 
 PROBE_FAMILIES = ("vit", "mae", "clip")
 
@@ -42,7 +51,6 @@ def _quiet(_msg: str) -> None:
 
 def load_run_config(run_dir: Path, data_dir: str | Path | None):
     """The run's resolved config, pointed at ``data_dir`` (default: the run's own data, staged if remote)."""
-    from fmforge.storage import is_remote, stage_prepared_data
 
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -62,7 +70,6 @@ def image_features(family: str, model, shards, transform, batch_size: int, devic
                    limit: int | None = None) -> tuple[torch.Tensor, list]:
     """Frozen features of a split's images (pooled ViT / MAE-encoder features, CLIP image embeddings) and
     their targets, in shard order."""
-    from fmforge.data.image_loader import eval_batches
 
     encode = {"vit": lambda x: model.features(x), "mae": lambda x: model.encoder.features(x),
               "clip": lambda x: model.encode_image(x)}[family]
@@ -90,10 +97,6 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, zero_s
     """Evaluate a finished ViT, MAE, CLIP or BERT run; returns the metrics (also printed, or as JSON).
     ``random_baseline`` also probes a randomly initialized model of the same shape (seeded with the run's
     seed): what the features are worth without any training."""
-    from fmforge.device import pick_device
-    from fmforge.runs import family_of, load_pretrained
-    from fmforge.train.loop import autocast_for
-    from fmforge.train.tasks import CaptionTokens, make_task
 
     if batch_size < 1:
         raise FmforgeError(f"--batch-size must be at least 1, got {batch_size}")
@@ -107,7 +110,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, zero_s
     if zero_shot is not None and family != "clip":
         raise FmforgeError(f"--zero-shot needs an image-text (clip) model; {run_dir} holds a {family} model")
     amp = autocast_for(dev, cfg.train.precision)
-    cfg.train.eval_batches = max_batches or 10**9  # the whole validation split unless capped
+    # The whole validation split unless capped (a copy: the run's config is left as it was read).
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_batches": max_batches or 10**9})})
     data = Path(cfg.data.path)
     result: dict = {"run_dir": str(run_dir), "data_dir": str(data), "family": family}
 
@@ -126,7 +130,6 @@ def evaluate_run(run_dir: str | Path, data_dir: str | Path | None = None, zero_s
         _, evaluate_tf = task.transforms()
         models = {"": model}
         if random_baseline:
-            from fmforge.models import build_model
 
             torch.manual_seed(cfg.train.seed)
             models["random_init_"] = build_model(model.cfg).to(dev).eval()
@@ -163,7 +166,6 @@ def _encode_texts(model, captions, texts: list[str], batch_size: int, device, am
 
 def _zero_shot(model, task, data: Path, class_names, templates, batch_size, device, amp) -> dict:
     """Classify the val images of a labelled directory by their nearest class-prompt embedding."""
-    from fmforge.data.image_shards import ImageShards
 
     shards = ImageShards(data, "val")
     if shards.mode != "classification":

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fmforge.objectives.classify import accuracy
+from fmforge.objectives.image_classify import accuracy
 
 # A subset of the prompt ensemble Radford et al. 2021 used for ImageNet zero-shot (their notebook lists 80);
 # averaging over several templates gained them ~1.5% top-1 over "a photo of a {}.".
@@ -112,23 +112,4 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
     for k in ks:
         out[f"text_to_image_r@{k}"] = (t2i_rank[:, :k] == text_to_image.unsqueeze(-1)).any(-1).float().mean().item()
         out[f"image_to_text_r@{k}"] = mine[:, :k].any(-1).float().mean().item()
-    return out
-
-
-def grouped_retrieval_recall(image_features: torch.Tensor, caption_features: torch.Tensor,
-                             image_caption: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    """Recall@K both ways when several images may share one caption text (captions are deduplicated first):
-    image->text hits when the image's caption is among its K best captions; text->image when any image
-    with that caption is among the caption's K best images. With distinct captions this is the usual
-    recall@K."""
-    img = F.normalize(image_features.float(), dim=-1)
-    txt = F.normalize(caption_features.float(), dim=-1)
-    sims = img @ txt.T  # [N images, M captions]
-    i2t = sims.argsort(dim=-1, descending=True)
-    t2i = sims.T.argsort(dim=-1, descending=True)
-    out = {}
-    for k in ks:
-        out[f"image_to_text_r@{k}"] = (i2t[:, :k] == image_caption[:, None]).any(-1).float().mean().item()
-        owners = image_caption[t2i[:, :k]]  # caption of each of the K best images, per caption
-        out[f"text_to_image_r@{k}"] = (owners == torch.arange(len(txt))[:, None]).any(-1).float().mean().item()
     return out

@@ -21,8 +21,21 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.tensor import DTensor
 
 from fmforge.config import Config, FinetuneConfig
+from fmforge.data.tokenizer import load_tokenizer
 from fmforge.errors import FmforgeError
+from fmforge.finetune.lora import (
+    ADAPTER_CONFIG,
+    apply_lora,
+    load_adapters,
+    lora_modules,
+    merge_lora,
+    merged_state_dict,
+    write_adapters,
+)
+from fmforge.models.blocks import copy_full_
 from fmforge.models.config import ModelConfig
+from fmforge.models.vit import ViTModelConfig
+from fmforge.runs import load_pretrained, read_model_config, save_pretrained
 
 
 def is_virtual(name: str) -> bool:
@@ -34,7 +47,6 @@ def is_virtual(name: str) -> bool:
 def base_model_config(cfg: Config):
     """The architecture of ``finetune.base``: a fine-tune continues that model, so its model.json decides
     (plus the virtual tokens of prefix or prompt tuning)."""
-    from fmforge.runs import read_model_config
 
     ft = cfg.finetune
     base = Path(ft.base)
@@ -61,7 +73,6 @@ def base_model_config(cfg: Config):
 
 def check_tokenizer(ft: FinetuneConfig, data_dir: Path) -> None:
     """The data must be tokenized with the base model's vocabulary: same tokens, same ids."""
-    from fmforge.data.tokenizer import load_tokenizer
 
     base_tok, data_tok = Path(ft.base) / "tokenizer.json", Path(data_dir) / "tokenizer.json"
     if not (base_tok.is_file() and data_tok.is_file()):
@@ -75,8 +86,6 @@ def check_tokenizer(ft: FinetuneConfig, data_dir: Path) -> None:
 def merge(adapter_dir: str | Path, out: str | Path, base: str | Path | None = None, echo=print) -> Path:
     """``fmforge merge``: fold LoRA adapters into their base model and write the result as a run directory
     (model.safetensors + model.json + tokenizer) that generate, eval and export read."""
-    from fmforge.finetune.lora import ADAPTER_CONFIG, load_adapters, merge_lora
-    from fmforge.runs import load_pretrained, save_pretrained
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     config_path = adapter_dir / ADAPTER_CONFIG
@@ -98,7 +107,6 @@ def merge(adapter_dir: str | Path, out: str | Path, base: str | Path | None = No
 def image_classifier_config(model_cfg):
     """A ViT classifier on the base's image encoder (a ViT's, or an MAE's), its class count left to the data:
     the base's head, if any, is replaced."""
-    from fmforge.models.vit import ViTModelConfig
 
     encoder = model_cfg.encoder if model_cfg.arch == "mae" else model_cfg
     fields = {k: v for k, v in encoder.model_dump().items()
@@ -118,7 +126,6 @@ def base_state(state: dict[str, torch.Tensor], ft: FinetuneConfig) -> dict[str, 
 
 def adapt(model: nn.Module, ft: FinetuneConfig) -> str:
     """Freeze (full) or add adapters (lora) on the meta-device model; returns a one-line description."""
-    from fmforge.finetune.lora import apply_lora
 
     if ft.method == "lora":
         wrapped = apply_lora(model, ft.lora_rank, ft.lora_alpha, ft.lora_dropout, ft.lora_targets)
@@ -144,7 +151,6 @@ def adapt(model: nn.Module, ft: FinetuneConfig) -> str:
 @torch.no_grad()
 def load_base(model: nn.Module, ft: FinetuneConfig) -> None:
     """Copy the base weights into the (possibly sharded) model; adapters keep their fresh init."""
-    from fmforge.finetune.lora import lora_modules
 
     weights = Path(ft.base) / "model.safetensors"
     try:
@@ -174,8 +180,6 @@ def init_virtual_tokens(model: nn.Module, ft: FinetuneConfig, seed: int = 0) -> 
     tokens of ``init_text``, repeated or cut to fit, else ``virtual_tokens`` random vocabulary ids. Prompt
     tuning takes their embeddings; prefix tuning their keys and values in every layer, as the base model
     computes them at positions 0..n-1."""
-    from fmforge.data.tokenizer import load_tokenizer
-    from fmforge.models.blocks import copy_full_
 
     tok = load_tokenizer(Path(ft.base) / "tokenizer.json")
     n = ft.virtual_tokens
@@ -206,7 +210,6 @@ def init_virtual_tokens(model: nn.Module, ft: FinetuneConfig, seed: int = 0) -> 
 
 def final_weights(state: dict[str, torch.Tensor], ft: FinetuneConfig, run_dir: Path, is_main: bool):
     """The weights to save as the run's model: LoRA runs also write their adapters alone, then merge them."""
-    from fmforge.finetune.lora import merged_state_dict, write_adapters
 
     if ft.method != "lora":
         return state

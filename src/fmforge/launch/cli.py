@@ -8,7 +8,7 @@ from types import ModuleType
 from fmforge.config import load_config
 from fmforge.errors import FmforgeError
 from fmforge.launch import kubernetes, sagemaker, skypilot, slurm
-from fmforge.launch.common import JOB_NAME, JobSpec, default_job_name, resolve_options
+from fmforge.launch.common import COMMON_OPTIONS, JOB_NAME, JobSpec, default_job_name, resolve_options
 
 TARGETS: dict[str, ModuleType] = {
     "slurm": slurm, "k8s": kubernetes, "sagemaker": sagemaker, "skypilot": skypilot,
@@ -17,7 +17,6 @@ TARGETS: dict[str, ModuleType] = {
 
 def target_options(target: str) -> dict:
     """The documented options of ``target`` (common + target-specific): {key: Option(default, type, help)}."""
-    from fmforge.launch.common import COMMON_OPTIONS
 
     return {**COMMON_OPTIONS, **_module(target).OPTIONS}
 

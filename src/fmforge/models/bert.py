@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from fmforge.models.blocks import Block, fuse_qkv, init_linear, init_normal_
-from fmforge.models.config import ModelConfig, Section
-from fmforge.models.vit import apply_size, encoder_block_config, lookup_size
+from fmforge.models.config import BlockConfig, Section, encoder_block_config
+from fmforge.models.sizes import BERT_SIZES, apply_size, lookup_size
 
 
 class BertConfig(Section):
@@ -53,20 +53,8 @@ class BertConfig(Section):
                       dropout=hf["hidden_dropout_prob"], init_std=hf["initializer_range"])
         return cls(**{**fields, **overrides})
 
-    def block_config(self) -> ModelConfig:
-        return encoder_block_config(self, self.d_model, self.n_head, self.n_layer, self.d_ff, self.max_seq_len)
-
-
-BERT_SIZES: dict[str, dict] = {
-    # CPU sizes (Turc et al. 2019's compact BERTs, bert-nano smaller still), on the full uncased vocabulary.
-    "bert-nano": dict(d_model=64, n_layer=2, n_head=4),
-    "bert-tiny": dict(d_model=128, n_layer=2, n_head=2),
-    "bert-mini": dict(d_model=256, n_layer=4, n_head=4),
-    # all-MiniLM-L6-v2's encoder (Wang et al. 2020), the pretrained BERT that ships offline here.
-    "minilm-l6": dict(d_model=384, n_layer=6, n_head=12),
-    "bert-base": dict(d_model=768, n_layer=12, n_head=12),
-    "bert-large": dict(d_model=1024, n_layer=24, n_head=16),
-}
+    def block_config(self) -> BlockConfig:
+        return encoder_block_config(self, self.d_model, self.n_head, self.d_ff)
 
 
 class BertModelConfig(BertConfig):
@@ -161,6 +149,10 @@ class Bert(nn.Module):
         if self.classifier is None:
             raise ValueError("this BERT has no classifier: build it with num_labels > 0")
         return self.classifier(self.drop(torch.tanh(self.pooler(hidden[:, 0]))))
+
+    def block_stacks(self) -> list[nn.ModuleList]:
+        """The repeated blocks that parallelism wraps one by one (``registry.block_stacks``)."""
+        return [self.blocks]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

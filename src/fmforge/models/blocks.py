@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fmforge.models.config import ModelConfig
+from fmforge.models.config import BlockConfig
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: BlockConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
@@ -156,7 +156,7 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads (n_kv_head <= n_head), optional RoPE and KV cache."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True):
+    def __init__(self, cfg: BlockConfig, causal: bool = True):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.causal = causal
@@ -247,7 +247,7 @@ class GeluMLP(nn.Module):
     ``gelu_approximate="none"`` is the exact erf GELU that BERT and ViT were trained with; ``"quick"`` is
     OpenAI CLIP's x * sigmoid(1.702 x)."""
 
-    def __init__(self, cfg: ModelConfig, gelu_approximate: str = "tanh"):
+    def __init__(self, cfg: BlockConfig, gelu_approximate: str = "tanh"):
         super().__init__()
         self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
@@ -270,7 +270,7 @@ class GeluMLP(nn.Module):
 class SwiGLU(nn.Module):
     """Llama's MLP: w2(silu(w1 x) * w3 x). Separate gate/up Linears: fusing them measured slower on CPU."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: BlockConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
@@ -295,7 +295,7 @@ class Block(nn.Module):
     ``post_norm=True`` is the original Transformer/BERT order, norm1(x + attn(x)) then norm2(x + mlp(x)):
     the same parameters in another order, so BERT checkpoints run on this block unchanged."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True, post_norm: bool = False,
+    def __init__(self, cfg: BlockConfig, causal: bool = True, post_norm: bool = False,
                  gelu_approximate: str = "tanh"):
         super().__init__()
         self.post_norm = post_norm

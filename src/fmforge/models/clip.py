@@ -17,15 +17,12 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from fmforge.models.blocks import Block, init_normal_, make_norm
-from fmforge.models.config import ModelConfig, Section
+from fmforge.models.config import BlockConfig, Section, encoder_block_config
+from fmforge.models.sizes import CLIP_SIZES, SIGLIP_LOGIT_INIT, apply_size, lookup_size
 from fmforge.models.vit import (
     GELU_KERNEL,
-    VIT_SIZES,
     VisionConfig,
     ViT,
-    apply_size,
-    encoder_block_config,
-    lookup_size,
 )
 
 
@@ -59,8 +56,8 @@ class TextConfig(Section):
             raise ValueError("pool=last needs pad_token_id")
         return self
 
-    def block_config(self) -> ModelConfig:
-        return encoder_block_config(self, self.d_model, self.n_head, self.n_layer, self.d_ff, self.context_length)
+    def block_config(self) -> BlockConfig:
+        return encoder_block_config(self, self.d_model, self.n_head, self.d_ff)
 
 
 class CLIPConfig(Section):
@@ -84,30 +81,6 @@ class CLIPConfig(Section):
         vision = VisionConfig(**{**spec.pop("vision"), **overrides.pop("vision", {})})
         text = TextConfig(**{**spec.pop("text"), **overrides.pop("text", {})})
         return cls(vision=vision, text=text, **{**spec, **overrides})
-
-
-# SigLIP (Zhai et al. 2023): temperature 10 and bias -10, so that the many negatives start near zero loss.
-SIGLIP_LOGIT_INIT = dict(init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
-
-
-def _openai_vision(vit_size: str) -> dict:
-    # OpenAI's image tower: LayerNorm before the first block, no patch-projection bias, eps 1e-5.
-    return {**VIT_SIZES[vit_size], "num_classes": 0, "ln_pre": True, "patch_bias": False, "norm_eps": 1e-5}
-
-
-CLIP_SIZES: dict[str, dict] = {
-    # CPU size: 32x32 images, 32-token captions over a small BPE vocabulary.
-    # OpenAI's tower layout (LayerNorm before the blocks, no patch bias), so CPU runs export to HF CLIPModel.
-    "clip-nano": dict(vision=dict(image_size=32, patch_size=8, d_model=64, n_layer=2, n_head=4, num_classes=0,
-                                  ln_pre=True, patch_bias=False, norm_eps=1e-5),
-                      text=dict(vocab_size=512, context_length=32, d_model=64, n_layer=2, n_head=4),
-                      embed_dim=64),
-    # Radford et al. 2021, table 20: ViT-B/32 and ViT-B/16 towers share the 12-layer 512-wide text tower.
-    "clip-b32": dict(vision=_openai_vision("vit-b32"), text={}, embed_dim=512),
-    "clip-b16": dict(vision=_openai_vision("vit-b16"), text={}, embed_dim=512),
-    "clip-l14": dict(vision={**_openai_vision("vit-l16"), "patch_size": 14},
-                     text=dict(d_model=768, n_head=12), embed_dim=768),
-}
 
 
 class CLIPModelConfig(CLIPConfig):
@@ -227,6 +200,10 @@ class CLIP(nn.Module):
         # learned log-scale stops where it crossed, and every caller sees the same effective temperature.
         scale = self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
         return CLIPOutput(self.encode_image(images), self.encode_text(tokens), scale, self.logit_bias)
+
+    def block_stacks(self) -> list[nn.ModuleList]:
+        """The repeated blocks that parallelism wraps one by one (``registry.block_stacks``)."""
+        return [self.visual.blocks, self.text.blocks]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

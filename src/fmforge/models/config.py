@@ -1,15 +1,17 @@
-"""Schema building blocks shared by every model family: ``Section`` (strict pydantic base) and the decoder's
-``ModelConfig``. Kept apart from ``fmforge.config`` so model files can import them while ``fmforge.config``
+"""Schema building blocks shared by every model family: ``Section`` (strict pydantic base), the decoder's
+``ModelConfig`` and ``BlockConfig``, the shape of the one block every family composes. Kept apart from ``fmforge.config`` so model files can import them while ``fmforge.config``
 imports every family's run config (a run's ``model:`` section is a union discriminated on ``arch``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from fmforge.errors import FmforgeError
+from fmforge.models.sizes import DECODER_ARCH_DEFAULTS, DECODER_SIZES
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
@@ -66,16 +68,14 @@ class ModelConfig(Section):
     def resolved(self, vocab_size: int | None = None, seq_len: int | None = None) -> ModelConfig:
         """Every field filled: explicit value > named size > arch default. ``vocab_size``/``seq_len`` come
         from the tokenizer and data when the config leaves them open."""
-        from fmforge.models.registry import ARCH_DEFAULTS, SIZES
-
         values = self.model_dump()
         if self.size is not None:
-            if self.size not in SIZES:
-                raise FmforgeError(f"model.size: unknown size {self.size!r}; known: {', '.join(sorted(SIZES))}")
-            for key, val in SIZES[self.size].items():
+            if self.size not in DECODER_SIZES:
+                raise FmforgeError(f"model.size: unknown size {self.size!r}; known: {', '.join(sorted(DECODER_SIZES))}")
+            for key, val in DECODER_SIZES[self.size].items():
                 if values.get(key) is None:
                     values[key] = val
-        for key, val in ARCH_DEFAULTS[self.arch].items():
+        for key, val in DECODER_ARCH_DEFAULTS[self.arch].items():
             if values.get(key) is None:
                 values[key] = val
         if values["vocab_size"] is not None and vocab_size is not None and values["vocab_size"] < vocab_size:
@@ -110,6 +110,42 @@ class ModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    def block_config(self) -> BlockConfig:
+        """What each of the decoder's blocks reads (the config must be resolved)."""
+        return BlockConfig(d_model=self.d_model, n_head=self.n_head, n_kv_head=self.n_kv_head, d_ff=self.d_ff,
+                           norm=self.norm, mlp=self.mlp, bias=self.bias, qkv_bias=self.qkv_bias,
+                           norm_eps=self.norm_eps, dropout=self.dropout)
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """The shape of one shared transformer block (``blocks.Block``), which every family composes: decoders
+    take it from their resolved ``ModelConfig``, encoders from ``encoder_block_config``."""
+
+    d_model: int
+    n_head: int
+    n_kv_head: int
+    d_ff: int
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | swiglu
+    bias: bool = True
+    qkv_bias: bool | None = None  # None: same as ``bias``
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+def encoder_block_config(src, d_model: int, n_head: int, d_ff: int | None) -> BlockConfig:
+    """The block of an encoder tower of this shape, norm/MLP/bias/eps/dropout from ``src`` (a family config;
+    one without norm/mlp/bias fields means LayerNorm, GELU, biases)."""
+    mlp = getattr(src, "mlp", "gelu")
+    return BlockConfig(d_model=d_model, n_head=n_head, n_kv_head=n_head, d_ff=d_ff or default_d_ff(d_model, mlp),
+                       norm=getattr(src, "norm", "layernorm"), mlp=mlp, bias=getattr(src, "bias", True),
+                       norm_eps=src.norm_eps, dropout=src.dropout)
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:

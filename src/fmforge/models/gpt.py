@@ -1,6 +1,6 @@
 """Decoder-only language model (GPT-2 and Llama families) on the shared blocks of ``blocks.py``.
 
-The two families differ only in config (see ``registry.ARCH_DEFAULTS``): positions (learned vs rotary), norm
+The two families differ only in config (see ``sizes.DECODER_ARCH_DEFAULTS``): positions (learned vs rotary), norm
 (LayerNorm vs RMSNorm), MLP (GELU vs SwiGLU), biases, weight tying, and the init below.
 """
 
@@ -129,6 +129,10 @@ class GPT(nn.Module):
         dtype = weight.dtype if dtype is None else dtype
         return [KVCache(batch_size, self.cfg.n_kv_head, max_len, self.cfg.head_dim, device, dtype)
                 for _ in range(self.cfg.n_layer)]
+
+    def block_stacks(self) -> list[nn.ModuleList]:
+        """The repeated blocks that parallelism wraps one by one (``registry.block_stacks``)."""
+        return [self.blocks]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights once. ``exclude_embeddings`` leaves out the token and position

@@ -1,28 +1,100 @@
-"""Family defaults and named sizes. A config names an ``arch`` and optionally a ``size``; fields it sets
-explicitly win over both (see ``ModelConfig.resolved``)."""
+"""THE dispatch table: one entry per model family. Every other module asks here instead of testing
+``model.arch`` itself: which config class a ``model:`` section is, which ``nn.Module`` it builds, which
+objective pretrains it, its named sizes and its Hugging Face converter.
 
-ARCH_DEFAULTS: dict[str, dict] = {
-    # GPT-2: learned positions, LayerNorm, GELU MLP, biases everywhere, tied input/output embeddings.
-    "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned", bias=True, tie_embeddings=True,
-                 rope_theta=10000.0),
-    # Llama: rotary positions, RMSNorm, SwiGLU MLP, no biases, separate output head.
-    "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, tie_embeddings=False,
-                  rope_theta=10000.0),
-}
+Objectives and converters live in layers above ``models/``, so an entry names them and those layers bind
+the names (``objectives.OBJECTIVES``, ``interop.hf.convert.CONVERTERS``). Adding a family = a model file,
+an objective file and one entry here.
+"""
 
-SIZES: dict[str, dict] = {
-    # CPU sizes: tests and the quickstart.
-    "nano": dict(n_layer=2, n_head=4, d_model=64),
-    "micro": dict(n_layer=4, n_head=4, d_model=128),
-    "tiny": dict(n_layer=6, n_head=6, n_kv_head=2, d_model=192),
-    # GPT-2 family (Radford et al. 2019).
-    "gpt2-124m": dict(n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
-    "gpt2-350m": dict(n_layer=24, n_head=16, d_model=1024, max_seq_len=1024),
-    "gpt2-774m": dict(n_layer=36, n_head=20, d_model=1280, max_seq_len=1024),
-    "gpt2-1.5b": dict(n_layer=48, n_head=25, d_model=1600, max_seq_len=1024),
-    # Llama-style shapes (GQA with 8 KV heads at 1B like Llama 3.2).
-    "llama-125m": dict(n_layer=12, n_head=12, n_kv_head=4, d_model=768, max_seq_len=2048),
-    "llama-350m": dict(n_layer=24, n_head=16, n_kv_head=8, d_model=1024, max_seq_len=2048),
-    "llama-1b": dict(n_layer=16, n_head=32, n_kv_head=8, d_model=2048, d_ff=8192, max_seq_len=2048,
-                     rope_theta=500000.0),
-}
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch.nn as nn
+from pydantic import Discriminator, Tag, TypeAdapter
+
+from fmforge.models.bert import Bert, BertModelConfig
+from fmforge.models.clip import CLIP, CLIPModelConfig
+from fmforge.models.config import ModelConfig
+from fmforge.models.gpt import GPT
+from fmforge.models.sizes import BERT_SIZES, CLIP_SIZES, DECODER_SIZES, MAE_SIZES, VIT_SIZES
+from fmforge.models.vit import MAE, MAEModelConfig, ViT, ViTModelConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # what model.json records as "family"
+    archs: tuple[str, ...]  # the ``model.arch`` values that select it
+    config: type  # the pydantic ``model:`` section
+    model: type[nn.Module]  # built from that config
+    objective: str  # key of ``objectives.OBJECTIVES``: how ``fmforge train`` pretrains it
+    sizes: dict[str, dict]  # named shapes (``models/sizes.py``)
+    hf: str | None  # key of ``interop.hf.convert.CONVERTERS``; None: no Hugging Face equivalent
+    description: str  # for messages: "a language model (gpt2/llama)"
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("decoder", ("gpt2", "llama"), ModelConfig, GPT, "clm", DECODER_SIZES, "decoder",
+           "a language model (gpt2/llama)"),
+    Family("bert", ("bert",), BertModelConfig, Bert, "mlm", BERT_SIZES, "encoders", "a bert model"),
+    Family("vit", ("vit",), ViTModelConfig, ViT, "image_classify", VIT_SIZES, "encoders", "a vit model"),
+    Family("mae", ("mae",), MAEModelConfig, MAE, "mae", MAE_SIZES, None, "a mae model"),
+    Family("clip", ("clip",), CLIPModelConfig, CLIP, "contrastive", CLIP_SIZES, "encoders", "a clip model"),
+)}
+ARCHS: tuple[str, ...] = tuple(a for f in FAMILIES.values() for a in f.archs)
+_BY_ARCH = {a: f for f in FAMILIES.values() for a in f.archs}
+
+
+def _family_tag(value: Any) -> str:
+    arch = value.get("arch", "llama") if isinstance(value, dict) else getattr(value, "arch", None)
+    return _BY_ARCH[arch].name if arch in _BY_ARCH else str(arch)
+
+
+# A run's ``model:`` section: one of the families' configs, chosen by ``arch`` (default llama).
+AnyModelConfig = Annotated[
+    Annotated[ModelConfig, Tag("decoder")] | Annotated[BertModelConfig, Tag("bert")]
+    | Annotated[ViTModelConfig, Tag("vit")] | Annotated[MAEModelConfig, Tag("mae")]
+    | Annotated[CLIPModelConfig, Tag("clip")],
+    Discriminator(_family_tag),
+]
+_MODEL_CONFIG = TypeAdapter(AnyModelConfig)
+
+
+def family(model_cfg) -> Family:
+    """The family of a model config (or of a bare ``arch`` string)."""
+    arch = model_cfg if isinstance(model_cfg, str) else model_cfg.arch
+    return _BY_ARCH[arch]
+
+
+def family_of(model_cfg) -> str:
+    """"decoder" for the causal LMs (gpt2, llama), else the config's arch: vit, mae, clip, bert."""
+    return family(model_cfg).name
+
+
+def is_decoder(model_cfg) -> bool:
+    return family_of(model_cfg) == "decoder"
+
+
+def parse_model_config(values: dict):
+    """A ``model:`` mapping validated into its family's config (raises pydantic's ValidationError)."""
+    return _MODEL_CONFIG.validate_python(values)
+
+
+def build_model(cfg) -> nn.Module:
+    """The model a ``model:`` config describes. A decoder config is resolved first (a no-op when it already
+    is), so one without vocab_size/max_seq_len fails naming the missing field."""
+    if isinstance(cfg, ModelConfig):
+        cfg = cfg.resolved()
+    return family(cfg).model(cfg)
+
+
+def block_stacks(model: nn.Module) -> list[nn.ModuleList]:
+    """The model's stacks of repeated blocks, as it declares them (``block_stacks()``), which per-block
+    activation checkpointing, compile and FSDP wrap. A model that declares none gets a clear error rather
+    than silently losing those."""
+    declare = getattr(model, "block_stacks", None)
+    if declare is None:
+        raise TypeError(f"{type(model).__name__} does not declare its repeated blocks (block_stacks())")
+    return list(declare())

@@ -9,7 +9,6 @@ Patches are flattened as MAE does, (row p, column q, channel c) within a patch, 
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Annotated, Literal
 
@@ -17,9 +16,9 @@ import torch
 import torch.nn as nn
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from fmforge.errors import FmforgeError
 from fmforge.models.blocks import Block, init_linear, init_normal_, make_norm
-from fmforge.models.config import ModelConfig, Section, default_d_ff
+from fmforge.models.config import BlockConfig, Section, encoder_block_config
+from fmforge.models.sizes import MAE_SIZES, VIT_SIZES, apply_size, lookup_size
 
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 GELU_KERNEL = {"exact": "none", "tanh": "tanh", "quick": "quick"}  # config name -> GeluMLP's gelu_approximate
@@ -79,62 +78,8 @@ class VisionConfig(Section):
         """Tokens in front of the patches: the [CLS] token when pooling by it."""
         return 1 if self.pooling == "cls" else 0
 
-    def block_config(self) -> ModelConfig:
-        return encoder_block_config(self, self.d_model, self.n_head, self.n_layer, self.d_ff,
-                                    self.n_prefix + self.num_patches)
-
-
-def encoder_block_config(src, d_model: int, n_head: int, n_layer: int, d_ff: int | None,
-                         max_seq_len: int) -> ModelConfig:
-    """The fully resolved ``ModelConfig`` the shared ``Block`` reads: this shape, and norm/MLP/bias/eps/
-    dropout/init from ``src`` (any family config; a missing norm/mlp/bias means LayerNorm, GELU, biases)."""
-    mlp = getattr(src, "mlp", "gelu")
-    return ModelConfig(arch="gpt2", n_layer=n_layer, n_head=n_head, n_kv_head=n_head, d_model=d_model,
-                       d_ff=d_ff or default_d_ff(d_model, mlp), max_seq_len=max_seq_len,
-                       norm=getattr(src, "norm", "layernorm"), mlp=mlp, pos="learned",
-                       bias=getattr(src, "bias", True), tie_embeddings=False, rope_theta=10000.0,
-                       norm_eps=src.norm_eps, dropout=src.dropout, init_std=src.init_std)
-
-
-def lookup_size(sizes: dict[str, dict], name: str, family: str) -> dict:
-    if name not in sizes:
-        raise FmforgeError(f"unknown {family} size {name!r}; known: {', '.join(sorted(sizes))}")
-    return dict(sizes[name])
-
-
-def apply_size(data, sizes: dict[str, dict], family: str, skip: tuple[str, ...] = ()):
-    """A run config's raw ``model:`` mapping with its named ``size`` filled in underneath: fields given
-    explicitly win, sub-sections (``encoder``, ``vision``, ``text``) merge field by field. ``skip`` lists
-    dotted fields the size does not decide in a run because the data does (class count, vocabulary)."""
-    if not isinstance(data, dict) or data.get("size") is None:
-        return data
-    try:
-        spec = copy.deepcopy(lookup_size(sizes, data["size"], family))
-    except FmforgeError as err:
-        raise FmforgeError(f"model.size: {err}") from None
-    for dotted in skip:
-        *parents, leaf = dotted.split(".")
-        node = spec
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(leaf, None)
-    merged = {**spec, **data}
-    for key, value in spec.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            merged[key] = {**value, **data[key]}
-    return merged
-
-
-VIT_SIZES: dict[str, dict] = {
-    # CPU sizes: 8x8 one-channel digits (scikit-learn load_digits), and 32x32 colour images.
-    "vit-nano": dict(image_size=8, patch_size=2, channels=1, d_model=64, n_layer=2, n_head=4, num_classes=10),
-    "vit-tiny": dict(image_size=32, patch_size=4, d_model=192, n_layer=6, n_head=3, num_classes=10),
-    # Dosovitskiy et al. 2021 / Touvron et al. 2021 (DeiT-S), 224 px.
-    "vit-s16": dict(image_size=224, patch_size=16, d_model=384, n_layer=12, n_head=6),
-    "vit-b16": dict(image_size=224, patch_size=16, d_model=768, n_layer=12, n_head=12),
-    "vit-b32": dict(image_size=224, patch_size=32, d_model=768, n_layer=12, n_head=12),
-    "vit-l16": dict(image_size=224, patch_size=16, d_model=1024, n_layer=24, n_head=16),
-}
+    def block_config(self) -> BlockConfig:
+        return encoder_block_config(self, self.d_model, self.n_head, self.d_ff)
 
 
 class ViTModelConfig(VisionConfig):
@@ -305,6 +250,10 @@ class ViT(nn.Module):
         x = self.features(images)
         return x if self.head is None else self.head(x)
 
+    def block_stacks(self) -> list[nn.ModuleList]:
+        """The repeated blocks that parallelism wraps one by one (``registry.block_stacks``)."""
+        return [self.blocks]
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -338,25 +287,8 @@ class MAEConfig(Section):
         encoder = VisionConfig(**{**spec.pop("encoder"), **overrides.pop("encoder", {})})
         return cls(encoder=encoder, **{**spec, **overrides})
 
-    def decoder_block_config(self) -> ModelConfig:
-        enc = self.encoder
-        return encoder_block_config(enc, self.decoder_d_model, self.decoder_n_head, self.decoder_n_layer,
-                                    self.decoder_d_ff, enc.n_prefix + enc.num_patches)
-
-
-def _mae_encoder(vit_size: str) -> dict:
-    # MAE: fixed sin-cos positions, no classification head during pretraining.
-    return {**VIT_SIZES[vit_size], "num_classes": 0, "pos": "sincos"}
-
-
-MAE_SIZES: dict[str, dict] = {
-    # A decoder of 2 blocks, not 1: linear probes of the encoder gain ~9 points on digits (as the paper found).
-    "mae-nano": dict(encoder=_mae_encoder("vit-nano"), decoder_d_model=64, decoder_n_layer=2, decoder_n_head=4),
-    "mae-tiny": dict(encoder=_mae_encoder("vit-tiny"), decoder_d_model=128, decoder_n_layer=2, decoder_n_head=4),
-    # He et al. 2021: every encoder gets the same 8-block, 512-wide decoder.
-    "mae-b": dict(encoder=_mae_encoder("vit-b16"), decoder_d_model=512, decoder_n_layer=8, decoder_n_head=16),
-    "mae-l": dict(encoder=_mae_encoder("vit-l16"), decoder_d_model=512, decoder_n_layer=8, decoder_n_head=16),
-}
+    def decoder_block_config(self) -> BlockConfig:
+        return encoder_block_config(self.encoder, self.decoder_d_model, self.decoder_n_head, self.decoder_d_ff)
 
 
 class MAEModelConfig(MAEConfig):
@@ -439,6 +371,10 @@ class MAE(nn.Module):
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, P:], mask
+
+    def block_stacks(self) -> list[nn.ModuleList]:
+        """The repeated blocks that parallelism wraps one by one (``registry.block_stacks``)."""
+        return [self.encoder.blocks, self.decoder_blocks]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -7,9 +7,9 @@ import contextlib
 import fcntl
 from pathlib import Path
 
-from fmforge.config import config_to_dict, load_config
+from fmforge.config import DEFAULT_GLOBAL_BATCH_TOKENS, config_to_dict, load_config
 from fmforge.errors import FmforgeError
-from fmforge.storage import is_remote
+from fmforge.io.fs import is_remote
 
 
 def base_config(config, overrides, data) -> dict:
@@ -25,6 +25,7 @@ def base_config(config, overrides, data) -> dict:
             raise FmforgeError(f"data directory not found: {cfg.data.path}")
         cfg.data.path = str(Path(cfg.data.path).resolve())
     cfg.train.out_dir = None
+    cfg.train.global_batch = cfg.train.global_batch or DEFAULT_GLOBAL_BATCH_TOKENS  # ladders and searches are LMs
     return config_to_dict(cfg)
 
 

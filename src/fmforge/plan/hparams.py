@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from fmforge.config import DEFAULT_GLOBAL_BATCH_TOKENS
 from fmforge.errors import FmforgeError
 
 # Brown et al. 2020 ("Language Models are Few-Shot Learners"), table 2.1: (parameters, batch tokens, peak lr).
@@ -99,14 +100,14 @@ def rescale_plan(cfg, new_batch: int | None, world_size: int | None, rule: str) 
     lr follows ``rule``. A new world size alone changes nothing that matters to optimization: fmforge's
     global batch is per step, not per device, so only the micro-batch/accumulation split moves."""
     t, o, seq = cfg.train, cfg.optim, cfg.data.seq_len
-    old_batch = t.global_batch_tokens
+    old_batch = t.global_batch or DEFAULT_GLOBAL_BATCH_TOKENS
     batch = new_batch or old_batch
     if batch % seq:
         raise FmforgeError(f"--global-batch-tokens ({batch}) must be a multiple of data.seq_len ({seq})")
     k = batch / old_batch
     changes, why = {}, []
     if batch != old_batch:
-        changes["train.global_batch_tokens"] = batch
+        changes["train.global_batch"] = batch
         changes["train.max_steps"] = max(1, round(t.max_steps / k))
         changes["optim.warmup_steps"] = round(o.warmup_steps / k)
         changes["optim.lr"] = rescale_lr(o.lr, old_batch, batch, rule)

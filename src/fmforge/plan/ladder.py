@@ -24,11 +24,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fmforge.config import build_config
+from fmforge.config import ModelConfig, build_config
+from fmforge.data.prepare import load_manifest
+from fmforge.data.staging import stage_prepared_data
 from fmforge.errors import FmforgeError
+from fmforge.io.fs import is_remote
+from fmforge.models.sizes import DECODER_SIZES as SIZES
 from fmforge.plan.common import base_config, exclusive, flatten
 from fmforge.plan.fit import MIN_POINTS, FittedLaw, fit_law, save_law
-from fmforge.storage import is_remote
+from fmforge.plan.shapes import count_params, propose_model
+from fmforge.train.loop import train
 
 SHAPE_KEYS = ("size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "max_seq_len")
 # Keys each rung sets itself, or that change how a run executes and not what it computes (micro-batches
@@ -89,24 +94,20 @@ def run_ladder(config, overrides=(), *, data=None, out=None, sizes=None, params=
 
 
 def _vocab_size(path: str) -> int:
-    from fmforge.data.prepare import load_manifest
 
     if is_remote(path):
-        from fmforge.storage import stage_prepared_data
 
         path = stage_prepared_data(path)  # cached: the trainer reuses this copy
     return int(load_manifest(path)["tokenizer"]["vocab_size"])
 
 
 def _model(base: dict, fields: dict, vocab: int):
-    from fmforge.config import ModelConfig
 
     model = {k: v for k, v in base["model"].items() if k not in SHAPE_KEYS}
     return ModelConfig(**{**model, **fields}).resolved(vocab_size=vocab, seq_len=base["data"]["seq_len"])
 
 
 def _shape(base: dict, fields: dict, label: str, vocab: int) -> dict:
-    from fmforge.plan.shapes import count_params
 
     try:
         resolved = _model(base, fields, vocab)
@@ -117,18 +118,16 @@ def _shape(base: dict, fields: dict, label: str, vocab: int) -> dict:
 
 
 def _steps(base: dict, tokens: float, flag: str) -> int:
-    gbt = base["train"]["global_batch_tokens"]
+    gbt = base["train"]["global_batch"]
     if not (tokens > 0 and math.isfinite(tokens)):
         raise FmforgeError(f"{flag} must be a positive number of tokens, got {tokens:g}")
     steps = round(tokens / gbt)
     if steps < 1:
-        raise FmforgeError(f"{flag} {tokens:g} is less than one global batch (train.global_batch_tokens = {gbt})")
+        raise FmforgeError(f"{flag} {tokens:g} is less than one global batch (train.global_batch = {gbt})")
     return steps
 
 
 def _grid(base: dict, sizes, params, tokens, vocab: int) -> list[dict]:
-    from fmforge.models.registry import SIZES
-    from fmforge.plan.shapes import propose_model
 
     if not sizes and not params:
         raise FmforgeError("empty ladder: give the model sizes (--sizes NAME,... or --params N,...) and --tokens D,...")
@@ -149,18 +148,17 @@ def _grid(base: dict, sizes, params, tokens, vocab: int) -> list[dict]:
             print(f"--params {n:g}: same shape as another size ({shape['tag']}); trained once")
         shapes.setdefault(shape["tag"], shape)
     steps = sorted({_steps(base, d, "--tokens") for d in tokens})
-    gbt = base["train"]["global_batch_tokens"]
+    gbt = base["train"]["global_batch"]
     return [{"name": f"{s['tag']}_t{k * gbt}", "model": s["model"], "N": s["N"], "steps": k, "D": k * gbt}
             for s in shapes.values() for k in steps]
 
 
 def _target_spec(base: dict, n: float, d: float, vocab: int) -> dict:
-    from fmforge.plan.shapes import propose_model
 
     shape = _shape(base, propose_model(n, base["model"]["arch"], vocab, base["data"]["seq_len"]),
                    f"--target-params {n:g}", vocab)
     steps = _steps(base, d, "--target-tokens")
-    gbt = base["train"]["global_batch_tokens"]
+    gbt = base["train"]["global_batch"]
     return {"name": f"{shape['tag']}_t{steps * gbt}", "model": shape["model"], "N": shape["N"], "steps": steps,
             "D": steps * gbt, "requested_N": n, "requested_D": d}
 
@@ -248,7 +246,6 @@ def _run_config(base: dict, run: dict, run_dir: Path):
 
 
 def _train_rung(base: dict, run: dict, root: Path, out: Path, label: str, kind: str = "rung") -> dict:
-    from fmforge.train.loop import train
 
     run_dir = root / run["name"]
     cfg = _run_config(base, run, run_dir)

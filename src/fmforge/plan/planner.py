@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
-from fmforge.config import build_config, save_config
+from fmforge.config import Config, build_config, load_config, save_config
+from fmforge.data.prepare import load_manifest
 from fmforge.errors import FmforgeError
 from fmforge.plan import hparams
+from fmforge.plan.fit import load_law
 from fmforge.plan.hardware import (
     DEFAULT_MFU,
     Hardware,
@@ -45,7 +48,6 @@ def _positive(name: str, value: float | None) -> None:
 
 def load_fitted_law(path: str | Path) -> ChinchillaLaw:
     """A law.json written by ``fmforge ladder`` as a law of the Chinchilla form (N = non-embedding params)."""
-    from fmforge.plan.fit import load_law
 
     fitted = load_law(path)
     law = ChinchillaLaw("fitted", fitted.E, fitted.A, fitted.B, fitted.alpha, fitted.beta,
@@ -108,7 +110,7 @@ def propose_config(row: dict, flops: float, seq_len: int, data: str | None, hw: 
         "model": model,
         "data": {"path": data, "seq_len": seq_len},
         "optim": {"lr": float(f"{lr:.3g}"), "warmup_steps": hparams.warmup_steps(steps)},
-        "train": {"max_steps": steps, "global_batch_tokens": batch, "micro_batch_size": micro,
+        "train": {"max_steps": steps, "global_batch": batch, "micro_batch_size": micro,
                   "eval_interval": interval, "log_interval": max(1, min(10, steps // 10))},
         "parallel": {"dp": "fsdp" if devices > 1 else "ddp", "ac": ac},
         "checkpoint": {"interval": interval},
@@ -184,7 +186,6 @@ def plan(*, flops: float | None = None, gpu: str | None = None, gpus: int = 1, h
     mfu = mfu or DEFAULT_MFU
     unique = tokens
     if data is not None:
-        from fmforge.data.prepare import load_manifest
 
         if not Path(data).is_dir():
             raise FmforgeError(f"--data: not a directory: {data}")
@@ -258,7 +259,6 @@ def plan(*, flops: float | None = None, gpu: str | None = None, gpus: int = 1, h
 
 def rescale(config: str, overrides: list[str], global_batch_tokens: int | None, world_size: int | None,
             rule: str) -> tuple[dict, list[str]]:
-    from fmforge.config import load_config
 
     cfg = load_config(config, overrides)
     changes, why = hparams.rescale_plan(cfg, global_batch_tokens, world_size, rule)
@@ -345,7 +345,7 @@ def render(report: dict, console=None) -> None:
     c = report["config"]
     console.print(f"proposed config ({report['chosen']}): {c['model']['n_layer']} layers x {c['model']['d_model']}, "
                   f"{c['model']['n_head']} heads ({c['model']['n_kv_head']} kv), context {c['data']['seq_len']}; "
-                  f"{c['train']['max_steps']} steps x {c['train']['global_batch_tokens']} tokens, lr {c['optim']['lr']}, "
+                  f"{c['train']['max_steps']} steps x {c['train']['global_batch']} tokens, lr {c['optim']['lr']}, "
                   f"warmup {c['optim']['warmup_steps']}, micro-batch {c['train']['micro_batch_size']}, "
                   f"activation checkpointing {c['parallel']['ac']}")
     for w in report["warnings"]:
@@ -388,42 +388,53 @@ def plot(report: dict, path: str | Path, laws: dict[str, Law] | None = None) -> 
     plt.close(fig)
 
 
-def plan_cli(args) -> None:
-    """``fmforge plan``: print tables (or JSON), optionally write the plot and the proposed config."""
-    if args.rescale:
-        changes, why = rescale(args.rescale, [], args.global_batch_tokens, args.world_size, args.lr_rule)
-        if args.json:
-            print(json.dumps({"overrides": changes, "why": why}, indent=2))
-        else:
-            for line in why:
-                print(line)
-            print("overrides: " + (" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in changes.items()) or "(none)"))
-        if args.write_config:
-            from fmforge.config import load_config
-
-            cfg = load_config(args.rescale, [f"{k}={v}" for k, v in changes.items()])
-            save_config(cfg, args.write_config)
-            print(f"wrote {args.write_config}")
+def plan_command(*, flops: float | None = None, gpu: str | None = None, gpus: int = 1, hours: float | None = None,
+                 usd: float | None = None, prices: Sequence[str] = (), mfu: float | None = None,
+                 mfu_from: str | None = None, tokens: float | None = None, data: str | None = None,
+                 params: float | None = None, target_loss: float | None = None,
+                 inference_tokens: float | None = None, law: str | None = None, arch: str = "llama",
+                 seq_len: int = 2048, vocab_size: int | None = None, json_out: bool = False,
+                 plot_path: str | None = None, write_config: str | None = None, rescale_config: str | None = None,
+                 global_batch_tokens: int | None = None, world_size: int | None = None,
+                 lr_rule: str = "sqrt") -> None:
+    """``fmforge plan``: print the plan's tables (or, ``json_out``, its JSON), and optionally write the plot
+    (``plot_path``) and the proposed config (``write_config``). The budget arguments are ``plan``'s;
+    ``prices`` are ``NAME=USD`` hourly-price overrides. With ``rescale_config`` it instead carries that
+    config to ``global_batch_tokens`` / ``world_size`` (lr by ``lr_rule``) and prints the overrides."""
+    if rescale_config:
+        _rescale_command(rescale_config, global_batch_tokens, world_size, lr_rule, json_out, write_config)
         return
-    prices = parse_prices(args.price)
-    report = plan(flops=args.flops, gpu=args.gpu, gpus=args.gpus, hours=args.hours, usd=args.usd, prices=prices,
-                  mfu=args.mfu, mfu_from=args.mfu_from, tokens=args.tokens, data=args.data, params=args.params,
-                  target_loss=args.target_loss, inference_tokens=args.inference_tokens, law=args.law,
-                  arch=args.arch, seq_len=args.seq_len, vocab_size=args.vocab_size)
-    if args.json:
+    report = plan(flops=flops, gpu=gpu, gpus=gpus, hours=hours, usd=usd, prices=parse_prices(list(prices)),
+                  mfu=mfu, mfu_from=mfu_from, tokens=tokens, data=data, params=params, target_loss=target_loss,
+                  inference_tokens=inference_tokens, law=law, arch=arch, seq_len=seq_len, vocab_size=vocab_size)
+    if json_out:
         print(json.dumps(report, indent=2))
     else:
         render(report)
-    if args.write_config:
-        from fmforge.config import Config
-
-        save_config(Config.model_validate(report["config"]), args.write_config)
-        if not args.json:
-            print(f"wrote {args.write_config}: fmforge train {args.write_config}"
+    if write_config:
+        save_config(Config.model_validate(report["config"]), write_config)
+        if not json_out:
+            print(f"wrote {write_config}: fmforge train {write_config}"
                   + ("" if report["config"]["data"]["path"] else " --data DATA_DIR"))
-    if args.plot:
-        laws, _ = _select_laws(args.law)
-        plot(report, args.plot, laws)
-        if not args.json:
-            print(f"wrote {args.plot}")
+    if plot_path:
+        laws, _ = _select_laws(law)
+        plot(report, plot_path, laws)
+        if not json_out:
+            print(f"wrote {plot_path}")
+
+
+def _rescale_command(config: str, global_batch_tokens: int | None, world_size: int | None, lr_rule: str,
+                     json_out: bool, write_config: str | None) -> None:
+    """``fmforge plan --rescale CONFIG``: print the overrides (and why), optionally write the new config."""
+    changes, why = rescale(config, [], global_batch_tokens, world_size, lr_rule)
+    if json_out:
+        print(json.dumps({"overrides": changes, "why": why}, indent=2))
+    else:
+        for line in why:
+            print(line)
+        print("overrides: " + (" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in changes.items()) or "(none)"))
+    if write_config:
+        cfg = load_config(config, [f"{k}={v}" for k, v in changes.items()])
+        save_config(cfg, write_config)
+        print(f"wrote {write_config}")

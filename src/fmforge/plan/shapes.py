@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from fmforge.config import ModelConfig, default_d_ff
 from fmforge.errors import FmforgeError
-from fmforge.models.registry import ARCH_DEFAULTS
+from fmforge.models.config import ModelConfig, default_d_ff
+from fmforge.models.sizes import DECODER_ARCH_DEFAULTS as ARCH_DEFAULTS
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import yaml
 from fmforge.config import build_config, config_to_dict
 from fmforge.errors import FmforgeError
 from fmforge.plan.common import base_config, exclusive, flatten
+from fmforge.train.loop import train
 
 STUDY_NAME = "fmforge-tune"
 PRUNERS = ("median", "sha", "none")
@@ -96,12 +97,12 @@ def default_space(base: dict) -> dict:
     """lr (log), warmup steps, global batch tokens around the base value, weight decay."""
     t, seq = base["train"], base["data"]["seq_len"]
     unit = seq * t["micro_batch_size"]  # a global batch must be whole micro-batches of whole sequences
-    gbt = t["global_batch_tokens"]
+    gbt = t["global_batch"]
     choices = sorted({max(unit, n // unit * unit) for n in (gbt // 2, gbt, 2 * gbt)})
     space = {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True, "int": False}}
     if t["max_steps"] >= 2:
         space["optim.warmup_steps"] = {"low": 0, "high": max(1, t["max_steps"] // 4), "log": False, "int": True}
-    space["train.global_batch_tokens"] = {"choices": choices}
+    space["train.global_batch"] = {"choices": choices}
     space["optim.weight_decay"] = {"low": 0.0, "high": 0.2, "log": False, "int": False}
     return space
 
@@ -134,9 +135,9 @@ def load_space(path, base: dict) -> dict:
             except FmforgeError as err:
                 raise FmforgeError(f"{where}: {str(err).removeprefix('config error: ')}") from None
             unit = cfg.data.seq_len * cfg.train.micro_batch_size
-            if cfg.train.global_batch_tokens % unit:
-                raise FmforgeError(f"{where}: {key} = {value!r} gives train.global_batch_tokens "
-                                   f"{cfg.train.global_batch_tokens}, not a multiple of data.seq_len x "
+            if cfg.train.global_batch % unit:
+                raise FmforgeError(f"{where}: {key} = {value!r} gives train.global_batch "
+                                   f"{cfg.train.global_batch}, not a multiple of data.seq_len x "
                                    f"train.micro_batch_size ({unit})")
     _fit_warmup(where, space, base["train"]["max_steps"])
     return space
@@ -249,7 +250,6 @@ def _suggest(trial, key: str, spec: dict):
 def _run_trial(study, space: dict, run_cfg: dict, root: Path) -> None:
     from optuna.trial import TrialState
 
-    from fmforge.train.loop import train
 
     trial = study.ask()  # an enqueued retry comes first
     params = {key: _suggest(trial, key, spec) for key, spec in space.items()}

@@ -11,7 +11,6 @@ names the newest one written; resume still verifies checksums and falls back pas
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -25,23 +24,21 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from fmforge.data.staging import stage_prepared_data
 from fmforge.errors import FmforgeError
+from fmforge.io.fs import is_remote, sha256_file
+from fmforge.models.registry import build_model, parse_model_config
+from fmforge.runs import save_pretrained
 from fmforge.train.distributed import DistInfo, barrier, run_on_main
 
 FORMAT_VERSION = 2  # 1: single-process safetensors + torch.save (before DCP)
 PREFIX = "step_"
+META = "meta.json"  # written last: a checkpoint directory without it is not finished
 
 
 class CorruptCheckpoint(FmforgeError):
     pass
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -110,7 +107,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
     mine = {}
     for name in names[info.rank::info.world_size]:
         _fsync(tmp / name)
-        mine[name] = _sha256(tmp / name)
+        mine[name] = sha256_file(tmp / name)
     shares = [mine]
     if info.distributed:
         shares = [None] * info.world_size
@@ -132,8 +129,8 @@ def _publish(root: Path, tmp: Path, final: Path, step: int, files: dict, config:
     """Rank 0: write meta.json, rename the finished directory into place, move ``latest``, prune."""
     meta = {"format_version": FORMAT_VERSION, "step": step, "world_size": world_size,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files, "config": config}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    _fsync(tmp / "meta.json")
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    _fsync(tmp / META)
     _fsync(tmp)
     old = None
     if final.exists():  # re-saving a step: move the old one aside first so the step never goes missing
@@ -162,7 +159,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def verify_checkpoint(path: str | Path) -> dict:
     """Return the checkpoint's meta after checking every file against its checksum."""
     path = Path(path)
-    meta_path = path / "meta.json"
+    meta_path = path / META
     if not meta_path.is_file():
         raise CorruptCheckpoint(f"checkpoint {path} has no meta.json")
     try:
@@ -182,7 +179,7 @@ def verify_checkpoint(path: str | Path) -> dict:
         f = path / name
         if not f.is_file():
             raise CorruptCheckpoint(f"checkpoint {path} is missing {name}")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CorruptCheckpoint(f"checkpoint {path}: {name} fails its checksum")
     return meta
 
@@ -225,7 +222,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     rank 0 when it chose this checkpoint), so each rank does not hash everything again.
     Returns ``(train_state, meta)``."""
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text()) if verified else verify_checkpoint(path)
+    meta = json.loads((path / META).read_text()) if verified else verify_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     try:
         with _single_process_ok():
@@ -244,18 +241,15 @@ def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
     """Turn a sharded checkpoint (any world size, any parallel layout) into one ``model.safetensors`` +
     ``model.json`` + tokenizer in ``out_dir``: the run-directory format ``generate``, ``eval`` and the
     exporters read. One process, on the CPU, no process group; only the model's entries are read."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import ValidationError
 
-    from fmforge.config import AnyModelConfig
-    from fmforge.models import build_model
-    from fmforge.runs import save_pretrained
 
     path = Path(path)
     if not path.is_dir():
         raise FmforgeError(f"checkpoint not found: {path}")
     meta = verify_checkpoint(path)
     try:
-        model_cfg = TypeAdapter(AnyModelConfig).validate_python(meta["config"]["model"])
+        model_cfg = parse_model_config(meta["config"]["model"])
     except (KeyError, TypeError, ValueError, ValidationError) as err:
         raise CorruptCheckpoint(f"checkpoint {path}: meta.json has no usable model config ({err})") from None
     with torch.device("meta"):
@@ -268,8 +262,6 @@ def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
         dcp.load({"model": state}, checkpoint_id=str(path))
     data_dir = meta["config"].get("data", {}).get("path")
     if data_dir:
-        from fmforge.storage import is_remote, stage_prepared_data
-
         if is_remote(data_dir):
             data_dir = stage_prepared_data(data_dir)
     tokenizer_dir = data_dir if data_dir and (Path(data_dir) / "tokenizer.json").is_file() else None

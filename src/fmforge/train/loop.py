@@ -1,5 +1,6 @@
-"""The training loop: read it top to bottom. Objectives plug in as tasks (``tasks.py``: causal LM, masked LM,
-image classification, MAE, CLIP/SigLIP): the data, model, micro-batch loss and validation metrics.
+"""The training loop: read it top to bottom. Objectives plug in as Tasks (``objectives/``: causal LM, masked
+LM, image classification, MAE, CLIP/SigLIP, SFT, DPO, text classification): the data, model, micro-batch
+loss and validation metrics.
 
 A run is fully described by its resolved config; everything it makes goes into ``train.out_dir``:
 ``config.yaml``, ``metrics.jsonl``, ``tb/``, ``checkpoints/step_NNNNNNN/`` and, at the end,
@@ -14,7 +15,6 @@ import json
 import math
 import random
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +26,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from fmforge.config import Config, config_to_dict, save_config
 from fmforge.data.loader import Prefetcher
+from fmforge.data.staging import stage_prepared_data
 from fmforge.errors import FmforgeError
 from fmforge.finetune import base as finetune
-from fmforge.storage import is_remote
+from fmforge.io.fs import is_remote
+from fmforge.models.registry import is_decoder
+from fmforge.objectives import make_task
 from fmforge.train import checkpoint as ckpt
+from fmforge.train import mirror
 from fmforge.train.distributed import (
     DistInfo,
     any_rank,
@@ -45,7 +49,6 @@ from fmforge.train.memory import describe, estimate_memory
 from fmforge.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from fmforge.train.optim import build_optimizer, build_scheduler
 from fmforge.train.parallel import build_layout, clip_grad_norm, materialize, parallelize, uses_fsdp, wrap_ddp
-from fmforge.train.tasks import is_decoder, make_task
 
 
 @dataclass
@@ -105,12 +108,10 @@ def _prepare_run_dir(cfg: Config, resume: str | None, echo) -> tuple[Path, Path 
     if run_dir.exists() and not run_dir.is_dir():
         raise FmforgeError(f"--out {run_dir} exists and is not a directory")
     ckpt_root, remote = _checkpoint_places(cfg, run_dir)
-    if remote:
-        from fmforge import storage
     if resume is None:
         if ckpt.list_checkpoints(ckpt_root) or (run_dir / "model.safetensors").exists():
             raise FmforgeError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --out")
-        if remote and storage.list_remote_checkpoints(remote):
+        if remote and mirror.list_remote_checkpoints(remote):
             raise FmforgeError(f"{remote} already holds checkpoints: pass --resume auto to continue that run, or "
                                "set another checkpoint.dir")
         return run_dir, None
@@ -118,9 +119,9 @@ def _prepare_run_dir(cfg: Config, resume: str | None, echo) -> tuple[Path, Path 
         path = ckpt.latest_valid_checkpoint(ckpt_root, warn=echo)
         if remote:  # the mirror may be ahead (a new machine, a lost local disk): take the newest
             local_step = int(path.name[len(ckpt.PREFIX):]) if path else -1
-            names = storage.list_remote_checkpoints(remote)
+            names = mirror.list_remote_checkpoints(remote)
             if names and int(names[-1][len(ckpt.PREFIX):]) > local_step:
-                fetched = storage.latest_remote_checkpoint(remote, ckpt_root, warn=echo)
+                fetched = mirror.latest_remote_checkpoint(remote, ckpt_root, warn=echo)
                 if fetched is not None and int(fetched.name[len(ckpt.PREFIX):]) > local_step:
                     echo(f"fetched {fetched.name} from {remote}")
                     path = fetched
@@ -128,10 +129,8 @@ def _prepare_run_dir(cfg: Config, resume: str | None, echo) -> tuple[Path, Path 
             echo(f"no valid checkpoint in {ckpt_root}{f' or {remote}' if remote else ''}: starting from step 0")
             return run_dir, None
     elif is_remote(resume):
-        from fmforge import storage
-
         root, _, name = resume.rstrip("/").rpartition("/")
-        path = storage.fetch_checkpoint(root, name, ckpt_root)
+        path = mirror.fetch_checkpoint(root, name, ckpt_root)
     else:
         path = Path(resume)
         if not path.is_dir():
@@ -140,48 +139,14 @@ def _prepare_run_dir(cfg: Config, resume: str | None, echo) -> tuple[Path, Path 
     if path.parent.resolve() == ckpt_root.resolve():
         ckpt.set_aside_newer(ckpt_root, step, warn=echo)
         if remote:
-            storage.set_aside_newer_remote(remote, step, time.strftime("%Y%m%d-%H%M%S"), warn=echo)
+            mirror.set_aside_newer_remote(remote, step, time.strftime("%Y%m%d-%H%M%S"), warn=echo)
     return run_dir, path
-
-
-class _Mirror:
-    """Uploads each finished checkpoint to the object store on a background thread (rank 0), so training
-    goes on while it copies. The next save, and the end of the run, wait for the upload in flight; a failed
-    upload is reported as a warning (the local checkpoint is intact) and retried with the next one."""
-
-    def __init__(self, remote: str | None, keep_last: int, echo):
-        self.remote, self.keep_last, self.echo = remote, keep_last, echo
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def start(self, path: Path) -> None:
-        if not self.remote:
-            return
-        self.wait()
-        from fmforge.storage import mirror_checkpoint
-
-        def upload():
-            try:
-                mirror_checkpoint(path, self.remote, self.keep_last)
-            except Exception as err:  # noqa: BLE001 - reported by wait()
-                self._error = err
-
-        self._thread = threading.Thread(target=upload, name="fmforge-checkpoint-upload")
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            self.echo(f"warning: checkpoint upload to {self.remote} failed: {self._error}")
-            self._error = None
 
 
 def train(cfg: Config, resume: str | None = None, echo=print,
           on_validation: Callable[[int, float], bool] | None = None) -> TrainResult:
     """Pretrain the model described by ``cfg`` with the objective its ``model.arch`` implies (see
-    ``tasks.py``). ``resume``: None, "auto" or a checkpoint directory.
+    ``objectives/``). ``resume``: None, "auto" or a checkpoint directory.
 
     Run it as one process, or under torchrun for data parallelism (DDP / FSDP2 / HSDP per
     ``parallel.dp``): every rank runs this same function on its slice of each global batch.
@@ -223,11 +188,10 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
     ckpt_root, remote = _checkpoint_places(cfg, run_dir)
     data_dir = Path(cfg.data.path)
     if is_remote(cfg.data.path):  # a local copy, cached per node (ranks of one node share it under a lock)
-        from fmforge.storage import stage_prepared_data
-
         data_dir = stage_prepared_data(cfg.data.path)
         echo(f"data: {cfg.data.path} staged in {data_dir}")
-    task = make_task(cfg, data_dir, echo)  # resolves cfg.model against the data (vocabulary, classes ...)
+    task = make_task(cfg, data_dir, echo)
+    cfg = task.resolved_config()  # the model (vocabulary, classes ...) and global batch resolved against the data
     if cfg.finetune.base:
         finetune.check_tokenizer(cfg.finetune, data_dir)
     layout = build_layout(cfg.parallel, cfg.model, info)
@@ -300,14 +264,14 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
         if logger is not None:
             logger.log(record)
 
-    mirror = _Mirror(remote if info.is_main else None, cfg.checkpoint.keep_last, echo)
+    uploader = mirror.Uploader(remote if info.is_main else None, cfg.checkpoint.keep_last, echo)
 
     def save(at_step: int) -> Path:
-        mirror.wait()  # local pruning must not remove a checkpoint still being uploaded
+        uploader.wait()  # local pruning must not remove a checkpoint still being uploaded
         state = {"step": at_step, "scheduler": scheduler.state_dict(), "loader": loader.state_dict()}
         path = ckpt.save_checkpoint(ckpt_root, at_step, model, optimizer, state, config_to_dict(cfg),
                                     cfg.checkpoint.keep_last, info)
-        mirror.start(path)
+        uploader.start(path)
         return path
 
     def validate() -> float | None:
@@ -418,7 +382,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
                 if val_loss is not None:
                     prune = info.is_main and on_validation is not None and bool(on_validation(step, val_loss))
                     if any_rank(prune, info):
-                        mirror.wait()
+                        uploader.wait()
                         if logger is not None:
                             logger.close()
                         echo(f"stopped at step {step} (val loss {val_loss:.4f}): pruned")
@@ -434,7 +398,7 @@ def _train(cfg: Config, resume: str | None, echo, info: DistInfo, on_validation=
         # Step 0 has nothing to save (and an optimizer without state cannot be checkpointed faithfully).
         if saved_at != step and step > 0:
             save(step)
-        mirror.wait()
+        uploader.wait()
         if step < t.max_steps:
             if logger is not None:
                 logger.close()

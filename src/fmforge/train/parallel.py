@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from fmforge.config import ModelConfig, ParallelConfig
 from fmforge.errors import FmforgeError
+from fmforge.models.registry import block_stacks
 from fmforge.train.distributed import DistInfo
 
 
@@ -87,15 +88,6 @@ def apply_tensor_parallel(model: nn.Module, layout: Layout) -> None:
         parallelize_module(block, tp_mesh, plan)
 
 
-def block_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """Every stack of shared transformer blocks in ``model``: one for a decoder, ViT or BERT; the encoder's
-    and the decoder's for MAE; the image and text towers' for CLIP. Found by type before any wrapping."""
-    from fmforge.models.blocks import Block
-
-    return [m for m in model.modules()
-            if isinstance(m, nn.ModuleList) and len(m) and all(isinstance(b, Block) for b in m)]
-
-
 def apply_activation_checkpointing(stacks: list[nn.ModuleList], mode: str) -> None:
     """``full``: recompute every block in the backward pass; ``selective``: every second block (half the
     activation memory saved for half the recompute)."""
@@ -139,7 +131,7 @@ def uses_fsdp(pcfg: ParallelConfig, layout: Layout) -> bool:
 
 def parallelize(model: nn.Module, pcfg: ParallelConfig, layout: Layout, compile: bool, bf16: bool) -> None:
     """Shard ``model`` in place (it may still be on the meta device): TP → AC → compile → FSDP/HSDP."""
-    stacks = block_lists(model)
+    stacks = block_stacks(model)
     apply_tensor_parallel(model, layout)
     apply_activation_checkpointing(stacks, pcfg.ac)
     if compile:

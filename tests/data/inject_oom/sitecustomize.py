@@ -7,14 +7,14 @@ import os
 if os.environ.get("FMFORGE_TEST_OOM_ABOVE"):
     import torch
 
-    import fmforge.train.tasks as tasks
+    import fmforge.objectives.clm as clm
 
     _limit = int(os.environ["FMFORGE_TEST_OOM_ABOVE"])
-    _real = tasks.clm_loss
+    _real = clm.clm_loss
 
     def _clm_loss(logits, targets):
         if logits.size(0) > _limit:
             raise torch.OutOfMemoryError(f"injected: micro-batch {logits.size(0)} > {_limit}")
         return _real(logits, targets)
 
-    tasks.clm_loss = _clm_loss
+    clm.clm_loss = _clm_loss

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from fmforge.errors import FmforgeError
 from fmforge.models.blocks import fuse_qkv, split_qkv
 from fmforge.models.config import ModelConfig
+from fmforge.models.gpt import GPT
 
 HF_DECODER_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -286,7 +287,6 @@ def _gpt2_rules(cfg: ModelConfig) -> list[_Rule]:
 
 def _fm_shapes(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The fmforge model's tensors for ``cfg`` on the meta device: shapes without memory."""
-    from fmforge.models.gpt import GPT
 
     with torch.device("meta"):
         return GPT(cfg).state_dict()

@@ -1,4 +1,4 @@
-"""Reading the small JSONL files fine-tuning takes (chats, preferences): every line that parses and passes
+"""Reading the small JSONL files fine-tuning takes (chats, preferences, labelled text): every line that parses and passes
 its check is kept; the others are counted by reason, never fatal, and reported once."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from pathlib import Path
 
 from fmforge.data.prepare import format_reasons
 from fmforge.errors import FmforgeError
+
+IGNORE_INDEX = -100  # a label the losses skip (PyTorch's cross_entropy default)
 
 
 def read_jsonl(path: Path, problem: Callable[[object], str | None], what: str) -> tuple[list, Counter]:

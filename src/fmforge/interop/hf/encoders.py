@@ -24,6 +24,7 @@ import torch
 from pydantic import ValidationError
 
 from fmforge.errors import FmforgeError
+from fmforge.models import build_model
 from fmforge.models.bert import BertModelConfig
 from fmforge.models.blocks import fuse_qkv, split_qkv
 from fmforge.models.clip import CLIPModelConfig
@@ -152,7 +153,6 @@ def _to_hf(sd: dict[str, torch.Tensor], modules: dict, shapes: dict[str, torch.S
 
 def _shapes(cfg) -> dict[str, torch.Size]:
     """The shape of every tensor in the state dict of the model ``cfg`` builds, built on the meta device."""
-    from fmforge.models import build_model
 
     with torch.device("meta"):
         return {key: t.shape for key, t in build_model(cfg).state_dict().items()}

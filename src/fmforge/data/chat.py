@@ -1,4 +1,4 @@
-"""Instruction SFT on chat-format JSONL: one conversation per line, ``{"messages": [{"role": "system" |
+"""Chat-format JSONL for instruction SFT (``objectives/sft.py``): one conversation per line, ``{"messages": [{"role": "system" |
 "user" | "assistant", "content": "..."}, ...]}``. The loss counts only the assistant's tokens (its replies
 and the end-of-text that closes each), so the model learns to answer, not to imitate users.
 
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from fmforge.data.loader import GlobalBatchLoader
+from fmforge.data.records import IGNORE_INDEX, read_jsonl, report_dropped
+from fmforge.data.tokenizer import load_tokenizer
 from fmforge.errors import FmforgeError
-from fmforge.finetune.records import read_jsonl, report_dropped
-from fmforge.objectives.clm import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE = (
@@ -120,6 +120,8 @@ class ChatRows:
 class ChatBatchLoader(GlobalBatchLoader):
     """The token loader's deterministic, resumable order over conversation rows; targets are the labels."""
 
+    what = "conversations"
+
     @staticmethod
     def inputs_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rows[:, 0, :-1], rows[:, 1, 1:]
@@ -127,8 +129,6 @@ class ChatBatchLoader(GlobalBatchLoader):
 
 def write_chat_template(run_dir: Path) -> None:
     """Put the chat template (and the special tokens) into the run's tokenizer_config.json."""
-    from fmforge.data.tokenizer import load_tokenizer
-
     path = run_dir / "tokenizer_config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
     tok = load_tokenizer(run_dir / "tokenizer.json")

@@ -21,13 +21,18 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fmforge.data.tokenizer import read_json_object
+from fmforge.config import build_config, save_config
+from fmforge.data.image_loader import IMAGENET_MEAN, IMAGENET_STD
+from fmforge.data.tokenizer import load_tokenizer, read_json_object
 from fmforge.errors import FmforgeError
+from fmforge.interop.hf import decoder as hf_decoder
+from fmforge.interop.hf import encoders as hf_encoders
+from fmforge.models import build_model
+from fmforge.runs import family_of, read_model_config, save_pretrained
 
 
 def _family(model_type: str):
     """The mapping module for an HF ``model_type``."""
-    from fmforge.models import hf_decoder, hf_encoders
 
     if model_type in hf_decoder.HF_DECODER_TYPES:
         return hf_decoder
@@ -67,9 +72,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, echo=print):
     """Convert a local Hugging Face model directory into an fmforge run directory; returns the model config.
     The converted weights are loaded into the fmforge model before anything is written (strict: every
     tensor used, none missing)."""
-    from fmforge.config import build_config, save_config
-    from fmforge.models import build_model
-    from fmforge.runs import save_pretrained
 
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
@@ -114,7 +116,6 @@ def _write_json(path: Path, obj: dict) -> None:
 def _tokenizer_config(run_dir: Path, max_len: int | None):
     """(the run's tokenizer, an HF ``tokenizer_config.json`` for it) so ``AutoTokenizer`` loads it as a fast
     tokenizer with the same special tokens; None without a tokenizer."""
-    from fmforge.data.tokenizer import load_tokenizer
 
     if not (run_dir / "tokenizer.json").is_file():
         return None
@@ -137,7 +138,6 @@ def export_hf(run_dir: str | Path, out: str | Path, echo=print) -> Path:
     """Write a finished fmforge run as a Hugging Face directory that ``AutoModel*.from_pretrained`` and
     ``AutoTokenizer.from_pretrained`` load: config.json, model.safetensors, tokenizer files and, for image
     models, preprocessor_config.json."""
-    from fmforge.runs import family_of, read_model_config
 
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
@@ -195,7 +195,6 @@ def _save_caption_tokenizer(tok, path: Path) -> None:
 
 def _preprocessor(run_dir: Path, vision, arch: str) -> dict:
     """The image processor config: the run's normalization (ImageNet's when it used the default) at its size."""
-    from fmforge.data.image_loader import IMAGENET_MEAN, IMAGENET_STD
 
     mean_std = {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}
     cfg_path = run_dir / "config.yaml"

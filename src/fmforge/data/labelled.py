@@ -1,6 +1,4 @@
-"""Sequence classification fine-tuning for encoders (BERT family): labelled sentences in, a [CLS] head out.
-
-Data: JSONL lines ``{"text": ..., "label": ...}`` or fastText lines ``__label__NAME text`` (the format of
+"""Labelled text for sequence classification (``objectives/text_classify.py``): JSONL lines ``{"text": ..., "label": ...}`` or fastText lines ``__label__NAME text`` (the format of
 gensim's bundled ``pang_lee_polarity.cor``: 200 movie-review sentences, positive or negative). Each text
 becomes ``[CLS] tokens [SEP]`` (``bos``/``eos`` for tokenizers without them), cut or padded to
 ``data.seq_len`` with an attention mask. The split is by a hash of the text, so it never depends on order.
@@ -18,8 +16,8 @@ import numpy as np
 import torch
 
 from fmforge.data.loader import GlobalBatchLoader
+from fmforge.data.records import report_dropped
 from fmforge.errors import FmforgeError
-from fmforge.finetune.records import report_dropped
 
 FASTTEXT_LABEL = "__label__"
 
@@ -110,6 +108,8 @@ class LabelledRows:
 
 class LabelledBatchLoader(GlobalBatchLoader):
     """The token loader's deterministic, resumable order over labelled rows: ((ids, mask), labels)."""
+
+    what = "sequences"
 
     @staticmethod
     def inputs_targets(rows):

@@ -1,0 +1,1 @@
+"""Input/output below every stage: ``fs.py``, the fsspec wrapper for object storage."""
