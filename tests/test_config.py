@@ -60,6 +60,7 @@ def test_shipped_configs_validate_and_their_models_build():
     assert archs == {"gpt2", "llama", "vit", "mae", "clip", "bert"}
 
 
+@pytest.mark.slow
 def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("train:\n  max_stepz: 10\n")
@@ -75,6 +76,7 @@ def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path):
     assert "unknown key" in run_cli("train", cfg_file).stderr
 
 
+@pytest.mark.slow
 def test_every_verb_explains_itself():
     for verb in ([], ["data", "prepare"], ["train"], ["generate"], ["eval"], ["quickstart"]):
         proc = run_cli(*verb, "--help")

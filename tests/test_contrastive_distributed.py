@@ -25,6 +25,8 @@ from fmforge.models.clip import CLIP, CLIPConfig
 from fmforge.models.sizes import SIGLIP_LOGIT_INIT
 from fmforge.objectives.contrastive import contrastive_loss
 
+pytestmark = pytest.mark.slow  # two gloo ranks started with mp.spawn
+
 GLOBAL_BATCH, WORLD = 8, 2
 LOSSES = ("clip", "siglip")
 

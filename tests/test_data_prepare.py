@@ -372,17 +372,20 @@ def _assert_one_line_error(proc, match):
     assert "Traceback" not in proc.stderr and match in lines[0]
 
 
+@pytest.mark.slow
 def test_cli_missing_input_is_one_error_line(tmp_path):
     proc = run_cli("data", "prepare", tmp_path / "missing", "--out", tmp_path / "out")
     _assert_one_line_error(proc, "input not found")
 
 
+@pytest.mark.slow
 def test_cli_nothing_usable_is_one_error_line(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     proc = run_cli("data", "prepare", tmp_path / "empty.txt", "--out", tmp_path / "out")
     _assert_one_line_error(proc, "nothing usable")
 
 
+@pytest.mark.slow
 def test_cli_existing_output_without_overwrite_is_one_error_line(good, tmp_path):
     ok = run_cli("data", "prepare", good, "--out", tmp_path / "out", "--vocab-size", "300")
     assert ok.returncode == 0, ok.stderr

@@ -50,6 +50,7 @@ def single(prepared, tmp_path_factory):
 
 
 @pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+@pytest.mark.slow
 def test_two_process_data_parallel_matches_one_process_loss_for_loss(prepared, single, tmp_path, dp):
     out = tmp_path / dp
     proc = _run(prepared, out, 2, **{"parallel.dp": dp})
@@ -57,6 +58,7 @@ def test_two_process_data_parallel_matches_one_process_loss_for_loss(prepared, s
     np.testing.assert_allclose(_losses(out), _losses(single), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_two_processes_resumes_in_one_and_back(prepared, single, tmp_path):
     two = tmp_path / "fsdp2"
     _run(prepared, two, 2, **{"parallel.dp": "fsdp"})
@@ -76,6 +78,7 @@ def _grad_norms(run_dir):
     return np.array([m["grad_norm"] for m in read_metrics(run_dir) if "grad_norm" in m])
 
 
+@pytest.mark.slow
 def test_tensor_parallel_two_ranks_matches_one_process_forward_and_backward_and_resumes_in_one(
         prepared, single, tmp_path):
     tp = tmp_path / "tp2"
@@ -98,6 +101,7 @@ def test_tensor_parallel_two_ranks_matches_one_process_forward_and_backward_and_
     assert (tmp_path / "export" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_tensor_parallel_gpt2_with_biases_and_tied_head_matches_one_process(prepared, tmp_path):
     gpt2 = {"model.arch": "gpt2", "model.n_kv_head": 4, "train.max_steps": 6}
     _run(prepared, tmp_path / "one", 1, **gpt2)
@@ -108,6 +112,7 @@ def test_tensor_parallel_gpt2_with_biases_and_tied_head_matches_one_process(prep
 
 @pytest.mark.parametrize("layout", [{"parallel.dp": "fsdp", "parallel.tp": 2},
                                     {"parallel.dp": "hsdp", "parallel.dp_shard": 2}], ids=["fsdp2xtp2", "hsdp2x2"])
+@pytest.mark.slow
 def test_four_ranks_in_two_dimensions_match_one_process(prepared, single, tmp_path, layout):
     out = tmp_path / "four"
     # 8 sequences per step over 4 (hsdp) or 2 (fsdp x tp) data-parallel ranks: micro-batches of 2.
@@ -147,6 +152,7 @@ def test_out_of_memory_halves_the_micro_batch_and_the_run_matches_one_started_th
     assert not any("out of device memory" in m for m in messages)
 
 
+@pytest.mark.slow
 def test_out_of_memory_on_two_ranks_restarts_the_job_with_half_the_micro_batch(prepared, single, tmp_path):
     env = {**os.environ, "FMFORGE_TEST_OOM_ABOVE": "2",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "data" / "inject_oom"),
@@ -160,6 +166,7 @@ def test_out_of_memory_on_two_ranks_restarts_the_job_with_half_the_micro_batch(p
     np.testing.assert_allclose(_losses(out), _losses(single), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_restarted_and_the_run_ends_where_an_unfaulted_one_does(prepared, single, tmp_path):
     out = tmp_path / "faulty"
     log = open(tmp_path / "faulty.log", "w")  # a file, not a pipe: nobody reads a pipe while we wait

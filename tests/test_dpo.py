@@ -42,6 +42,7 @@ def preference_file(tmp_path, limit=600):
     return path
 
 
+@pytest.mark.slow
 def test_dpo_raises_the_chosen_over_rejected_margin_and_leaves_the_reference_alone(chat_base, tmp_path):
     prefs = preference_file(tmp_path)
     digest = hashlib.sha256((chat_base / "model.safetensors").read_bytes()).hexdigest()

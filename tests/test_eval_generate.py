@@ -13,6 +13,8 @@ from fmforge.data.prepare import prepare_data
 from fmforge.data.tokenizer import load_tokenizer
 from fmforge.train.loop import train
 
+pytestmark = pytest.mark.slow  # every test runs the eval/generate CLI in a subprocess
+
 
 @pytest.fixture(scope="module")
 def run_dir(prepared, tmp_path_factory):

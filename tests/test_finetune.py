@@ -46,6 +46,7 @@ def test_full_finetune_starts_from_the_base_weights_and_keeps_frozen_tensors(pre
     assert not torch.equal(before["blocks.0.attn.qkv.weight"], after["blocks.0.attn.qkv.weight"])
 
 
+@pytest.mark.slow
 def test_lora_finetune_trains_adapters_saves_them_apart_and_merge_rebuilds_the_model(prepared, base_run, tmp_path):
     out = tmp_path / "lora"
     messages = []
@@ -72,6 +73,7 @@ def test_lora_finetune_trains_adapters_saves_them_apart_and_merge_rebuilds_the_m
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_finetune_mistakes_are_one_line_errors(prepared, base_run, tmp_path):
     with pytest.raises(FmforgeError, match="finetune.method needs finetune.base"):
         train(build_config({}, tiny_overrides(prepared, tmp_path / "a", **{"finetune.method": "lora"})), echo=quiet)

@@ -40,6 +40,7 @@ def hf_llama_dir(tmp_path_factory, corpus_dir) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_an_hf_llama_directory_imports_with_equal_logits_and_generates(hf_llama_dir, tmp_path):
     proc = run_cli("import", "hf", hf_llama_dir, "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
@@ -53,6 +54,7 @@ def test_an_hf_llama_directory_imports_with_equal_logits_and_generates(hf_llama_
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.slow
 def test_a_trained_run_exports_to_a_directory_transformers_loads_with_equal_logits(arch, prepared, tmp_path):
     run = tmp_path / "run"
     kv_heads = 4 if arch == "gpt2" else 2  # GPT-2 has no grouped-query attention
@@ -105,6 +107,7 @@ def test_a_vit_run_exports_to_a_classifier_transformers_runs_with_equal_logits(t
     assert json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())["size"]["height"] == 32
 
 
+@pytest.mark.slow
 def test_import_and_export_mistakes_are_one_line_errors(hf_llama_dir, tmp_path):
     proc = run_cli("import", "hf", tmp_path / "missing", "--out", tmp_path / "run")
     assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr

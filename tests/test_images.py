@@ -286,6 +286,7 @@ def test_captions_round_trip_on_skimage_photos(tmp_path):
 
 # --- user errors: one line, exit 2 ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_prepares_images_and_reports(tmp_path):
     faces = write_lfw_faces(tmp_path)
     r = run_cli("data", "prepare-images", faces, "--out", tmp_path / "out", "--shard-samples", "50")
@@ -294,6 +295,7 @@ def test_cli_prepares_images_and_reports(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_input", "nothing_usable", "missing_column"])
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line(tmp_path, case):
     if case == "missing_input":
         inputs, expect = [tmp_path / "nope"], "input not found"

@@ -15,6 +15,8 @@ from fmforge.errors import FmforgeError
 from fmforge.plan.fit import load_law
 from fmforge.plan.ladder import run_ladder
 
+pytestmark = pytest.mark.slow  # every test here runs `fmforge ladder` (real training runs) in a subprocess
+
 # Tiny Llamas (~16k, 56k and 107k non-embedding parameters) x 15, 30 and 60 steps of 512 tokens.
 GRID = ["--params", "2e4,5e4,1.2e5", "--tokens", "7680,15360,30720"]
 # Held out: 3x the largest rung's parameters on 2x its tokens.

@@ -85,6 +85,7 @@ def contains(words: list[str], seq: list[str]) -> bool:
 # ---------------------------------------------------------------------------------------------- command
 
 
+@pytest.mark.slow
 def test_torchrun_command_uses_c10d_rendezvous_restarts_and_resumes_automatically():
     argv = torchrun_argv(python="python", nnodes=4, nproc_per_node=8, endpoint="head:29500", rdzv_id="job1",
                          max_restarts=2, train=train_args("cfg.yaml", "data/x", "runs/x", ["a.b=1"]))
@@ -563,6 +564,7 @@ def test_skypilot_task_validates_against_skypilot_task_schema(prepared):
     subprocess.run(["bash", "-n"], input=task["run"], text=True, check=True)
 
 
+@pytest.mark.slow
 def test_skypilot_task_loads_in_skypilot_itself(prepared, tmp_path):
     path = make("skypilot", data=str(prepared))
     check = f"import sky; t = sky.Task.from_yaml({str(path.resolve())!r}); print(t.num_nodes, t.resources)"

@@ -163,6 +163,7 @@ def test_batch_and_lr_guidance_cites_sources_and_rescaling_rules():
     assert hparams.rescale_lr(1e-3, 1000, 4000, "linear") == pytest.approx(4e-3)
 
 
+@pytest.mark.slow
 def test_rescale_keeps_tokens_and_warmup_tokens_and_splits_over_ranks(tmp_path):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("data: {seq_len: 128}\ntrain: {global_batch: 65536, max_steps: 1000, "
@@ -179,6 +180,7 @@ def test_rescale_keeps_tokens_and_warmup_tokens_and_splits_over_ranks(tmp_path):
     assert r.returncode == 2 and "do not split over 7 ranks" in r.stderr
 
 
+@pytest.mark.slow
 def test_plan_reports_every_law_and_proposes_a_config_train_accepts_unchanged(prepared, tmp_path):
     """The full loop: plan from a FLOP budget on real prepared data, write the config, train it as written;
     the run's parameter count is the one the plan promised."""
@@ -247,6 +249,7 @@ def test_plan_from_target_size_loss_or_dataset():
     (["--flops", "1e20", "--law", "/nonexistent/law.json"], "law"),
     (["--flops", "1e20", "--price", "h100"], "bad --price"),
 ])
+@pytest.mark.slow
 def test_bad_plan_inputs_fail_in_one_line(args, message):
     r = run_cli("plan", *args)
     assert r.returncode == 2

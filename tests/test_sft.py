@@ -44,6 +44,7 @@ def test_the_jinja_chat_template_renders_what_training_tokenized(prepared):
     assert tok.tokenizer.encode(rendered.replace("<|eos|>", "")).ids  # plain text for any tokenizer
 
 
+@pytest.mark.slow
 def test_sft_on_real_dialogs_lowers_the_assistant_loss_and_ships_the_template(chat_base, tmp_path):
     chats = tmp_path / "chats.jsonl"
     n = write_chatterbot_chats(chats)

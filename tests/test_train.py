@@ -116,6 +116,7 @@ def test_a_failing_read_ahead_surfaces_in_the_training_process(prepared):
     loader.close()
 
 
+@pytest.mark.slow
 def test_training_on_real_text_falls_below_the_unigram_baseline(prepared, tmp_path):
     result, _ = _train(prepared, tmp_path / "run", **{"model.size": "micro", "train.max_steps": 150,
                                                          "train.global_batch": 2048,
@@ -134,6 +135,7 @@ def test_training_on_real_text_falls_below_the_unigram_baseline(prepared, tmp_pa
         assert (tmp_path / "run" / name).is_file()
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted(prepared, tmp_path, uninterrupted):
     full_dir, _ = uninterrupted
     out = tmp_path / "killed"
@@ -153,6 +155,7 @@ def test_resume_after_sigkill_matches_uninterrupted(prepared, tmp_path, uninterr
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_exits_cleanly_and_resume_continues(prepared, tmp_path, uninterrupted):
     full_dir, _ = uninterrupted
     out = tmp_path / "preempted"
@@ -244,6 +247,7 @@ def test_a_checkpoint_half_written_by_a_killed_process_is_ignored_and_cleaned(pr
     assert result.step == 20 and not stale.exists()
 
 
+@pytest.mark.slow
 def test_run_dir_paths_are_taken_literally(prepared, tmp_path):
     out = tmp_path / "run #2"
     proc = run_cli("train", _empty_config(out), *tiny_overrides(prepared, tmp_path / "ignored",

@@ -41,6 +41,7 @@ def _load(out):
     return optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
 
 
+@pytest.mark.slow
 def test_median_pruner_prunes_bad_trials_and_best_yaml_trains(prepared, tmp_path, capsys):
     # lr over five decades: with seed 0 the first two trials complete and later, slower-learning ones fall
     # behind their median at the first validation.
@@ -82,6 +83,7 @@ def _states(db):
         return {}
 
 
+@pytest.mark.slow
 def test_study_resumes_after_sigkill_and_retries_the_running_trial(prepared, tmp_path):
     out = tmp_path / "study"
     args = ["tune", _empty_config(tmp_path), *_overrides(prepared, tmp_path), "--data", prepared, "--out", out,
@@ -123,6 +125,7 @@ def test_resume_refuses_another_base_config_or_space(prepared, tmp_path):
     assert len(_load(out).trials) == 1
 
 
+@pytest.mark.slow
 def test_bad_space_key_is_one_line_error_with_exit_code_2(prepared, tmp_path):
     space = _space(tmp_path, "optim.lrr: {low: 1e-4, high: 1e-2, log: true}\n")
     proc = run_cli("tune", _empty_config(tmp_path), "--data", prepared, "--out", tmp_path / "s", "--space", space)
@@ -131,6 +134,7 @@ def test_bad_space_key_is_one_line_error_with_exit_code_2(prepared, tmp_path):
     assert not (tmp_path / "s").exists()  # refused before any study was made
 
 
+@pytest.mark.slow
 def test_zero_trials_is_one_line_error_with_exit_code_2(prepared, tmp_path):
     proc = run_cli("tune", _empty_config(tmp_path), "--data", prepared, "--out", tmp_path / "s", "--trials", 0)
     assert proc.returncode == 2

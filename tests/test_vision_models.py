@@ -266,6 +266,7 @@ def test_mae_nano_learns_to_reconstruct_digits():
 # ---------------------------------------------------------------------------------------------------- ViT + classify
 
 
+@pytest.mark.slow
 def test_vit_nano_classifies_held_out_digits():
     from sklearn.datasets import load_digits
 

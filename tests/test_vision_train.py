@@ -62,6 +62,7 @@ def vit_run(digits, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_vit_on_real_digits_is_far_above_chance_after_150_steps(vit_run):
     # 150 steps x 128 images (~13 epochs of 1,457 digits), ~15 s on one CPU thread: about 70% top-1 seen.
     result = evaluate_run(vit_run, random_baseline=True, echo=quiet)
@@ -78,6 +79,7 @@ def mae_run(digits, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_mae_pretraining_gives_features_that_probes_read_better_than_random_init(mae_run):
     result = evaluate_run(mae_run, random_baseline=True, echo=quiet)
     # Seen: linear probe 0.82 vs 0.79 random-init after 450 steps on 1 thread; 0.88 vs 0.79 (k-NN 0.67 vs
@@ -87,6 +89,7 @@ def test_mae_pretraining_gives_features_that_probes_read_better_than_random_init
     assert result["val_loss"] < 0.9  # normalized-pixel MSE on masked patches: 1.0 is predicting the mean
 
 
+@pytest.mark.slow
 def test_clip_on_digit_captions_classifies_held_out_digits_zero_shot_and_retrieves_captions(
         digits, digit_captions, tmp_path):
     out = tmp_path / "clip"
@@ -157,6 +160,7 @@ def test_free_tensors_and_norms_are_not_weight_decayed(digits, tmp_path):
     assert "encoder.patch_embed.weight" not in no_decay_names(mae)
 
 
+@pytest.mark.slow
 def test_bert_masked_lm_on_real_text_beats_the_unigram_baseline(prepared, tmp_path):
     out = tmp_path / "bert"
     cfg = build_config({
@@ -182,6 +186,7 @@ def test_mask_token_is_the_tokenizers_own_when_it_has_one():
     assert mask_token_id(tok, tok.vocab_size) == (103, False)  # WordPiece's [MASK]
 
 
+@pytest.mark.slow
 def test_eval_cli_prints_vision_metrics_as_json(vit_run):
     proc = run_cli("eval", vit_run, "--json", "--max-batches", "2", "--batch-size", "32")
     assert proc.returncode == 0, proc.stderr
@@ -219,6 +224,7 @@ def test_image_run_mistakes_are_one_line_errors(digits, digit_captions, tmp_path
 
 
 @pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+@pytest.mark.slow
 def test_two_process_clip_training_takes_negatives_from_both_ranks_and_matches_one_process(dp, digit_captions,
                                                                                         tmp_path):
     """1 process with micro-batch 64 and 2 gloo processes with 32 each see the same 64 captions as negatives
@@ -249,6 +255,7 @@ def test_two_process_clip_training_takes_negatives_from_both_ranks_and_matches_o
     torch.testing.assert_close(torch.tensor(losses(two)), torch.tensor(losses(single)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vision_quickstart_trains_and_reports_all_three_models(tmp_path):
     from fmforge.quickstart import quickstart
 
@@ -286,6 +293,7 @@ def test_bert_trains_on_text_prepared_with_a_wordpiece_tokenizer(corpus_dir, tmp
     assert "[MASK]" in (out / "tokenizer.json").read_text()
 
 
+@pytest.mark.slow
 def test_an_mae_encoder_fine_tunes_into_a_digit_classifier(digits, mae_run, tmp_path):
     """finetune.task=classify on a MAE base: its encoder (no decoder) under a new head for the data's classes."""
     cfg = image_config({}, digits, tmp_path / "ft", 150)

@@ -1,6 +1,8 @@
-"""One place that turns a user's device string into a ``torch.device``."""
+"""One place that turns a user's device string into a ``torch.device``, and its precision into autocast."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -23,3 +25,12 @@ def pick_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise FmforgeError(f"unsupported device {name!r} (use auto, cpu, cuda or cuda:N)")
     return device
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast (weights and optimizer stay fp32) or plain fp32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext

@@ -25,14 +25,14 @@ from fmforge.data.builtin_images import DIGIT_NAMES, write_digit_captions, write
 from fmforge.data.image_shards import prepare_images
 from fmforge.data.prepare import prepare_data
 from fmforge.deploy.generate import generate
-from fmforge.device import pick_device
+from fmforge.device import autocast_for, pick_device
 from fmforge.errors import FmforgeError
 from fmforge.eval.perplexity import evaluate
 from fmforge.eval.runs import evaluate_run
 from fmforge.models.gpt import GPT
 from fmforge.objectives import make_task
 from fmforge.objectives.clm import clm_loss
-from fmforge.train.loop import autocast_for, train
+from fmforge.train.loop import train
 from fmforge.train.optim import build_optimizer
 
 MARKER = ".fmforge-quickstart"

@@ -18,12 +18,11 @@ from fmforge.data.loader import TokenWindows, eval_windows
 from fmforge.data.prepare import load_manifest
 from fmforge.data.shards import read_shard
 from fmforge.data.staging import stage_prepared_data
-from fmforge.device import pick_device
+from fmforge.device import autocast_for, pick_device
 from fmforge.errors import FmforgeError
 from fmforge.io.fs import is_remote
 from fmforge.objectives.clm import evaluate_batches
 from fmforge.runs import load_pretrained
-from fmforge.train.loop import autocast_for
 
 
 def token_counts(data_dir: str | Path, split: str, vocab_size: int) -> np.ndarray:

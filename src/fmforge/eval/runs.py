@@ -26,7 +26,7 @@ from fmforge.config import build_config
 from fmforge.data.image_loader import eval_batches
 from fmforge.data.image_shards import ImageShards
 from fmforge.data.staging import stage_prepared_data
-from fmforge.device import pick_device
+from fmforge.device import autocast_for, pick_device
 from fmforge.errors import FmforgeError
 from fmforge.eval.vision import (
     TEMPLATES,
@@ -40,7 +40,6 @@ from fmforge.models import build_model
 from fmforge.objectives import make_task
 from fmforge.objectives.contrastive import CaptionTokens, grouped_retrieval_recall
 from fmforge.runs import family_of, load_pretrained
-from fmforge.train.loop import autocast_for
 
 PROBE_FAMILIES = ("vit", "mae", "clip")
 

@@ -1,10 +1,13 @@
 """Fine-tuning inside the one training loop: start from a base model's weights, then train all of them
-(``finetune.method: full``, optionally freezing some) or only LoRA adapters (``lora``).
+(``finetune.method: full``, optionally freezing some), only LoRA adapters (``lora``), or only virtual
+tokens (``prefix`` / ``prompt``).
 
-The loop calls three functions: ``adapt`` on the meta-device model before it is sharded (freezing and
-adapters must exist before FSDP groups the parameters), ``load_base`` once it is materialized (a fresh run,
-not a resume: a checkpoint already holds everything), and ``final_weights`` on the gathered state dict
-(LoRA runs save their adapters apart and a merged model that generate/eval/export read as is).
+The loop holds one ``start_for(cfg)`` object, ``FromScratch`` or ``FromBase``, and calls it at the points
+where the start matters: ``run_config`` (the base's architecture), ``check_data`` (the base's vocabulary),
+``adapt`` on the meta-device model before it is sharded (freezing and adapters must exist before FSDP
+groups the parameters), ``load`` once it is materialized (a fresh run, not a resume: a checkpoint already
+holds everything), and ``final_weights`` on the gathered state dict (LoRA runs save their adapters apart
+and a merged model that generate/eval/export read as is).
 """
 
 from __future__ import annotations
@@ -217,3 +220,61 @@ def final_weights(state: dict[str, torch.Tensor], ft: FinetuneConfig, run_dir: P
     if is_main:
         write_adapters(adapters, run_dir, ft.lora_rank, ft.lora_alpha, base=str(ft.base))
     return merged_state_dict(state, ft.lora_alpha / ft.lora_rank)
+
+
+class FromScratch:
+    """How a run's weights start and what trains, when nothing is fine-tuned: random init, every parameter
+    trains. ``FromBase`` is the fine-tuning counterpart; the loop calls the same five methods on either."""
+
+    description = None
+
+    def run_config(self, cfg: Config) -> Config:
+        """The run config with the architecture this start implies."""
+        return cfg
+
+    def check_data(self, data_dir: Path) -> None:
+        """Refuse data this start cannot train on."""
+
+    def adapt(self, model: nn.Module) -> str | None:
+        """Freeze or wrap the meta-device model before it is sharded; a one-line description, or None."""
+        return None
+
+    def load(self, model: nn.Module) -> None:
+        """Fill the materialized model's starting weights (fresh runs only: a checkpoint holds them on resume)."""
+
+    def final_weights(self, state: dict[str, torch.Tensor], run_dir: Path, is_main: bool) -> dict[str, torch.Tensor]:
+        """The gathered state dict to save as the run's model."""
+        return state
+
+
+class FromBase(FromScratch):
+    """Start from ``finetune.base`` (a run directory) and train what ``finetune.method`` says."""
+
+    def __init__(self, ft: FinetuneConfig):
+        self.ft = ft
+
+    def run_config(self, cfg: Config) -> Config:
+        return cfg.model_copy(update={"model": base_model_config(cfg)})
+
+    def check_data(self, data_dir: Path) -> None:
+        check_tokenizer(self.ft, data_dir)
+
+    def adapt(self, model: nn.Module) -> str:
+        return f"fine-tuning {self.ft.base}: {adapt(model, self.ft)}"
+
+    def load(self, model: nn.Module) -> None:
+        load_base(model, self.ft)
+
+    def final_weights(self, state, run_dir, is_main):
+        return final_weights(state, self.ft, run_dir, is_main)
+
+
+def start_for(cfg: Config) -> FromScratch:
+    """How this run's weights start: ``FromBase`` when ``finetune.base`` is set, else ``FromScratch``."""
+    ft = cfg.finetune
+    if ft.base:
+        return FromBase(ft)
+    if ft.method != "full" or ft.freeze:
+        raise FmforgeError(f"finetune.{'method' if ft.method != 'full' else 'freeze'} needs finetune.base: the run "
+                           "directory of the model to fine-tune")
+    return FromScratch()
