@@ -186,6 +186,7 @@ def test_mlm_loss_is_cross_entropy_over_masked_positions_only():
     torch.testing.assert_close(mlm_loss(model, inputs, labels, attention), expected)
 
 
+@pytest.mark.slow
 def test_bert_nano_learns_masked_tokens_and_a_classification_task():
     """A few steps on a fixed batch: the MLM loss falls, and the [CLS] classifier separates two classes
     whose sentences differ in one token (so the signal must travel through attention to [CLS])."""

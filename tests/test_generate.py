@@ -146,7 +146,7 @@ def test_generate_prepends_bos_and_returns_prompt_plus_continuation(monkeypatch)
         seen["ids"], seen["kw"] = ids, kw
         return real_sample(model, ids, *args, **kw)
 
-    monkeypatch.setattr("fmforge.runs.load_pretrained", lambda run_dir, device, family=None: (model, CharTokenizer()))
+    monkeypatch.setattr(generate_mod, "load_pretrained", lambda run_dir, device, family=None: (model, CharTokenizer()))
     monkeypatch.setattr(generate_mod, "sample", spy)
     text = generate("run", "hi", max_new_tokens=8, temperature=1.0, seed=11, device="cpu")
     assert seen["ids"] == [1] + CharTokenizer().encode("hi")

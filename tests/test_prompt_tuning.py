@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 from fmforge.config import FinetuneConfig, build_config
 from fmforge.deploy.generate import sample
 from fmforge.finetune.base import init_virtual_tokens
+from fmforge.models import build_model
 from fmforge.models.config import ModelConfig
-from fmforge.models.gpt import GPT
+from fmforge.models.virtual import PrefixAttention, VirtualTokenGPT
 from fmforge.runs import load_pretrained
 from fmforge.train.loop import train
 
@@ -31,11 +32,11 @@ def base_run(prepared, tmp_path_factory):
     return out
 
 
-def with_virtual(base_run, method: str, n: int) -> GPT:
+def with_virtual(base_run, method: str, n: int) -> VirtualTokenGPT:
     """The base run's model with n virtual tokens, started from TEXT's tokens."""
     base, _ = load_pretrained(base_run)
     cfg = ModelConfig(**{**base.cfg.model_dump(), f"{method}_tokens": n})
-    model = GPT(cfg).eval()
+    model = build_model(cfg).eval()
     model.load_state_dict(base.state_dict(), strict=False)
     init_virtual_tokens(model, FinetuneConfig(base=str(base_run), method=method, virtual_tokens=n, init_text=TEXT))
     return model
@@ -58,7 +59,8 @@ def test_generation_with_virtual_tokens_uses_the_kv_cache_and_matches_full_recom
     with torch.no_grad():
         model.prompt is not None and model.prompt.add_(0.3 * torch.randn_like(model.prompt))
         for block in model.blocks:
-            block.attn.prefix_k is not None and block.attn.prefix_k.add_(0.3 * torch.randn_like(block.attn.prefix_k))
+            if isinstance(block.attn, PrefixAttention):
+                block.attn.prefix_k.add_(0.3 * torch.randn_like(block.attn.prefix_k))
     prompt = [0, 17, 42, 99]
     cached = sample(model, prompt, 12, temperature=0.0, use_cache=True)
     recomputed = sample(model, prompt, 12, temperature=0.0, use_cache=False)

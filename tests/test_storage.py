@@ -99,6 +99,7 @@ def test_missing_s3fs_is_a_one_line_install_hint(monkeypatch):
         objstore.filesystem("s3://b/x")
 
 
+@pytest.mark.slow
 def test_bad_url_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3_url, monkeypatch, tmp_path):
     with pytest.raises(FmforgeError, match="bad URL 's3:///key'"):
         objstore.read_text("s3:///key")
@@ -124,6 +125,7 @@ def test_bad_url_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3_
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_text_and_directory_helpers_round_trip(s3_url, tmp_path):
     src = tmp_path / "src"
     (src / "a" / "b").mkdir(parents=True)
@@ -142,6 +144,7 @@ def test_text_and_directory_helpers_round_trip(s3_url, tmp_path):
 # ---- checkpoints ----
 
 
+@pytest.mark.slow
 def test_mirrored_checkpoint_restores_identical_tensors_after_local_loss(s3_url, tmp_path):
     local = tmp_path / "checkpoints"
     model, optimizer, [path] = _checkpoints(local, [3])
@@ -169,6 +172,7 @@ def test_mirrored_checkpoint_restores_identical_tensors_after_local_loss(s3_url,
     assert (fetched / "meta.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_corrupt_remote_checkpoint_is_skipped_with_a_warning_for_the_older_one(s3_url, tmp_path):
     local = tmp_path / "checkpoints"
     _, _, paths = _checkpoints(local, [1, 2])
@@ -187,6 +191,7 @@ def test_corrupt_remote_checkpoint_is_skipped_with_a_warning_for_the_older_one(s
     assert sorted(p.name for p in local.iterdir()) == ["step_0000001"]  # no corrupt or temporary leftovers
 
 
+@pytest.mark.slow
 def test_half_uploaded_checkpoint_without_meta_is_not_listed_and_is_cleaned_up(s3_url, tmp_path):
     local = tmp_path / "checkpoints"
     _, _, paths = _checkpoints(local, [1, 2, 3])
@@ -211,6 +216,7 @@ def test_half_uploaded_checkpoint_without_meta_is_not_listed_and_is_cleaned_up(s
         mirror.mirror_checkpoint(unfinished, remote, keep_last=5)
 
 
+@pytest.mark.slow
 def test_pruning_keeps_the_last_keep_last_checkpoints(s3_url, tmp_path):
     _, _, paths = _checkpoints(tmp_path / "checkpoints", [10, 20, 30, 40])
     remote = f"{s3_url}/checkpoints"
@@ -227,6 +233,7 @@ def test_pruning_keeps_the_last_keep_last_checkpoints(s3_url, tmp_path):
 # ---- prepared data ----
 
 
+@pytest.mark.slow
 def test_staged_prepared_data_round_trips_and_is_reused(s3_url, small_prepared, tmp_path, monkeypatch):
     url = f"{s3_url}/data"
     staging.publish_prepared_data(small_prepared, url)
@@ -250,6 +257,7 @@ def test_staged_prepared_data_round_trips_and_is_reused(s3_url, small_prepared, 
     assert shard.read_bytes() == (small_prepared / shard.name).read_bytes()
 
 
+@pytest.mark.slow
 def test_truncated_remote_shard_is_caught_with_a_clear_error(s3_url, small_prepared, tmp_path):
     url = f"{s3_url}/data"
     staging.publish_prepared_data(small_prepared, url)
@@ -263,6 +271,7 @@ def test_truncated_remote_shard_is_caught_with_a_clear_error(s3_url, small_prepa
     assert not list((tmp_path / "cache").glob("*/manifest.json"))  # the staged copy never claims completeness
 
 
+@pytest.mark.slow
 def test_prepare_from_s3_sources_matches_the_same_files_read_locally(s3_url, tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     objstore.upload_dir(corpus, f"{s3_url}/corpus")
@@ -294,6 +303,7 @@ def test_prepare_from_s3_sources_matches_the_same_files_read_locally(s3_url, tmp
 # ---- the trainer on object storage ----
 
 
+@pytest.mark.slow
 def test_training_reads_s3_data_mirrors_checkpoints_and_resumes_on_a_machine_that_lost_its_disk(
         s3_url, prepared, tmp_path, monkeypatch):
     from conftest import read_metrics, tiny_overrides

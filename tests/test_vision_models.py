@@ -246,6 +246,7 @@ def test_normalized_pixel_targets_have_zero_mean_unit_variance_per_patch():
     torch.testing.assert_close(target.var(-1), torch.ones(2, 64), rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_mae_nano_learns_to_reconstruct_digits():
     from sklearn.datasets import load_digits
 

@@ -104,6 +104,7 @@ def test_clip_on_digit_captions_classifies_held_out_digits_zero_shot_and_retriev
     assert result["image_to_text_r@5"] > 2 * chance_r5 and result["text_to_image_r@5"] > 2 * chance_r5, result
 
 
+@pytest.mark.slow
 def test_siglip_loss_trains_the_same_model_with_a_learned_bias(digit_captions, tmp_path):
     out = tmp_path / "siglip"
     result = train(image_config({**CLIP_DIGITS, "loss": "siglip"}, digit_captions, out, 40, eval_interval=20),

@@ -154,7 +154,10 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query heads (n_kv_head <= n_head), optional RoPE and KV cache."""
+    """Multi-head attention with grouped-query heads (n_kv_head <= n_head), optional RoPE and KV cache.
+
+    ``forward`` = ``project`` (q, k, v of the new tokens) then ``attend``; wrappers that add keys and values
+    of their own (``virtual.PrefixAttention``) call the two halves around their addition."""
 
     def __init__(self, cfg: BlockConfig, causal: bool = True):
         super().__init__()
@@ -167,22 +170,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
-        # Prefix tuning (Li & Liang 2021): this layer's learned keys and values of the virtual tokens. They live
-        # here, not on the model, so FSDP gathers them with the block that uses them.
-        self.prefix_k = self.prefix_v = None
-        if getattr(cfg, "prefix_tokens", 0):
-            shape = (cfg.n_kv_head, cfg.prefix_tokens, cfg.head_dim)
-            self.prefix_k, self.prefix_v = nn.Parameter(torch.empty(shape)), nn.Parameter(torch.empty(shape))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start_pos: int = 0, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None, use_prefix: bool = True) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, d] at positions start_pos..start_pos+T-1; ``rope`` holds cos/sin for exactly those positions.
         ``attn_mask`` (no-cache path only) is a boolean mask, True = may attend, broadcastable to
-        [B, n_head, T, T], e.g. key padding for encoders; with causal=True it is and-ed with causality.
-        With prefix tuning (and ``use_prefix``) every position also attends to the P learned keys/values in
-        front (positions 0..P-1, so the text starts at start_pos >= P); with a cache they are its first P
-        entries, written when the cache is still empty."""
+        [B, n_head, T, T], e.g. key padding for encoders; with causal=True it is and-ed with causality."""
+        return self.attend(*self.project(x, rope), start_pos, cache, attn_mask)
+
+    def project(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, heads, T, head_dim] and k, v [B, kv heads, T, head_dim] of x, rotated when ``rope`` is given."""
         B, T, _ = x.shape
         groups = self.n_head // self.n_kv_head
         qkv = self.qkv(x)
@@ -194,12 +192,17 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # rope's output is contiguous: flatten is free
         q = q.flatten(2, 3)  # [B, T, n_kv * groups, head_dim]; q head g*groups+j uses kv head g
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-        is_causal, mask = self.causal, attn_mask
-        prefix = (self.prefix_k, self.prefix_v) if use_prefix and self.prefix_k is not None else None
-        if prefix is not None and cache is not None and cache.length == 0:
-            cache.update(0, *(t.to(cache.k.dtype).expand(B, -1, -1, -1) for t in prefix))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0,
+               cache: KVCache | None = None, attn_mask: torch.Tensor | None = None,
+               causal: bool | None = None) -> torch.Tensor:
+        """Attention of the queries over k, v (and whatever ``cache`` holds before them), projected out.
+        ``causal=False`` with an ``attn_mask`` takes the mask as complete (a wrapper's own layout)."""
+        B, _, T, _ = q.shape
+        groups = self.n_head // self.n_kv_head
+        is_causal = self.causal if causal is None else causal
+        mask = attn_mask
         if cache is not None:
             if attn_mask is not None or not self.causal:
                 raise ValueError("KV cache decoding is for causal attention without an extra mask")
@@ -209,15 +212,9 @@ class Attention(nn.Module):
                 # needs the causal mask shifted by start_pos (SDPA's is_causal aligns it top-left, wrongly).
                 is_causal = False
                 if T > 1:
-                    mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-        elif prefix is not None:
-            P = prefix[0].size(1)
-            k = torch.cat([prefix[0].to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
-            v = torch.cat([prefix[1].to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)  # all of the prefix, causal after
-            is_causal = False
+                    mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=q.device).tril(start_pos)
         elif mask is not None and is_causal:
-            mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = mask & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
             is_causal = False
 
         enable_gqa = groups > 1
@@ -234,9 +231,6 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float, truncated: bool) -> None:
         init_linear(self.qkv, std, truncated)
         init_linear(self.proj, out_std, truncated)
-        for virtual in (self.prefix_k, self.prefix_v):
-            if virtual is not None:  # usually replaced by an init from text (finetune.base.init_virtual_tokens)
-                init_normal_(virtual, std, truncated)
 
 
 # ---------------------------------------------------------------------------------------------------- MLPs
@@ -306,11 +300,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 start_pos: int = 0, cache: KVCache | None = None,
-                attn_mask: torch.Tensor | None = None, use_prefix: bool = True) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.post_norm:
-            x = self.norm1(x + self.attn(x, rope, start_pos, cache, attn_mask, use_prefix))
+            x = self.norm1(x + self.attn(x, rope, start_pos, cache, attn_mask))
             return self.norm2(x + self.mlp(x))
-        x = x + self.attn(self.norm1(x), rope, start_pos, cache, attn_mask, use_prefix)
+        x = x + self.attn(self.norm1(x), rope, start_pos, cache, attn_mask)
         return x + self.mlp(self.norm2(x))
 
     def init_weights(self, std: float, out_std: float, truncated: bool) -> None:

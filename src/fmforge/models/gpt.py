@@ -6,7 +6,6 @@ The two families differ only in config (see ``sizes.DECODER_ARCH_DEFAULTS``): po
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -24,14 +23,9 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg.block_config(), causal=True) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # Virtual tokens (see ModelConfig.prefix_tokens / prompt_tokens): learned, in front of every sequence.
-        self.virtual = cfg.prefix_tokens or cfg.prompt_tokens
-        self._plain = False  # see without_virtual_tokens
-        # (prefix tuning's keys/values live in each block's attention)
-        self.prompt = nn.Parameter(torch.empty(cfg.prompt_tokens, cfg.d_model)) if cfg.prompt_tokens else None
         if cfg.pos == "rope":
             # Non-persistent: derived from the config, so never saved; filled by reset_buffers() (via init_weights).
             self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
@@ -69,8 +63,6 @@ class GPT(nn.Module):
             depth = cfg.n_layer if cfg.arch == "gpt2" else i + 1
             block.init_weights(std, std / math.sqrt(2 * depth), truncated)
         self.norm_f.reset_parameters()
-        if self.prompt is not None:  # usually replaced by an init from text (finetune.base.init_virtual_tokens)
-            init_normal_(self.prompt, std, truncated)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -85,43 +77,27 @@ class GPT(nn.Module):
         """Logits [B, T, vocab_size] in the compute dtype for tokens idx [B, T] at positions start_pos...
         With ``cache`` (from ``new_cache``) keys/values are stored for later calls: prefill at start_pos=0,
         then feed new tokens at start_pos = tokens so far."""
-        B, T = idx.shape
-        P = 0 if self._plain else self.virtual  # virtual tokens hold positions 0..P-1: the text's follow
-        if start_pos + P + T > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.cfg.max_seq_len}"
-                             + (f" less {P} virtual tokens" if P else ""))
-        x = self.tok_emb(idx)
-        first = start_pos + P
-        prompted = bool(P) and self.prompt is not None and start_pos == 0
-        if prompted:  # prompt tuning: the learned embeddings go in front, at positions 0..P-1
-            x = torch.cat([self.prompt.to(x.dtype).expand(B, -1, -1), x], dim=1)
-            first = 0
-        n = x.size(1)
+        return self.forward_embeddings(self.tok_emb(idx), start_pos, cache)
+
+    def forward_embeddings(self, x: torch.Tensor, start_pos: int = 0,
+                           cache: list[KVCache] | None = None) -> torch.Tensor:
+        """``forward`` from input embeddings x [B, T, d_model] instead of token ids (what learned prompt
+        embeddings feed, ``virtual.py``)."""
+        T = x.size(1)
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.cfg.max_seq_len}")
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(first, first + n, device=idx.device))
+            x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=x.device))
         rope = None
         if self.cfg.pos == "rope":
-            rope = (self.rope_cos[first:first + n], self.rope_sin[first:first + n])
+            rope = (self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T])
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, first, None if cache is None else cache[i], use_prefix=bool(P))
-        logits = self.lm_head(self.norm_f(x))
-        return logits[:, P:] if prompted else logits
-
-    @contextlib.contextmanager
-    def without_virtual_tokens(self):
-        """Run as the plain base model (no prefix, no prompt) inside the block: what initializing virtual
-        tokens from real text needs. A flag, not a change of parameters, so FSDP's bookkeeping is untouched."""
-        self._plain = True
-        try:
-            yield self
-        finally:
-            self._plain = False
+            x = block(x, rope, start_pos, None if cache is None else cache[i])
+        return self.lm_head(self.norm_f(x))
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
-        """One empty KV cache per layer for up to ``max_len`` positions of text (plus the virtual tokens);
-        device/dtype default to the weights'."""
-        max_len += 0 if self._plain else self.virtual
+        """One empty KV cache per layer for up to ``max_len`` positions; device/dtype default to the weights'."""
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds max_seq_len {self.cfg.max_seq_len}")
         weight = self.tok_emb.weight

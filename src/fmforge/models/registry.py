@@ -20,6 +20,7 @@ from fmforge.models.clip import CLIP, CLIPModelConfig
 from fmforge.models.config import ModelConfig
 from fmforge.models.gpt import GPT
 from fmforge.models.sizes import BERT_SIZES, CLIP_SIZES, DECODER_SIZES, MAE_SIZES, VIT_SIZES
+from fmforge.models.virtual import VirtualTokenGPT, has_virtual_tokens
 from fmforge.models.vit import MAE, MAEModelConfig, ViT, ViTModelConfig
 
 
@@ -84,9 +85,12 @@ def parse_model_config(values: dict):
 
 def build_model(cfg) -> nn.Module:
     """The model a ``model:`` config describes. A decoder config is resolved first (a no-op when it already
-    is), so one without vocab_size/max_seq_len fails naming the missing field."""
+    is), so one without vocab_size/max_seq_len fails naming the missing field; one with virtual tokens
+    (prefix or prompt tuning) is built with them (``virtual.py``)."""
     if isinstance(cfg, ModelConfig):
         cfg = cfg.resolved()
+        if has_virtual_tokens(cfg):
+            return VirtualTokenGPT(cfg)
     return family(cfg).model(cfg)
 
 

@@ -15,7 +15,7 @@ from fmforge.data.chat import write_chat_template
 from fmforge.data.loader import GlobalBatchLoader, TokenWindows, eval_windows
 from fmforge.data.records import IGNORE_INDEX
 from fmforge.errors import FmforgeError
-from fmforge.models.gpt import GPT
+from fmforge.models.registry import build_model
 from fmforge.objectives.base import Task, evaluating
 
 __all__ = ["IGNORE_INDEX", "CausalLMTask", "DecoderTask", "clm_loss", "evaluate_batches"]
@@ -121,7 +121,7 @@ class DecoderTask(Task):
         # Compile the loss with the model: the fused chunked cross-entropy is where compile gains most on
         # GPT-2 shapes (H100, 124M: 304k tokens/s eager loss vs 410k compiled).
         self.loss_fn = torch.compile(clm_loss) if self.cfg.train.compile else clm_loss
-        return GPT(self.model_cfg)
+        return build_model(self.model_cfg)  # a GPT, with virtual tokens under prefix/prompt tuning
 
     def flops_per_unit(self, model: nn.Module) -> float:
         return model.flops_per_token(self.cfg.data.seq_len)
