@@ -133,7 +133,7 @@ def test_import_and_export_mistakes_are_one_line_errors(hf_llama_dir, tmp_path):
 def test_a_trained_clip_run_exports_with_a_tokenizer_that_closes_captions_like_training(tmp_path):
     """The exported CLIPModel + AutoTokenizer embed captions exactly as fmforge does (end-of-text appended)."""
     from fmforge.data.builtin_images import write_skimage_captions
-    from fmforge.data.image_shards import prepare_images
+    from fmforge.data.image_prepare import prepare_images
 
     data = tmp_path / "data"
     prepare_images([str(write_skimage_captions(tmp_path / "raw"))], data, val_fraction=0.0, vocab_size=300, log=None)

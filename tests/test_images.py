@@ -21,7 +21,8 @@ from fmforge.data.builtin_images import (
     write_skimage_captions,
 )
 from fmforge.data.image_loader import EvalTransform, ImageBatchLoader, TrainTransform, eval_batches
-from fmforge.data.image_shards import ImageShards, load_index, prepare_images
+from fmforge.data.image_prepare import prepare_images
+from fmforge.data.image_shards import ImageShards, load_index
 from fmforge.errors import FmforgeError
 
 

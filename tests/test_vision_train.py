@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fmforge.config import build_config
 from fmforge.data.builtin_images import DIGIT_NAMES, write_digit_captions, write_digits
-from fmforge.data.image_shards import prepare_images
+from fmforge.data.image_prepare import prepare_images
 from fmforge.errors import FmforgeError
 from fmforge.eval.perplexity import unigram_baseline
 from fmforge.eval.runs import evaluate_run

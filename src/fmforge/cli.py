@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from fmforge import __version__
 from fmforge.config import load_config
-from fmforge.data.image_shards import prepare_images
+from fmforge.data.image_prepare import prepare_images
 from fmforge.data.prepare import prepare_data
 from fmforge.deploy.generate import generate
 from fmforge.errors import FmforgeError

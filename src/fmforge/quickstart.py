@@ -22,7 +22,7 @@ import torch
 
 from fmforge.config import build_config
 from fmforge.data.builtin_images import DIGIT_NAMES, write_digit_captions, write_digits
-from fmforge.data.image_shards import prepare_images
+from fmforge.data.image_prepare import prepare_images
 from fmforge.data.prepare import prepare_data
 from fmforge.deploy.generate import generate
 from fmforge.device import autocast_for, pick_device

@@ -1,0 +1,506 @@
+"""``fmforge data prepare-images``: image folders or (image, caption/label) lists → WebDataset tar shards.
+
+Inputs are either class-folder trees (``ROOT/CLASS/.../file.jpg``: classification, one ``.cls`` label
+index per sample) or ``.csv`` / ``.jsonl`` lists of image paths with a caption (``.txt``) or a label
+(``.cls``); relative paths resolve against the list's folder. Every image is decoded with Pillow before it
+is kept; bad records (missing or unreadable files, truncated or corrupt images, missing captions, unknown
+labels ...) are counted by reason, skipped and reported, and fail the run only when nothing is left.
+
+Two passes, so the images never have to fit in memory: pass 1 reads, hashes and verifies every image (on a
+thread pool: Pillow decodes without the GIL) and decides its split from the sha256 of its bytes, so the
+same image — e.g. one photo with several captions — always lands in the same split; pass 2 reads the kept
+images again and appends them to the split's shards. JPEG, PNG and WebP keep their original bytes; other
+formats Pillow reads (TIFF, BMP, GIF, ...) are re-encoded to PNG (first frame). Shards are byte-for-byte
+reproducible (fixed member metadata) and written atomically; ``index.json`` is written last, so a
+directory with an index is complete.
+
+The format and its reader are ``image_shards.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fmforge import __version__
+from fmforge.data.image_shards import FORMAT, FORMAT_VERSION, INDEX
+from fmforge.data.prepare import (
+    SPECIAL_TOKENS_FILE,
+    TOKENIZER_FILE,
+    check_output_dir,
+    format_reasons,
+    write_json_atomic,
+)
+from fmforge.data.tokenizer import load_tokenizer, train_tokenizer
+from fmforge.errors import FmforgeError
+
+KEEP_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # what every image reader decodes
+LIST_EXTENSIONS = (".csv", ".jsonl")
+VERIFY_CHUNK = 512
+EXAMPLES_PER_REASON = 5
+_NAMES = r"((train|val)_\d{6}\.tar|index\.json|tokenizer\.json|special_tokens_map\.json)"
+_OUR_OUTPUTS = re.compile(rf"^{_NAMES}$")
+_OUR_LEFTOVERS = re.compile(rf"^{_NAMES}\.tmp$")
+
+
+@dataclass
+class _Record:
+    path: Path  # where the image is read from
+    source: str  # how the user named it: relative to the class root, or as written in the list
+    target: str  # caption, or label name
+
+
+@dataclass
+class _Checked:
+    record: _Record
+    reason: str | None = None  # why it is dropped; None when kept
+    ext: str = ""
+    u: float = 0.0  # uniform in [0, 1) from the image's sha256: decides the split
+    sha256: str = ""
+
+
+# --- inputs --------------------------------------------------------------------------------------------
+
+def _image_suffixes() -> set[str]:
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _numeric_or_text_order(names) -> list[str]:
+    names = sorted(set(names))
+    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return names
+
+
+def _walk_class_tree(root: Path, dropped: Counter, examples: dict) -> list[_Record]:
+    suffixes = _image_suffixes()
+    records = []
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in sorted(f for f in files if not f.startswith(".")):
+            source = (rel_dir / name).as_posix()
+            if rel_dir == Path("."):
+                _drop(dropped, examples, "outside_class_folder", source)
+            elif Path(name).suffix.lower() not in suffixes:
+                _drop(dropped, examples, "non_image_file", source)
+            else:
+                records.append(_Record(Path(dirpath, name), source, rel_dir.parts[0]))
+    return records
+
+
+def _list_rows(path: Path, dropped: Counter, examples: dict) -> Iterator[tuple[int, dict]]:
+    if path.suffix.lower() == ".csv":
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise FmforgeError(f"{path} is not UTF-8 (byte {err.start}); save it as UTF-8") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            yield reader.line_num, row
+        return
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = None
+            if not isinstance(row, dict):
+                _drop(dropped, examples, "malformed_json", f"{path}:{n}")
+                continue
+            yield n, row
+
+
+def _read_list(path: Path, image_field: str, target_field: str, kind: str, dropped: Counter,
+               examples: dict) -> list[_Record]:
+    records = []
+    header_checked = path.suffix.lower() != ".csv"
+    for n, row in _list_rows(path, dropped, examples):
+        if not header_checked:  # a CSV row has every column of the header: check the names once
+            header_checked = True
+            for field, flag in ((image_field, "--image-field"), (target_field, f"--{kind}-field")):
+                if field not in row:
+                    raise FmforgeError(f"{path} has no {field!r} column (it has "
+                                       f"{', '.join(repr(k) for k in row if k is not None)}); name it with {flag}")
+        where = f"{path}:{n}"
+        image, target = row.get(image_field), row.get(target_field)
+        if not isinstance(image, str) or not image.strip():
+            _drop(dropped, examples, "missing_image_path", where)
+            continue
+        if target is None or (isinstance(target, str) and not target.strip()):
+            _drop(dropped, examples, f"missing_{kind}", where)
+            continue
+        if isinstance(target, (bool, float, dict, list)) or (kind == "caption" and not isinstance(target, str)):
+            _drop(dropped, examples, f"bad_{kind}", where)
+            continue
+        image = image.strip()
+        records.append(_Record(path.parent / image, image, str(target).strip()))
+    return records
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return path.stat().st_size, h.hexdigest()
+
+
+def _drop(dropped: Counter, examples: dict, reason: str, where: str) -> None:
+    dropped[reason] += 1
+    shown = examples.setdefault(reason, [])
+    if len(shown) < EXAMPLES_PER_REASON:
+        shown.append(where)
+
+
+# --- verification and encoding -------------------------------------------------------------------------
+
+def _decode_problem(data: bytes) -> tuple[str | None, str]:
+    """(reason or None, Pillow format) after fully decoding ``data``; ``verify`` also checks PNG CRCs."""
+    if not data:
+        return "empty_file", ""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format or ""
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return None, fmt
+    except UnidentifiedImageError:
+        return "not_an_image", ""
+    except Image.DecompressionBombError:
+        return "too_large", ""
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ... on bad data
+        return ("truncated_image" if "truncat" in str(err).lower() else "corrupt_image"), ""
+
+
+def _check(record: _Record) -> _Checked:
+    try:
+        data = record.path.read_bytes()
+    except FileNotFoundError:
+        return _Checked(record, "missing_file")
+    except (IsADirectoryError, PermissionError, OSError):
+        return _Checked(record, "unreadable_file")
+    reason, fmt = _decode_problem(data)
+    if reason:
+        return _Checked(record, reason)
+    digest = hashlib.sha256(data).digest()
+    return _Checked(record, None, KEEP_FORMATS.get(fmt, "png"), int.from_bytes(digest[:8], "little") / 2**64,
+                    digest.hex())
+
+
+def _encoded(path: Path, ext: str) -> bytes:
+    data = path.read_bytes()
+    if ext != "png" or data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data
+    with Image.open(io.BytesIO(data)) as im:
+        im.seek(0)
+        frame = ImageOps.exif_transpose(im)  # the orientation tag does not survive into the PNG
+        if frame.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+            frame = frame.convert("RGBA" if "A" in frame.getbands() else "RGB")
+        buf = io.BytesIO()
+        frame.save(buf, "PNG")
+    return buf.getvalue()
+
+
+# --- shards --------------------------------------------------------------------------------------------
+
+def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: reproducible shards
+    return info, io.BytesIO(data)
+
+
+class TarShardWriter:
+    """Appends samples to ``{split}_NNNNNN.tar`` shards, starting a new one after ``shard_samples``
+    samples or once ``shard_bytes`` is reached; each shard is written to a temp file and renamed when full."""
+
+    def __init__(self, out: Path, split: str, shard_samples: int, shard_bytes: int | None):
+        self.out, self.split, self.shard_samples, self.shard_bytes = out, split, shard_samples, shard_bytes
+        self.shards: list[dict] = []
+        self.samples = 0
+        self._tar: tarfile.TarFile | None = None
+        self._file = None
+        self._tmp: Path | None = None
+        self._count = 0
+
+    def write(self, key: str, image: bytes, ext: str, target_ext: str, target: bytes, source: str) -> None:
+        if self._tar is None:
+            self._tmp = self.out / f"{self.split}_{len(self.shards):06d}.tar.tmp"
+            self._file = open(self._tmp, "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+            self._count = 0
+        meta = json.dumps({"source": source}, ensure_ascii=False).encode("utf-8")
+        for name, data in ((f"{key}.{ext}", image), (f"{key}.{target_ext}", target), (f"{key}.json", meta)):
+            self._tar.addfile(*_member(name, data))
+        self._count += 1
+        self.samples += 1
+        if self._count >= self.shard_samples or (self.shard_bytes and self._tar.offset >= self.shard_bytes):
+            self._finish()
+
+    def _finish(self) -> None:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self._tmp.with_suffix("")  # drop ".tmp"
+        os.replace(self._tmp, final)
+        size, sha = _file_digest(final)
+        self.shards.append({"file": final.name, "split": self.split, "samples": self._count, "bytes": size,
+                            "sha256": sha})
+        self._tar = None
+
+    def close(self) -> list[dict]:
+        if self._tar is not None:
+            self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+
+# --- prepare -------------------------------------------------------------------------------------------
+
+def _validate(inputs: list[Path], out: Path, val_fraction: float, shard_samples: int, shard_bytes: int | None,
+              overwrite: bool) -> None:
+    if not inputs:
+        raise FmforgeError("no inputs given: name class-folder trees or .csv/.jsonl image lists")
+    for p in inputs:
+        if not p.exists():
+            raise FmforgeError(f"input not found: {p}")
+        if p.is_file() and p.suffix.lower() not in LIST_EXTENSIONS:
+            raise FmforgeError(f"{p} is neither a class-folder tree nor a .csv/.jsonl image list")
+    if len({p.is_dir() for p in inputs}) > 1:
+        raise FmforgeError("inputs mix class-folder trees and image lists; prepare them separately")
+    if not 0.0 <= val_fraction < 1.0:
+        raise FmforgeError(f"val_fraction must be at least 0 and below 1, got {val_fraction}")
+    if shard_samples < 1 or (shard_bytes is not None and shard_bytes < 1):
+        raise FmforgeError(f"shard size must be positive, got {shard_samples} samples / {shard_bytes} bytes")
+    check_output_dir(out, INDEX, _OUR_OUTPUTS, "prepared images", overwrite)
+
+
+def _verify_all(records: list[_Record], workers: int) -> list[_Checked]:
+    checked = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(records), VERIFY_CHUNK):  # bounded number of futures alive at once
+            checked += pool.map(_check, records[start: start + VERIFY_CHUNK])
+    return checked
+
+
+def _assign_splits(kept: list[_Checked], val_fraction: float) -> list[str]:
+    """Split by image hash; then guarantee a train image, and a val image when val is asked for and there
+    are two or more distinct images, by moving the image closest to the boundary — with all its samples,
+    so one image never sits in both splits (still a function of the data)."""
+    splits = ["val" if c.u < val_fraction else "train" for c in kept]
+    images = {c.u for c in kept}
+    if "train" not in splits:
+        moved = max(images)
+    elif val_fraction > 0 and len(images) >= 2 and "val" not in splits:
+        moved = min(images)
+    else:
+        return splits
+    return [("train" if s == "val" else "val") if c.u == moved else s for c, s in zip(kept, splits)]
+
+
+def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "image",
+                   caption_field: str = "caption", label_field: str | None = None,
+                   classes: list[str] | None = None, val_fraction: float = 0.05, shard_samples: int = 1000,
+                   shard_bytes: int | None = None, workers: int | None = None, overwrite: bool = False,
+                   tokenizer: str | None = None, vocab_size: int = 4096,
+                   log: Callable[[str], None] | None = print) -> dict:
+    """Turn images into a prepared image directory: ``train_*.tar`` / ``val_*.tar`` WebDataset shards and
+    ``index.json``. Returns the index.
+
+    inputs: class-folder trees (classification: one sub-folder per class, searched recursively), or
+        ``.csv`` / ``.jsonl`` image lists — captions (``image_field`` + ``caption_field``) or, when
+        ``label_field`` is given, labels. Relative image paths resolve against the list's folder.
+    classes: the class names, in label-index order; samples of other classes are dropped as
+        ``unknown_label``. Default: every class seen, sorted (numerically when all names are integers).
+    val_fraction: share of images held out, chosen by the image's sha256 (deterministic).
+    shard_samples / shard_bytes: a shard is closed at this many samples, or once it reaches this size.
+    workers: threads that decode images for verification (default: the usable cores, at most 8).
+    tokenizer / vocab_size (captions only): the caption tokenizer written as ``tokenizer.json`` beside the
+        shards, for the text tower of a CLIP run: this tokenizer.json or HF tokenizer directory, or else a
+        byte-level BPE of up to ``vocab_size`` tokens trained on the train split's captions.
+    Bad records are counted by reason, skipped and listed (a few examples each) in the index.
+    """
+    say = log or (lambda _msg: None)
+    start = time.perf_counter()
+    paths, out = [Path(i) for i in inputs], Path(out)
+    _validate(paths, out, val_fraction, shard_samples, shard_bytes, overwrite)
+    folders = paths[0].is_dir()
+    mode = "classification" if folders or label_field else "captions"
+    if tokenizer is not None and mode != "captions":
+        raise FmforgeError("--tokenizer applies to captioned images (a caption list without --label-field)")
+    if classes is not None and mode != "classification":
+        raise FmforgeError("classes apply to labelled images: class folders, or lists with --label-field")
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
+    drops = _Drops()
+    fields = None if folders else {"image": image_field, ("label" if label_field else "caption"):
+                                   label_field or caption_field}
+    records, sources = _read_inputs(paths, folders, fields, drops)
+    class_index = _class_index(records, classes, drops) if mode == "classification" else {}
+    records = [r for r in records if mode != "classification" or r.target in class_index]
+    read = len(records) + drops.counts.total()
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(8, cores) if workers is None else workers
+    say(f"verifying {len(records)} images on {workers} threads")
+    checked = _verify_all(records, workers)
+    for c in checked:
+        if c.reason:
+            drops.add(c.reason, c.record.source)
+    kept = [c for c in checked if c.reason is None]
+    if not kept:
+        raise FmforgeError(f"nothing usable in the inputs: read {read} records, all dropped "
+                           f"({format_reasons(drops.counts) or 'no images found'})")
+    splits = _assign_splits(kept, val_fraction)
+    written = _write_shards(out, kept, splits, mode, class_index, shard_samples, shard_bytes, drops)
+    n = written["samples"]
+    tokenizer_entry = None
+    if mode == "captions":
+        if tok is None:
+            tok = train_tokenizer((c.record.target for c, s in zip(kept, splits) if s == "train"), vocab_size)
+        tok.save(out / TOKENIZER_FILE)
+        write_json_atomic(out / SPECIAL_TOKENS_FILE, tok.special_tokens_map())
+        tokenizer_entry = {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                           "trained": tokenizer is None, "source": None if tokenizer is None else str(tokenizer)}
+    index = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fmforge_version": __version__,
+        "mode": mode,
+        "classes": list(class_index) if mode == "classification" else None,
+        "samples": {"read": read, "kept": n["train"] + n["val"], "train": n["train"], "val": n["val"]},
+        "class_counts": written["class_counts"],
+        "dropped": dict(sorted(drops.counts.items())),
+        "dropped_examples": dict(sorted(drops.examples.items())),
+        "formats": dict(sorted(written["formats"].items())),
+        "shards": written["shards"],
+        "tokenizer": tokenizer_entry,
+        "sources": sources,
+        "fields": fields,
+        "val_fraction": val_fraction,
+        "split_by": "sha256 of the image bytes",
+    }
+    write_json_atomic(out / INDEX, index)
+    _summarize(say, out, index, time.perf_counter() - start)
+    return index
+
+
+class _Drops:
+    """Dropped records: counted by reason, with the first few sources of each as examples."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, where: str) -> None:
+        _drop(self.counts, self.examples, reason, where)
+
+
+def _read_inputs(paths: list[Path], folders: bool, fields: dict | None, drops: _Drops) -> tuple[list, list]:
+    """Every record of the inputs (class-folder trees, or image lists with these ``fields``) and a
+    description of each source for the index."""
+    records, sources = [], []
+    for p in paths:
+        if folders:
+            found = _walk_class_tree(p, drops.counts, drops.examples)
+            sources.append({"path": str(p), "kind": "class_folders", "files": len(found)})
+        else:
+            kind, target_field = next((k, v) for k, v in fields.items() if k != "image")
+            found = _read_list(p, fields["image"], target_field, kind, drops.counts, drops.examples)
+            size, sha = _file_digest(p)
+            sources.append({"path": str(p), "kind": p.suffix.lower()[1:], "bytes": size, "sha256": sha,
+                            "rows": len(found)})
+        records += found
+    return records, sources
+
+
+def _class_index(records: list[_Record], classes: list[str] | None, drops: _Drops) -> dict[str, int]:
+    """Class name -> label index (``classes`` in order, or every class seen); records of other classes are
+    dropped as ``unknown_label``."""
+    names = classes if classes is not None else _numeric_or_text_order(r.target for r in records)
+    if len(set(names)) != len(names):
+        raise FmforgeError(f"class names repeat: {', '.join(sorted(n for n in set(names) if names.count(n) > 1))}")
+    class_index = {name: i for i, name in enumerate(names)}
+    for r in records:
+        if r.target not in class_index:
+            drops.add("unknown_label", r.source)
+    return class_index
+
+
+def _write_shards(out: Path, kept: list[_Checked], splits: list[str], mode: str, class_index: dict[str, int],
+                  shard_samples: int, shard_bytes: int | None, drops: _Drops) -> dict:
+    """Pass 2: append the kept images to their split's shards. Replaces only fmforge's own files in ``out``;
+    on failure nothing half-written stays (and a directory this call created is removed again)."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INDEX).unlink(missing_ok=True)  # from here on the directory no longer claims to be complete
+    for p in out.iterdir():
+        if p.is_file() and (_OUR_OUTPUTS.match(p.name) or _OUR_LEFTOVERS.match(p.name)):
+            p.unlink()
+    writers = {s: TarShardWriter(out, s, shard_samples, shard_bytes) for s in ("train", "val")}
+    target_ext = "cls" if mode == "classification" else "txt"
+    class_counts = {s: [0] * len(class_index) for s in writers} if mode == "classification" else None
+    formats: Counter = Counter()
+    try:
+        for c, split in zip(kept, splits):
+            r = c.record
+            try:
+                image = _encoded(r.path, c.ext)
+            except Exception:  # deleted or changed between the passes
+                drops.add("changed_during_prepare", r.source)
+                continue
+            w = writers[split]
+            if mode == "classification":
+                label = class_index[r.target]
+                class_counts[split][label] += 1
+                target = str(label).encode("ascii")
+            else:
+                target = r.target.encode("utf-8")
+            w.write(f"{w.samples:08d}", image, c.ext, target_ext, target, r.source)
+            formats[c.ext] += 1
+        shards = writers["train"].close() + writers["val"].close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    samples = {s: writers[s].samples for s in writers}
+    if samples["train"] == 0:
+        raise FmforgeError(f"nothing usable in the inputs: no train images ({format_reasons(drops.counts)})")
+    return {"shards": shards, "samples": samples, "class_counts": class_counts, "formats": formats}
+
+
+def _summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float) -> None:
+    s = m["samples"]
+    what = f"classification, {len(m['classes'])} classes" if m["mode"] == "classification" else "captions"
+    say(f"prepared {out} in {elapsed:.1f}s ({what})")
+    say(f"  images: read {s['read']}, kept {s['kept']} (train {s['train']}, val {s['val']}) in "
+        f"{len(m['shards'])} shards; formats: {', '.join(f'{k} {v}' for k, v in m['formats'].items())}")
+    say(f"  dropped: {format_reasons(Counter(m['dropped'])) or 'none'}")
+    for reason, where in m["dropped_examples"].items():
+        say(f"    {reason}: {', '.join(where)}{' ...' if m['dropped'][reason] > len(where) else ''}")
