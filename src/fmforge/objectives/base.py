@@ -83,6 +83,18 @@ def split_rows(make, what: str, data_dir: Path, echo):
         return train, None
 
 
+def finetune_rows(task: Task, rows_type, what: str):
+    """(tokenizer, train rows, val rows or None) of a fine-tuning objective: the raw file at ``data.path``
+    read as ``rows_type`` (``data/chat.py``, ``preferences.py``, ``labelled.py``) with the base model's
+    tokenizer, split by content hash at ``finetune.val_fraction``. Sets ``task.tokenizer_dir``."""
+    cfg, data_dir, echo = task.cfg, task.data_dir, task.echo
+    task.tokenizer_dir, tok = base_tokenizer(cfg)
+    seq_len, frac = cfg.data.seq_len, cfg.finetune.val_fraction
+    train, val = split_rows(lambda split: rows_type(data_dir, tok, seq_len, split, frac, echo=echo), what,
+                            data_dir, echo)
+    return tok, train, val
+
+
 def base_tokenizer(cfg: Config):
     """(directory, tokenizer) of ``finetune.base``, which the fine-tuning objectives need: their data is raw
     text (chats, preferences, labelled lines), tokenized at start-up with the base model's vocabulary."""

@@ -23,7 +23,7 @@ from fmforge.config import Config
 from fmforge.data.preferences import PreferenceBatchLoader, PreferenceRows
 from fmforge.data.records import IGNORE_INDEX
 from fmforge.device import pick_device
-from fmforge.objectives.base import base_tokenizer, evaluating, split_rows
+from fmforge.objectives.base import evaluating, finetune_rows
 from fmforge.objectives.clm import DecoderTask
 from fmforge.runs import load_pretrained
 
@@ -68,11 +68,8 @@ class DPOTask(DecoderTask):
 
     def __init__(self, cfg: Config, data_dir: Path, echo):
         super().__init__(cfg, data_dir, echo)
-        self.tokenizer_dir, tok = base_tokenizer(cfg)
-        seq_len, frac = cfg.data.seq_len, cfg.finetune.val_fraction
-        self.train_rows, self.val_rows = split_rows(
-            lambda split: PreferenceRows(data_dir, tok, seq_len, split, frac, echo=echo), "comparisons", data_dir,
-            echo)
+        tok, self.train_rows, self.val_rows = finetune_rows(self, PreferenceRows, "comparisons")
+        seq_len = cfg.data.seq_len
         device = pick_device(cfg.train.device)
         reference, _ = load_pretrained(self.tokenizer_dir, device, family="decoder")  # freed after __init__
         for rows in (self.train_rows, self.val_rows):

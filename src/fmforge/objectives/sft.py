@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fmforge.config import Config
 from fmforge.data.chat import ChatBatchLoader, ChatRows
 from fmforge.data.records import IGNORE_INDEX
-from fmforge.objectives.base import Sums, base_tokenizer, evaluating, split_rows
+from fmforge.objectives.base import Sums, evaluating, finetune_rows
 from fmforge.objectives.clm import DecoderTask
 
 
@@ -23,10 +23,8 @@ class SFTTask(DecoderTask):
 
     def __init__(self, cfg: Config, data_dir: Path, echo):
         super().__init__(cfg, data_dir, echo)
-        self.tokenizer_dir, tok = base_tokenizer(cfg)
-        seq_len, frac = cfg.data.seq_len, cfg.finetune.val_fraction
-        self.train_rows, self.val_rows = split_rows(
-            lambda split: ChatRows(data_dir, tok, seq_len, split, frac, echo=echo), "conversations", data_dir, echo)
+        tok, self.train_rows, self.val_rows = finetune_rows(self, ChatRows, "conversations")
+        seq_len = cfg.data.seq_len
         self.model_cfg = cfg.model.resolved(vocab_size=tok.vocab_size, seq_len=seq_len)
         self.global_batch = cfg.train.global_batch or self.default_global_batch
 

@@ -13,7 +13,7 @@ from fmforge.config import Config
 from fmforge.data.labelled import LabelledBatchLoader, LabelledRows
 from fmforge.errors import FmforgeError
 from fmforge.models.bert import Bert
-from fmforge.objectives.base import Sums, Task, base_tokenizer, encoder_flops, evaluating, split_rows
+from fmforge.objectives.base import Sums, Task, encoder_flops, evaluating, finetune_rows
 from fmforge.objectives.image_classify import classification_loss
 
 
@@ -23,10 +23,8 @@ class TextClassificationTask(Task):
 
     def __init__(self, cfg: Config, data_dir: Path, echo):
         super().__init__(cfg, data_dir, echo)
-        self.tokenizer_dir, tok = base_tokenizer(cfg)
-        seq_len, frac = cfg.data.seq_len, cfg.finetune.val_fraction
-        self.train_rows, self.val_rows = split_rows(
-            lambda split: LabelledRows(data_dir, tok, seq_len, split, frac, echo=echo), "examples", data_dir, echo)
+        _, self.train_rows, self.val_rows = finetune_rows(self, LabelledRows, "examples")
+        seq_len = cfg.data.seq_len
         m = cfg.model
         if seq_len > m.max_seq_len:
             raise FmforgeError(f"data.seq_len ({seq_len}) exceeds the base's max_seq_len ({m.max_seq_len})")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from fmforge.errors import FmforgeError
 
@@ -168,11 +169,14 @@ def _fit_logs(log_n, log_d, log_l, starts: int, delta: float, extra: np.ndarray 
     # early (constants good to 1e-8 instead of 1e-12 on noiseless data).
     options = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 2000}
     best_theta, best_value = None, math.inf
-    for x0 in inits:
-        res = minimize(_objective, x0, args=(log_n, log_d, log_l, delta), method="L-BFGS-B", jac=True,
-                       bounds=_BOUNDS, options=options)
-        if np.all(np.isfinite(res.x)) and res.fun < best_value:
-            best_theta, best_value = res.x, float(res.fun)
+    # L-BFGS-B's tiny 5-parameter updates go through scipy's BLAS: its thread pool only adds wake-up cost
+    # (2 threads made a fit 8x slower than 1 on a 2-core VM; benchmarks/fit_speed.py).
+    with threadpool_limits(1, user_api="blas"):
+        for x0 in inits:
+            res = minimize(_objective, x0, args=(log_n, log_d, log_l, delta), method="L-BFGS-B", jac=True,
+                           bounds=_BOUNDS, options=options)
+            if np.all(np.isfinite(res.x)) and res.fun < best_value:
+                best_theta, best_value = res.x, float(res.fun)
     return best_theta, best_value
 
 
