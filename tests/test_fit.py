@@ -69,7 +69,6 @@ def test_noiseless_fit_recovers_every_constant(true):
 
 
 @LAWS
-@pytest.mark.slow  # 60 refits a law; the fast lane keeps the bootstrap path via the seed and json tests below
 def test_bootstrap_interval_contains_true_exponents(true):
     law = fit_law(*_noisy(true), bootstrap=60, seed=0)
     assert law.samples.shape == (60, 5)
