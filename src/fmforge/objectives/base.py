@@ -115,10 +115,6 @@ class Task(ABC):
         self.model_cfg = cfg.model
         self.global_batch = 0
 
-    @property
-    def units_per_step(self) -> int:
-        return self.global_batch
-
     def resolved_config(self) -> Config:
         """The run config with what this task derived from the data filled in (a new object)."""
         train = self.cfg.train.model_copy(update={"global_batch": self.global_batch})

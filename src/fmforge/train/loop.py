@@ -288,7 +288,7 @@ class _Run:
         optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.steps_since += 1
-        self.units_since += self.task.units_per_step
+        self.units_since += self.task.global_batch
         if self.due(self.cfg.train.log_interval) or self.step == self.cfg.train.max_steps:
             self._log_step(step_loss, lr, grad_norm)
         elif self.logger is not None:
@@ -321,7 +321,7 @@ class _Run:
         return True
 
     def _log_step(self, step_loss: torch.Tensor, lr: float, grad_norm: torch.Tensor) -> None:
-        info, unit, units = self.info, self.task.unit, self.task.units_per_step
+        info, unit, units = self.info, self.task.unit, self.task.global_batch
         self.loss = mean_across_ranks(step_loss, info).item()
         dt = time.perf_counter() - self.t_last
         record = {"step": self.step, "loss": self.loss, "lr": lr, "grad_norm": grad_norm.item(),
