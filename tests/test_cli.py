@@ -1,11 +1,14 @@
 """The command line is a table of verbs: each parses its arguments and calls one plain function."""
 
 import inspect
+import subprocess
+import sys
 
 import pytest
 
-from fmforge import cli
+from fmforge import cli, commands
 from fmforge.errors import FmforgeError
+from fmforge.launch.cli import TARGETS
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
@@ -48,7 +51,19 @@ def test_every_parsed_argument_is_a_keyword_of_the_function_its_verb_calls():
     for verb in cli.VERBS:
         dests = {a.dest for a in parsers[verb.name]._actions if a.dest != "help" and not a.dest.startswith("_")}
         # bind() fails on a dest the function does not take, and on a parameter without default left unset
-        inspect.signature(verb.run).bind(**dict.fromkeys(dests))
+        inspect.signature(cli.resolve(verb.run)).bind(**dict.fromkeys(dests))
+
+
+def test_launch_choices_are_the_launch_targets():
+    assert cli.LAUNCH_TARGETS == tuple(TARGETS)
+
+
+def test_help_answers_without_importing_torch_or_the_stages():
+    code = ("import sys, fmforge.cli as c\n"
+            "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'fmforge.config', 'fmforge.train.loop') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 def test_unknown_config_key_is_one_line_and_exit_code_2(tmp_path, capsys):
@@ -81,13 +96,13 @@ def test_a_user_error_exits_with_its_own_code_and_ctrl_c_with_130(tmp_path, monk
     def refuse(*_args, **_kwargs):
         raise QuotaError("over quota")
 
-    monkeypatch.setattr(cli, "load_config", refuse)
+    monkeypatch.setattr(commands, "load_config", refuse)
     assert _run(["train", str(tmp_path / "c.yaml")], capsys)[::2] == (3, "fmforge: error: over quota\n")
 
     def interrupt(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "load_config", interrupt)
+    monkeypatch.setattr(commands, "load_config", interrupt)
     assert _run(["train", str(tmp_path / "c.yaml")], capsys)[::2] == (130, "fmforge: interrupted\n")
 
 

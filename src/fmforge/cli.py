@@ -2,14 +2,15 @@
 
 ``VERBS`` maps every verb to its help, its arguments (shared groups are argparse parent parsers) and the
 function it calls with typed keyword arguments: the argument names are the function's parameter names.
-The few ``*_command`` functions here are what a verb adds to its library function (printing a result,
-re-running under torchrun); everything else lives with its stage. ``main`` parses, calls, and prints a
+The few ``*_command`` functions (``commands.py``) are what a verb adds to its library function (printing a
+result, re-running under torchrun); everything else lives with its stage. ``main`` parses, calls, and prints a
 user error as one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -17,128 +18,18 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from fmforge import __version__
-from fmforge.config import load_config
-from fmforge.data.image_prepare import prepare_images
-from fmforge.data.prepare import prepare_data
-from fmforge.deploy.generate import generate
 from fmforge.errors import FmforgeError
-from fmforge.eval.perplexity import evaluate
-from fmforge.eval.runs import evaluate_run
-from fmforge.finetune.base import merge
-from fmforge.interop.hf.convert import export_hf, import_hf
-from fmforge.launch.cli import TARGETS, launch
-from fmforge.plan.ladder import run_ladder
-from fmforge.plan.planner import plan_command
-from fmforge.plan.tune import tune
-from fmforge.quickstart import quickstart
-from fmforge.runs import family_of, read_model_config
-from fmforge.train.checkpoint import export_consolidated
-from fmforge.train.loop import train
 
-# What a verb does beyond calling its library function
+# The stages are imported when their verb runs (``resolve``), so `fmforge --help` and a mistyped flag answer
+# at once instead of after importing torch and every stage library. Nothing imports this module, so the late
+# imports cannot hide a cycle.
+LAUNCH_TARGETS = ("slurm", "k8s", "sagemaker", "skypilot")  # launch.cli.TARGETS (tests/test_cli.py checks)
 
 
-def train_command(config: str, overrides: list[str], *, data: str | None = None, out: str | None = None,
-                  resume: str | None = None, nproc_per_node: int = 1, max_restarts: int = 0) -> None:
-    """``fmforge train``: validate the config, become torchrun when asked for several processes or
-    restarts, then run the one training loop (whatever the model family and objective)."""
-    cfg = load_config(config, overrides)  # a bad config fails here, before any process starts
-    if (nproc_per_node > 1 or max_restarts > 0) and "LOCAL_RANK" not in os.environ:
-        _torchrun(config, overrides, data=data, out=out, resume=resume, nproc_per_node=nproc_per_node,
-                  max_restarts=max_restarts)
-    # Paths are set as plain strings, not as overrides: YAML would read `run #2` as `run` and 2024 as an int.
-    if data:
-        cfg.data.path = data
-    if out:
-        cfg.train.out_dir = out
-    train(cfg, resume=resume)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Every file is written and the process group destroyed by now. Skipping interpreter teardown
-        # avoids a race in gloo's background threads that aborts ~1 exit in 5 on CPU ("terminate called
-        # without an active exception"), which torchrun would report as a failed run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def _torchrun(config: str, overrides: list[str], *, data: str | None, out: str | None, resume: str | None,
-              nproc_per_node: int, max_restarts: int) -> None:
-    """Re-run this same `fmforge train` under torchrun on this machine. A restarted worker group must pick
-    up where the failed one stopped, so --max-restarts implies --resume auto."""
-    if nproc_per_node < 1:
-        raise FmforgeError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
-    resume = resume or ("auto" if max_restarts > 0 else None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-           f"--max-restarts={max_restarts}", "-m", "fmforge", "train", config, *overrides]
-    for flag, value in (("--data", data), ("--out", out), ("--resume", resume)):
-        if value:
-            cmd += [flag, value]
-    # Become torchrun (same PID): signals from a scheduler or Ctrl-C reach it and, through it, the workers.
-    sys.stdout.flush()
-    os.execv(sys.executable, cmd)
-
-
-def finetune_command(config: str, overrides: list[str], *, base: str | None = None, data: str | None = None,
-                     out: str | None = None, resume: str | None = None, nproc_per_node: int = 1,
-                     max_restarts: int = 0) -> None:
-    """``fmforge finetune``: ``fmforge train`` that insists on a base model (``base`` sets finetune.base)."""
-    if base:
-        overrides = [*overrides, f"finetune.base={base}"]
-    if not load_config(config, overrides).finetune.base:
-        raise FmforgeError("fmforge finetune needs a base model: --base RUN_DIR (or finetune.base in the config)")
-    train_command(config, overrides, data=data, out=out, resume=resume, nproc_per_node=nproc_per_node,
-                  max_restarts=max_restarts)
-
-
-def eval_command(run_dir: str, *, data: str | None = None, max_batches: int | None = None,
-                 batch_size: int | None = None, zero_shot: str | None = None, class_names: list[str] | None = None,
-                 templates: list[str] | None = None, probe_samples: int = 10000, random_baseline: bool = False,
-                 device: str = "auto", json_out: bool = False) -> None:
-    """``fmforge eval``: perplexity for decoders, the family's own metrics and probes for everything else."""
-    if family_of(read_model_config(run_dir)) == "decoder":
-        if zero_shot or class_names or templates or random_baseline:
-            raise FmforgeError("--zero-shot, --class-names, --template and --random-baseline apply to image runs")
-        evaluate(run_dir, data_dir=data, max_batches=max_batches, batch_size=batch_size or 8, device=device,
-                 json_out=json_out)
-        return
-    evaluate_run(run_dir, data_dir=data, zero_shot=zero_shot, class_names=class_names, templates=templates,
-                 batch_size=batch_size or 64, max_batches=max_batches, probe_samples=probe_samples,
-                 random_baseline=random_baseline, device=device, json_out=json_out)
-
-
-def generate_command(run_dir: str, *, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
-                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                     device: str = "auto") -> None:
-    """``fmforge generate``: print the prompt and its sampled continuation."""
-    print(generate(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, seed=seed, device=device))
-
-
-def launch_command(target: str, config: str, overrides: list[str], *, nodes: int = 1, gpus_per_node: int = 8,
-                   data: str | None = None, run_dir: str | None = None, out: str | None = None,
-                   options: list[str] = (), submit: bool = False) -> None:
-    """``fmforge launch``: ``options`` are the scheduler settings as ``key=value`` words."""
-    settings = {}
-    for item in options:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FmforgeError(f"bad --option {item!r}: expected key=value")
-        settings[key] = value
-    launch(target, config, nodes=nodes, gpus_per_node=gpus_per_node, out=out, submit=submit, data=data,
-           run_dir=run_dir, overrides=overrides, options=settings)
-
-
-def export_safetensors_command(checkpoint: str, out: str) -> None:
-    """``fmforge export safetensors``: consolidate a sharded checkpoint and say what was written."""
-    written = export_consolidated(checkpoint, out)
-    print(f"wrote {written / 'model.safetensors'} (+ model.json, tokenizer)")
-
-
-def quickstart_command(*, task: str = "language", out: str | None = None, minutes: float | None = None) -> None:
-    """``fmforge quickstart``: the output directory and time budget default per demo."""
-    language = task == "language"
-    quickstart(out=out or ("runs/quickstart" if language else "runs/quickstart-vision"),
-               minutes=minutes if minutes is not None else (6.0 if language else 3.0), task=task)
+def resolve(target: str) -> Callable[..., object]:
+    """``"package.module:function"`` -> the function."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # Argument specs and the shared parent parsers
@@ -239,7 +130,7 @@ class Verb:
     keyword argument per parsed argument, named by its dest."""
 
     name: str
-    run: Callable[..., object]
+    run: str  # "package.module:function", imported when the verb runs
     help: str
     description: str | None = None
     parents: tuple[argparse.ArgumentParser, ...] = ()
@@ -256,7 +147,7 @@ GROUPS = {
 
 VERBS: tuple[Verb, ...] = (
     Verb(
-        "plan", plan_command,
+        "plan", "fmforge.plan.planner:plan_command",
         help="size model, data, time and cost from a budget with published scaling laws",
         description="For a compute budget (FLOPs, devices x hours, or money), a model size, a target loss or a "
                     "dataset: the compute-optimal parameters and tokens under Kaplan et al. 2020, Chinchilla "
@@ -301,7 +192,7 @@ VERBS: tuple[Verb, ...] = (
                     help="lr scaling with the global batch (default: sqrt, Malladi et al. 2022 for Adam)")))),
     ),
     Verb(
-        "ladder", run_ladder,
+        "ladder", "fmforge.plan.ladder:run_ladder",
         help="fit your own scaling law from a grid of small training runs",
         description="Train every (model size x token budget) rung of a grid with the real trainer on your "
                     "prepared data (finished rungs are not rerun; an interrupted rung resumes), fit "
@@ -324,7 +215,7 @@ VERBS: tuple[Verb, ...] = (
             arg("--fit-only", action="store_true", help="refit the finished rungs; train nothing")),
     ),
     Verb(
-        "tune", tune,
+        "tune", "fmforge.plan.tune:tune",
         help="hyperparameter search with Optuna (TPE, pruning, resumable)",
         description="Search lr, warmup, global batch and weight decay (or the space in --space) with Optuna's "
                     "TPE sampler, pruning trials on their intermediate validation loss. Each trial is a short "
@@ -340,7 +231,7 @@ VERBS: tuple[Verb, ...] = (
             arg("--seed", type=int, default=0, metavar="S", help="sampler seed")),
     ),
     Verb(
-        "data prepare", prepare_data,
+        "data prepare", "fmforge.data.prepare:prepare_data",
         help="raw text → tokenizer + token shards + manifest",
         description="Read text files, directories or globs (.txt .md .py .rst .jsonl .parquet), normalize "
                     "Unicode, drop exact duplicates, report near-duplicates, train a byte-level BPE tokenizer "
@@ -361,7 +252,7 @@ VERBS: tuple[Verb, ...] = (
                 help="drop near-duplicate documents too (default: only report them)")),
     ),
     Verb(
-        "data prepare-images", prepare_images,
+        "data prepare-images", "fmforge.data.image_prepare:prepare_images",
         help="images (class folders or captions/labels list) → WebDataset tar shards + index",
         description="Read class-folder trees (ROOT/CLASS/.../image: classification) or .csv/.jsonl lists of "
                     "image paths with captions (or labels, with --label-field; relative paths resolve against "
@@ -394,7 +285,7 @@ VERBS: tuple[Verb, ...] = (
                          "(default: 4096)")))),
     ),
     Verb(
-        "train", train_command,
+        "train", "fmforge.commands:train_command",
         help="train a model from a config: decoder LM, BERT, ViT, MAE or CLIP/SigLIP",
         description="Train the model CONFIG describes with the objective its model.arch implies: gpt2/llama "
                     "causal language modelling and bert masked language modelling on token shards (`fmforge "
@@ -409,7 +300,7 @@ VERBS: tuple[Verb, ...] = (
         parents=(run_config("RUN_DIR", "run directory (sets train.out_dir)"), TORCHRUN),
     ),
     Verb(
-        "finetune", finetune_command,
+        "finetune", "fmforge.commands:finetune_command",
         help="fine-tune a trained or imported model: full, LoRA, prefix or prompt tuning; LM, SFT, DPO or "
              "classification",
         description="Train starting from a base model (--base RUN_DIR: from `fmforge train` or `fmforge import "
@@ -427,7 +318,7 @@ VERBS: tuple[Verb, ...] = (
         args=(arg("--base", metavar="RUN_DIR", help="the model to start from (sets finetune.base)"),),
     ),
     Verb(
-        "merge", merge,
+        "merge", "fmforge.finetune.base:merge",
         help="fold LoRA adapters into their base model",
         description="Load the base model named in ADAPTER_DIR/adapter_config.json (or --base), add the adapters, "
                     "fold them into the weights (W + alpha/r B A) and write a plain run directory.",
@@ -437,7 +328,7 @@ VERBS: tuple[Verb, ...] = (
             arg("--out", required=True, metavar="RUN_DIR")),
     ),
     Verb(
-        "eval", eval_command,
+        "eval", "fmforge.commands:eval_command",
         help="evaluate a trained model: loss/perplexity/bits per byte, accuracy, probes, zero-shot, retrieval",
         description="Evaluate a trained model on the validation split of its data, or of another prepared "
                     "directory (--data). Language models: loss, perplexity, bits per byte, unigram baseline. "
@@ -462,7 +353,7 @@ VERBS: tuple[Verb, ...] = (
                 help="also probe a randomly initialized model of the same shape (what pretraining added)")),
     ),
     Verb(
-        "import hf", import_hf,
+        "import hf", "fmforge.interop.hf.convert:import_hf",
         help="a local Hugging Face model directory → fmforge run directory",
         description="Convert a local Hugging Face directory (config.json + safetensors or pytorch_model.bin + "
                     "tokenizer files) of a Llama 2/3, Mistral, Qwen2, GPT-2, BERT, ViT or CLIP model into an "
@@ -471,7 +362,7 @@ VERBS: tuple[Verb, ...] = (
         args=(arg("hf_dir", metavar="HF_DIR"), arg("--out", required=True, metavar="RUN_DIR")),
     ),
     Verb(
-        "export safetensors", export_safetensors_command,
+        "export safetensors", "fmforge.commands:export_safetensors_command",
         help="consolidate a sharded training checkpoint into one model.safetensors",
         description="Gather a Distributed Checkpoint directory (written by any number of processes, FSDP or "
                     "tensor parallel) into model.safetensors + model.json + tokenizer: a directory that "
@@ -480,7 +371,7 @@ VERBS: tuple[Verb, ...] = (
               arg("--out", required=True, metavar="DIR")),
     ),
     Verb(
-        "export hf", export_hf,
+        "export hf", "fmforge.interop.hf.convert:export_hf",
         help="write a trained model as a Hugging Face directory (AutoModel / AutoTokenizer load it)",
         description="Write RUN_DIR's model as config.json + model.safetensors + tokenizer files (+ "
                     "preprocessor_config.json for image models): decoders as LlamaForCausalLM, "
@@ -489,7 +380,7 @@ VERBS: tuple[Verb, ...] = (
         args=(arg("run_dir", metavar="RUN_DIR"), arg("--out", required=True, metavar="HF_DIR")),
     ),
     Verb(
-        "generate", generate_command,
+        "generate", "fmforge.commands:generate_command",
         help="sample text from a trained decoder (gpt2/llama: trained, fine-tuned or imported)",
         description="Print --prompt followed by a continuation sampled from RUN_DIR's decoder with a KV cache, "
                     "stopping at the tokenizer's end of text. --temperature 0 is greedy; --top-k and --top-p "
@@ -505,14 +396,14 @@ VERBS: tuple[Verb, ...] = (
             arg("--seed", type=int, default=None, metavar="S", help="fix the sampling RNG (reproducible output)")),
     ),
     Verb(
-        "launch", launch_command,
+        "launch", "fmforge.commands:launch_command",
         help="write (and submit) a multi-node training job: slurm, k8s, sagemaker, skypilot",
         description="Write the job that runs `fmforge train CONFIG --resume auto` under torchrun (c10d "
                     "rendezvous) on NODES machines: an sbatch script (slurm), a Kubeflow PyTorchJob (k8s), a "
                     "CreateTrainingJob request (sagemaker) or a task YAML (skypilot). The config is validated "
                     "first. --submit also submits it. Scheduler settings: --option key=value (e.g. "
                     "partition=gpu, image=..., role_arn=...); unknown keys are rejected and listed.",
-        parents=(parent(arg("target", choices=list(TARGETS), help="the scheduler the job is written for")),
+        parents=(parent(arg("target", choices=list(LAUNCH_TARGETS), help="the scheduler the job is written for")),
                  run_config("DIR", "where to write the artifact (default: launch/TARGET/)",
                             data_help="prepared data, as the nodes see it")),
         args=(
@@ -524,7 +415,7 @@ VERBS: tuple[Verb, ...] = (
             arg("--submit", action="store_true", help="submit the job after writing it")),
     ),
     Verb(
-        "quickstart", quickstart_command,
+        "quickstart", "fmforge.commands:quickstart_command",
         help="the whole pipeline on built-in data, on CPU, in minutes",
         description="language (default): build a corpus from the Python standard library's sources and pydoc "
                     "topics (no downloads), train a tokenizer, pretrain a tiny Llama-style model, evaluate it "
@@ -581,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     kwargs = {key: value for key, value in vars(args).items() if not key.startswith("_")}
     try:
-        args._run(**kwargs)
+        resolve(args._run)(**kwargs)
     except FmforgeError as err:
         print(f"fmforge: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
