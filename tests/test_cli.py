@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from fmforge import cli, commands
+from fmforge import cli
 from fmforge.errors import FmforgeError
 from fmforge.launch.cli import TARGETS
+from fmforge.train import command as train_command
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
@@ -96,13 +97,13 @@ def test_a_user_error_exits_with_its_own_code_and_ctrl_c_with_130(tmp_path, monk
     def refuse(*_args, **_kwargs):
         raise QuotaError("over quota")
 
-    monkeypatch.setattr(commands, "load_config", refuse)
+    monkeypatch.setattr(train_command, "load_config", refuse)
     assert _run(["train", str(tmp_path / "c.yaml")], capsys)[::2] == (3, "fmforge: error: over quota\n")
 
     def interrupt(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(commands, "load_config", interrupt)
+    monkeypatch.setattr(train_command, "load_config", interrupt)
     assert _run(["train", str(tmp_path / "c.yaml")], capsys)[::2] == (130, "fmforge: interrupted\n")
 
 

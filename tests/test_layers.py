@@ -5,12 +5,14 @@ leaf, and fmforge-internal imports at the top of modules unless they guard an op
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
 import fmforge
 
 ROOT = Path(fmforge.__file__).parent
+LAZY = re.compile(r"^fmforge(\.\w+)+:\w+$")  # a fmforge.lazy target: imported when used, an import all the same
 
 
 def _modules():
@@ -41,6 +43,12 @@ def _internal_imports(parts: list[str], tree: ast.Module):
                     yield node, alias.name.split(".")
 
 
+def _lazy_targets(tree: ast.Module):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and LAZY.match(node.value):
+            yield node.value.partition(":")[0].split(".")
+
+
 def _unit(parts: list[str]) -> str | None:
     """fmforge.a.b -> "a" (a package or a top-level module)."""
     return parts[1] if len(parts) > 1 else None
@@ -50,7 +58,8 @@ def _package_graph() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = defaultdict(set)
     for _, parts, tree in _modules():
         src = _unit(parts)
-        for _, target in _internal_imports(parts, tree):
+        targets = [target for _, target in _internal_imports(parts, tree)] + list(_lazy_targets(tree))
+        for target in targets:
             dst = _unit(target)
             if src and dst and src != dst:
                 edges[src].add(dst)
@@ -94,6 +103,14 @@ def test_no_import_cycle_between_fmforge_packages():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_lazy_targets_count_as_imports_and_name_real_modules():
+    tree = ast.parse('T = {"clm": "fmforge.objectives.clm:CausalLMTask", "note": "see fmforge.lazy"}')
+    assert list(_lazy_targets(tree)) == [["fmforge", "objectives", "clm"]]
+    for _, _, module_tree in _modules():
+        for target in _lazy_targets(module_tree):
+            assert (ROOT.parent / Path(*target)).with_suffix(".py").is_file(), ".".join(target)
 
 
 def test_models_is_a_leaf():

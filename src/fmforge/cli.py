@@ -2,34 +2,28 @@
 
 ``VERBS`` maps every verb to its help, its arguments (shared groups are argparse parent parsers) and the
 function it calls with typed keyword arguments: the argument names are the function's parameter names.
-The few ``*_command`` functions (``commands.py``) are what a verb adds to its library function (printing a
-result, re-running under torchrun); everything else lives with its stage. ``main`` parses, calls, and prints a
+A ``*_command`` function, beside its stage's library code (``train/command.py``, ``eval/command.py``, ...), is
+what a verb adds to the library call (printing a result, re-running under torchrun), so each verb imports only
+its own stage. ``main`` parses, calls, and prints a
 user error as one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from fmforge import __version__
 from fmforge.errors import FmforgeError
+from fmforge.lazy import resolve
 
 # The stages are imported when their verb runs (``resolve``), so `fmforge --help` and a mistyped flag answer
 # at once instead of after importing torch and every stage library. Nothing imports this module, so the late
 # imports cannot hide a cycle.
 LAUNCH_TARGETS = ("slurm", "k8s", "sagemaker", "skypilot")  # launch.cli.TARGETS (tests/test_cli.py checks)
-
-
-def resolve(target: str) -> Callable[..., object]:
-    """``"package.module:function"`` -> the function."""
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 # Argument specs and the shared parent parsers
@@ -285,7 +279,7 @@ VERBS: tuple[Verb, ...] = (
                          "(default: 4096)")))),
     ),
     Verb(
-        "train", "fmforge.commands:train_command",
+        "train", "fmforge.train.command:train_command",
         help="train a model from a config: decoder LM, BERT, ViT, MAE or CLIP/SigLIP",
         description="Train the model CONFIG describes with the objective its model.arch implies: gpt2/llama "
                     "causal language modelling and bert masked language modelling on token shards (`fmforge "
@@ -300,7 +294,7 @@ VERBS: tuple[Verb, ...] = (
         parents=(run_config("RUN_DIR", "run directory (sets train.out_dir)"), TORCHRUN),
     ),
     Verb(
-        "finetune", "fmforge.commands:finetune_command",
+        "finetune", "fmforge.train.command:finetune_command",
         help="fine-tune a trained or imported model: full, LoRA, prefix or prompt tuning; LM, SFT, DPO or "
              "classification",
         description="Train starting from a base model (--base RUN_DIR: from `fmforge train` or `fmforge import "
@@ -328,7 +322,7 @@ VERBS: tuple[Verb, ...] = (
             arg("--out", required=True, metavar="RUN_DIR")),
     ),
     Verb(
-        "eval", "fmforge.commands:eval_command",
+        "eval", "fmforge.eval.command:eval_command",
         help="evaluate a trained model: loss/perplexity/bits per byte, accuracy, probes, zero-shot, retrieval",
         description="Evaluate a trained model on the validation split of its data, or of another prepared "
                     "directory (--data). Language models: loss, perplexity, bits per byte, unigram baseline. "
@@ -362,7 +356,7 @@ VERBS: tuple[Verb, ...] = (
         args=(arg("hf_dir", metavar="HF_DIR"), arg("--out", required=True, metavar="RUN_DIR")),
     ),
     Verb(
-        "export safetensors", "fmforge.commands:export_safetensors_command",
+        "export safetensors", "fmforge.train.command:export_safetensors_command",
         help="consolidate a sharded training checkpoint into one model.safetensors",
         description="Gather a Distributed Checkpoint directory (written by any number of processes, FSDP or "
                     "tensor parallel) into model.safetensors + model.json + tokenizer: a directory that "
@@ -380,7 +374,7 @@ VERBS: tuple[Verb, ...] = (
         args=(arg("run_dir", metavar="RUN_DIR"), arg("--out", required=True, metavar="HF_DIR")),
     ),
     Verb(
-        "generate", "fmforge.commands:generate_command",
+        "generate", "fmforge.deploy.generate:generate_command",
         help="sample text from a trained decoder (gpt2/llama: trained, fine-tuned or imported)",
         description="Print --prompt followed by a continuation sampled from RUN_DIR's decoder with a KV cache, "
                     "stopping at the tokenizer's end of text. --temperature 0 is greedy; --top-k and --top-p "
@@ -396,7 +390,7 @@ VERBS: tuple[Verb, ...] = (
             arg("--seed", type=int, default=None, metavar="S", help="fix the sampling RNG (reproducible output)")),
     ),
     Verb(
-        "launch", "fmforge.commands:launch_command",
+        "launch", "fmforge.launch.cli:launch_command",
         help="write (and submit) a multi-node training job: slurm, k8s, sagemaker, skypilot",
         description="Write the job that runs `fmforge train CONFIG --resume auto` under torchrun (c10d "
                     "rendezvous) on NODES machines: an sbatch script (slurm), a Kubeflow PyTorchJob (k8s), a "
@@ -415,7 +409,7 @@ VERBS: tuple[Verb, ...] = (
             arg("--submit", action="store_true", help="submit the job after writing it")),
     ),
     Verb(
-        "quickstart", "fmforge.commands:quickstart_command",
+        "quickstart", "fmforge.quickstart:quickstart_command",
         help="the whole pipeline on built-in data, on CPU, in minutes",
         description="language (default): build a corpus from the Python standard library's sources and pydoc "
                     "topics (no downloads), train a tokenizer, pretrain a tiny Llama-style model, evaluate it "

@@ -235,3 +235,10 @@ def quickstart_vision(out: str | Path = "runs/quickstart-vision", minutes: float
     echo(f"        tensorboard --logdir {out}")
     results["minutes"] = minutes_taken
     return results
+
+
+def quickstart_command(*, task: str = "language", out: str | None = None, minutes: float | None = None) -> None:
+    """``fmforge quickstart``: the output directory and time budget default per demo."""
+    language = task == "language"
+    quickstart(out=out or ("runs/quickstart" if language else "runs/quickstart-vision"),
+               minutes=minutes if minutes is not None else (6.0 if language else 3.0), task=task)

@@ -121,3 +121,11 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int = 200, temper
     new = sample(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  generator=generator, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
     return prompt + tok.decode(new)
+
+
+def generate_command(run_dir: str, *, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
+                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                     device: str = "auto") -> None:
+    """``fmforge generate``: print the prompt and its sampled continuation."""
+    print(generate(run_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, seed=seed, device=device))

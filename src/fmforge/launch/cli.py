@@ -73,3 +73,17 @@ def launch(target: str, config: str, *, nodes: int = 1, gpus_per_node: int = 8, 
     if submit:
         module.submit(path, spec, opts, echo=echo)
     return path
+
+
+def launch_command(target: str, config: str, overrides: list[str], *, nodes: int = 1, gpus_per_node: int = 8,
+                   data: str | None = None, run_dir: str | None = None, out: str | None = None,
+                   options: list[str] = (), submit: bool = False) -> None:
+    """``fmforge launch``: ``options`` are the scheduler settings as ``key=value`` words."""
+    settings = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FmforgeError(f"bad --option {item!r}: expected key=value")
+        settings[key] = value
+    launch(target, config, nodes=nodes, gpus_per_node=gpus_per_node, out=out, submit=submit, data=data,
+           run_dir=run_dir, overrides=overrides, options=settings)

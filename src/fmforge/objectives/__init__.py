@@ -8,26 +8,20 @@ from pathlib import Path
 
 from fmforge.config import Config
 from fmforge.errors import FmforgeError
+from fmforge.lazy import resolve
 from fmforge.models.registry import family
 from fmforge.objectives.base import Task
-from fmforge.objectives.clm import CausalLMTask
-from fmforge.objectives.contrastive import ContrastiveTask
-from fmforge.objectives.dpo import DPOTask
-from fmforge.objectives.image_classify import ImageClassificationTask
-from fmforge.objectives.mae import MAETask
-from fmforge.objectives.mlm import MaskedLMTask
-from fmforge.objectives.sft import SFTTask
-from fmforge.objectives.text_classify import TextClassificationTask
 
-OBJECTIVES: dict[str, type[Task]] = {
-    "clm": CausalLMTask,  # pretraining objectives, named by each family's registry entry
-    "mlm": MaskedLMTask,
-    "image_classify": ImageClassificationTask,
-    "mae": MAETask,
-    "contrastive": ContrastiveTask,
-    "sft": SFTTask,  # fine-tuning objectives, named by finetune.task
-    "dpo": DPOTask,
-    "text_classify": TextClassificationTask,
+# Imported when a run picks one, so a text run never loads torchvision (see ``fmforge.lazy``).
+OBJECTIVES: dict[str, str] = {
+    "clm": "fmforge.objectives.clm:CausalLMTask",  # pretraining objectives, named by each family's entry
+    "mlm": "fmforge.objectives.mlm:MaskedLMTask",
+    "image_classify": "fmforge.objectives.image_classify:ImageClassificationTask",
+    "mae": "fmforge.objectives.mae:MAETask",
+    "contrastive": "fmforge.objectives.contrastive:ContrastiveTask",
+    "sft": "fmforge.objectives.sft:SFTTask",  # fine-tuning objectives, named by finetune.task
+    "dpo": "fmforge.objectives.dpo:DPOTask",
+    "text_classify": "fmforge.objectives.text_classify:TextClassificationTask",
 }
 
 # finetune.task -> (objective per family, what the task is for)
@@ -52,4 +46,5 @@ def objective_name(cfg: Config) -> str:
 
 def make_task(cfg: Config, data_dir: Path, echo) -> Task:
     """The Task for this run, resolved against the data in ``data_dir`` (the config is not changed)."""
-    return OBJECTIVES[objective_name(cfg)](cfg, data_dir, echo)
+    task_class: type[Task] = resolve(OBJECTIVES[objective_name(cfg)])
+    return task_class(cfg, data_dir, echo)
