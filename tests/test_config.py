@@ -60,8 +60,9 @@ def test_shipped_configs_validate_and_their_models_build():
     assert archs == {"gpt2", "llama", "vit", "mae", "clip", "bert"}
 
 
-@pytest.mark.slow
-def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path):
+def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    from fmforge.cli import main
+
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("train:\n  max_stepz: 10\n")
     cases = {"unknown key": [cfg_file], "config file not found": [cfg_file.with_name("missing.yaml")],
@@ -69,11 +70,21 @@ def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path):
              "greater than 0": [tmp_path / "empty.yaml", "train.log_interval=0"]}
     (tmp_path / "empty.yaml").write_text("{}\n")
     for message, args in cases.items():
-        proc = run_cli("train", *args, "--data", tmp_path, "--out", tmp_path / "run")
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("fmforge: error:") and message in lines[0], proc.stderr
-    assert "unknown key" in run_cli("train", cfg_file).stderr
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", *map(str, args), "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fmforge: error:") and message in lines[0], err
+
+
+@pytest.mark.slow
+def test_a_config_error_from_the_real_command_is_one_line_with_exit_code_2(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  max_stepz: 10\n")
+    proc = run_cli("train", cfg_file)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "fmforge: error: config error: train.max_stepz: unknown key"], proc.stderr
 
 
 @pytest.mark.slow

@@ -362,7 +362,8 @@ VERBS: tuple[Verb, ...] = (
                     "tensor parallel) into model.safetensors + model.json + tokenizer: a directory that "
                     "`fmforge generate` and `fmforge eval` read. Runs in one process on the CPU.",
         args=(arg("checkpoint", metavar="CHECKPOINT_DIR", help="e.g. RUN_DIR/checkpoints/step_0001000"),
-              arg("--out", required=True, metavar="DIR")),
+              arg("--out", required=True, metavar="DIR"),
+              arg("--overwrite", action="store_true", help="replace a model.safetensors already in --out")),
     ),
     Verb(
         "export hf", "fmforge.interop.hf.convert:export_hf",

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fmforge.errors import FmforgeError
+from fmforge.io.paths import relative_name
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _filesystems: dict[tuple, object] = {}  # see filesystem()
@@ -197,7 +198,7 @@ def download_dir(url: str, local_dir: str | Path) -> list[str]:
     """Download every file under ``url`` (recursive) into ``local_dir``; returns their relative paths.
     Nothing under ``url`` is an error."""
     fs = filesystem(url)
-    names = sorted(find(fs, url))
+    names = [relative_name(n, f"a key under {url}") for n in sorted(find(fs, url))]  # no `..`, no `//`
     if not names:
         raise FmforgeError(f"nothing found under {url}")
     local_dir = Path(local_dir)

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -22,23 +23,25 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from pydantic import ValidationError
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from fmforge.data.staging import stage_prepared_data
 from fmforge.errors import FmforgeError
 from fmforge.io.fs import is_remote, sha256_file
+from fmforge.io.paths import UnsafePath, relative_name
 from fmforge.models.registry import build_model, parse_model_config
 from fmforge.runs import save_pretrained
 from fmforge.train.distributed import DistInfo, barrier, run_on_main
+from fmforge.train.safe_load import CorruptCheckpoint, SafePlanner, SafeReader
 
 FORMAT_VERSION = 2  # 1: single-process safetensors + torch.save (before DCP)
 PREFIX = "step_"
 META = "meta.json"  # written last: a checkpoint directory without it is not finished
-
-
-class CorruptCheckpoint(FmforgeError):
-    pass
-
+# The temporaries fmforge itself makes beside checkpoints; nothing else in checkpoint.dir is ever removed.
+OWN_TEMPORARY = re.compile(r"\.tmp_(old_|fetch_)?step_\d+")
+__all__ = ["CorruptCheckpoint"]  # defined with the safe reader, raised from here too
 
 
 def _fsync(path: Path) -> None:
@@ -119,8 +122,9 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimiz
 
 def _fresh_tmp(root: Path, tmp: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp_*"):  # left by a process killed mid-save: never a valid checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.iterdir():  # left by a process killed mid-save: never a valid checkpoint
+        if OWN_TEMPORARY.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
 
 
@@ -175,13 +179,29 @@ def verify_checkpoint(path: str | Path) -> dict:
         raise CorruptCheckpoint(f"checkpoint {path} has an unreadable meta.json (no file checksums)")
     if path.name.startswith(PREFIX) and path.name != f"{PREFIX}{step:07d}":
         raise CorruptCheckpoint(f"checkpoint {path} says it is step {step}")
+    check_names(path, files)
+    present = {p.name for p in path.iterdir()} - {META}
+    if present - set(files):  # nothing is loaded that meta.json does not vouch for
+        raise CorruptCheckpoint(f"checkpoint {path} holds {sorted(present - set(files))[0]!r}, which meta.json "
+                                "does not list")
     for name, digest in files.items():
         f = path / name
-        if not f.is_file():
+        if not f.is_file() or f.is_symlink():
             raise CorruptCheckpoint(f"checkpoint {path} is missing {name}")
         if sha256_file(f) != digest:
             raise CorruptCheckpoint(f"checkpoint {path}: {name} fails its checksum")
     return meta
+
+
+def check_names(path: str | Path, files: dict) -> None:
+    """Every file a checkpoint's meta.json lists is a plain name inside the checkpoint directory."""
+    for name in files:
+        try:
+            relative_name(name, f"checkpoint {path}: meta.json")
+        except UnsafePath as err:
+            raise CorruptCheckpoint(str(err)) from None
+        if "/" in name or name == META:
+            raise CorruptCheckpoint(f"checkpoint {path}: meta.json lists {name!r}, not a checkpoint file name")
 
 
 def latest_valid_checkpoint(root: str | Path, warn=print) -> Path | None:
@@ -225,11 +245,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     meta = json.loads((path / META).read_text()) if verified else verify_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     try:
-        with _single_process_ok():
-            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-    except Exception as err:  # DCP reports missing/mismatched keys and shapes in its own exception types
+        _dcp_load({"model": model_sd, "optim": optim_sd}, path)
+    except (Exception, CheckpointException) as err:  # DCP's own type is not an Exception
         raise FmforgeError(f"checkpoint {path} does not fit this model or optimizer (was model.* "
-                           f"changed?): {str(err).splitlines()[0][:300]}") from None
+                           f"changed?): {_dcp_reason(err)}") from None
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     rng_file = path / f"rng_{info.rank}.pt"
     set_rng_state(torch.load(rng_file if rng_file.exists() else path / "rng_0.pt", weights_only=True))
@@ -237,16 +256,34 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     return train_state, meta
 
 
-def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
+def _dcp_load(state: dict, path: Path) -> None:
+    """``dcp.load`` through the reader and planner that cannot run code from the checkpoint."""
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), planner=SafePlanner())
+
+
+def _dcp_reason(err: BaseException) -> str:
+    """One line for a DCP failure. DCP wraps each rank's exception (with its traceback) in a
+    ``CheckpointException``; a ``CorruptCheckpoint`` from the safe reader is re-raised as itself."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]
+    if isinstance(err, CorruptCheckpoint):
+        raise err
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def export_consolidated(path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Turn a sharded checkpoint (any world size, any parallel layout) into one ``model.safetensors`` +
     ``model.json`` + tokenizer in ``out_dir``: the run-directory format ``generate``, ``eval`` and the
-    exporters read. One process, on the CPU, no process group; only the model's entries are read."""
-    from pydantic import ValidationError
-
-
+    exporters read. One process, on the CPU, no process group; only the model's entries are read. An
+    existing ``model.safetensors`` in ``out_dir`` is replaced only with ``overwrite``."""
     path = Path(path)
     if not path.is_dir():
         raise FmforgeError(f"checkpoint not found: {path}")
+    existing = [Path(out_dir) / n for n in ("model.safetensors", "model.json") if (Path(out_dir) / n).exists()]
+    if existing and not overwrite:
+        raise FmforgeError(f"{existing[0]} exists: pass --overwrite to replace it, or choose another --out")
     meta = verify_checkpoint(path)
     try:
         model_cfg = parse_model_config(meta["config"]["model"])
@@ -258,8 +295,10 @@ def export_consolidated(path: str | Path, out_dir: str | Path) -> Path:
     state = model.state_dict()
     if getattr(model_cfg, "tie_embeddings", False):
         state.pop("lm_head.weight", None)
-    with _single_process_ok():
-        dcp.load({"model": state}, checkpoint_id=str(path))
+    try:
+        _dcp_load({"model": state}, path)
+    except (Exception, CheckpointException) as err:
+        raise CorruptCheckpoint(f"checkpoint {path} does not fit its own model config: {_dcp_reason(err)}") from None
     data_dir = meta["config"].get("data", {}).get("path")
     if data_dir:
         if is_remote(data_dir):

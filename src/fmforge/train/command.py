@@ -65,7 +65,7 @@ def finetune_command(config: str, overrides: list[str], *, base: str | None = No
                   max_restarts=max_restarts)
 
 
-def export_safetensors_command(checkpoint: str, out: str) -> None:
+def export_safetensors_command(checkpoint: str, out: str, overwrite: bool = False) -> None:
     """``fmforge export safetensors``: consolidate a sharded checkpoint and say what was written."""
-    written = export_consolidated(checkpoint, out)
+    written = export_consolidated(checkpoint, out, overwrite=overwrite)
     print(f"wrote {written / 'model.safetensors'} (+ model.json, tokenizer)")

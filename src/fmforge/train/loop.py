@@ -61,7 +61,7 @@ from fmforge.train.parallel import (
     wrap_ddp,
 )
 from fmforge.train.resilience import SpikeDetector, StopFlag, halve_micro_batch, micro_batch_hint
-from fmforge.train.rundir import checkpoint_places, prepare_run_dir, with_absolute_paths
+from fmforge.train.rundir import checkpoint_places, prepare_run_dir, unlock_run_dir, with_absolute_paths
 
 
 @dataclass
@@ -96,6 +96,7 @@ def train(cfg: Config, resume: str | None = None, echo=print,
     try:
         return _train(cfg, resume, echo if info.is_main else _silent, info, start, on_validation)
     finally:
+        unlock_run_dir(cfg.train.out_dir)
         shutdown()
 
 

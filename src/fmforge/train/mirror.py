@@ -17,14 +17,14 @@ from pathlib import Path
 
 from fmforge.errors import FmforgeError
 from fmforge.io import fs as remote
-from fmforge.train.checkpoint import META, CorruptCheckpoint, verify_checkpoint
+from fmforge.train.checkpoint import META, CorruptCheckpoint, check_names, verify_checkpoint
 
-_STEP = re.compile(r"^step_(\d+)$")  # checkpoint directory names (checkpoint.PREFIX + step)
+_STEP = re.compile(r"step_(\d+)")  # checkpoint directory names (checkpoint.PREFIX + step), matched whole
 LATEST = "latest"
 
 
 def _step(name: str) -> int | None:
-    m = _STEP.match(name)
+    m = _STEP.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
@@ -111,7 +111,7 @@ def fetch_checkpoint(remote_root: str, name: str, local_root: str | Path) -> Pat
     tmp = local_root / f".tmp_fetch_{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        remote.download_dir(url, tmp)
+        _download_listed(url, tmp)
         try:
             meta = verify_checkpoint(tmp)
             if meta["step"] != _step(name):
@@ -125,6 +125,22 @@ def fetch_checkpoint(remote_root: str, name: str, local_root: str | Path) -> Pat
         shutil.rmtree(final)
     tmp.rename(final)
     return final
+
+
+def _download_listed(url: str, tmp: Path) -> None:
+    """Fetch meta.json, then exactly the files it lists (plain names, checked before any download): a
+    remote listing never decides what is written where."""
+    fs = remote.filesystem(url)
+    tmp.mkdir(parents=True)
+    remote.get(fs, url, [META], tmp)
+    try:
+        files = json.loads((tmp / META).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CorruptCheckpoint(f"checkpoint {url} has an unreadable {META}") from None
+    if not isinstance(files, dict) or not files:
+        raise CorruptCheckpoint(f"checkpoint {url} has an unreadable {META} (no file checksums)")
+    check_names(url, files)
+    remote.get(fs, url, sorted(files), tmp)
 
 
 def latest_remote_checkpoint(remote_root: str, local_root: str | Path,

@@ -1,10 +1,17 @@
 """The run directory (``train.out_dir``): where checkpoints live, and what ``--resume`` means for it, decided
 once by rank 0 before any work: a fresh run refuses a directory that already holds one; ``auto`` takes the
 newest valid checkpoint, local or mirrored; an explicit path or URL is fetched and verified. Resuming from an
-older step moves the newer checkpoints aside instead of deleting them."""
+older step moves the newer checkpoints aside instead of deleting them.
+
+Rank 0 holds an exclusive lock on ``RUN_DIR/.fmforge.lock`` for the whole run, so two processes never train
+into one run directory (a double submit, a rescheduled pod whose predecessor still runs) and prune each
+other's checkpoints; a ``config.yaml`` that fmforge did not write is never overwritten."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -36,12 +43,50 @@ def checkpoint_places(cfg: Config, run_dir: Path) -> tuple[Path, str | None]:
     return run_dir / "checkpoints", where
 
 
+LOCK = ".fmforge.lock"
+_held: dict[Path, int] = {}  # run directory -> the open, flock-ed lock file
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Take the run directory's exclusive lock for this process (released by ``unlock_run_dir`` or exit)."""
+    key = run_dir.resolve()
+    if key in _held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise FmforgeError(f"{run_dir} is in use by {holder}: wait for it to finish, or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _held[key] = fd
+
+
+def unlock_run_dir(run_dir: str | Path | None) -> None:
+    fd = _held.pop(Path(run_dir).resolve(), None) if run_dir else None
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _foreign_config(run_dir: Path) -> bool:
+    """A config.yaml in a directory with no sign of an fmforge run (lock, metrics, checkpoints)."""
+    marks = (LOCK, "metrics.jsonl", "checkpoints", "model.safetensors")
+    return (run_dir / "config.yaml").exists() and not any((run_dir / m).exists() for m in marks)
+
+
 def prepare_run_dir(cfg: Config, resume: str | None, echo) -> tuple[Path, Path | None]:
     if not cfg.train.out_dir:
         raise FmforgeError("train.out_dir is not set: pass --out RUN_DIR")
     run_dir = Path(cfg.train.out_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise FmforgeError(f"--out {run_dir} exists and is not a directory")
+    if _foreign_config(run_dir):
+        raise FmforgeError(f"{run_dir / 'config.yaml'} was not written by an fmforge run and would be overwritten: "
+                           "use another --out")
+    lock_run_dir(run_dir)
     ckpt_root, remote = checkpoint_places(cfg, run_dir)
     if resume is None:
         if ckpt.list_checkpoints(ckpt_root) or (run_dir / "model.safetensors").exists():
