@@ -133,7 +133,7 @@ class Verb:
 
 # Verbs whose sub-verbs sit below them: name -> (help, description, metavar of the sub-verb).
 GROUPS = {
-    "data": ("prepare datasets: text → tokenizer + token shards, images → WebDataset shards",
+    "data": ("prepare datasets (text → tokenizer + token shards, images → WebDataset shards) and verify them",
              "Prepare datasets for training.", "ACTION"),
     "import": ("convert a model from another format into an fmforge run directory", None, "FORMAT"),
     "export": ("write a trained model or checkpoint in another format", None, "FORMAT"),
@@ -243,7 +243,20 @@ VERBS: tuple[Verb, ...] = (
             arg("--text-field", default="text", metavar="NAME",
                 help="field holding the text in .jsonl/.parquet records (default: text)"),
             arg("--drop-near-duplicates", action="store_true",
-                help="drop near-duplicate documents too (default: only report them)")),
+                help="drop near-duplicate documents too (default: only report them)"),
+            arg("--max-document-bytes", type=int, default=64 << 20, metavar="B",
+                help="skip (and count as too_large) documents over B bytes (default: 64 MiB)"),
+            arg("--max-line-bytes", type=int, default=128 << 20, metavar="B",
+                help="skip (and count as line_too_long) .jsonl lines over B bytes (default: 128 MiB)")),
+    ),
+    Verb(
+        "data verify", "fmforge.data.verify:verify_prepared_data",
+        help="check every shard of a prepared directory against its recorded sha256",
+        description="Check every file a prepared text or image directory lists: present, inside the "
+                    "directory, well-formed, matching the sha256 recorded at preparation, and (text) token ids "
+                    "below the vocabulary size. Directories prepared before hashes were recorded are reported "
+                    "as unverified. Exits non-zero when any file fails.",
+        args=(arg("data_dir", metavar="DATA_DIR", help="a directory from `fmforge data prepare[-images]`"),),
     ),
     Verb(
         "data prepare-images", "fmforge.data.image_prepare:prepare_images",
@@ -276,7 +289,12 @@ VERBS: tuple[Verb, ...] = (
                     help="captions: copy this tokenizer.json or HF tokenizer directory as the caption tokenizer"),
                 arg("--vocab-size", type=int, default=4096, metavar="N",
                     help="captions: train a byte-level BPE of up to N tokens on the train captions "
-                         "(default: 4096)")))),
+                         "(default: 4096)"))),
+            arg("--max-pixels", type=int, default=40_000_000, metavar="N",
+                help="skip (and count as too_large) images over N pixels, read from the header before "
+                     "decoding (default: 40000000)"),
+            arg("--max-line-bytes", type=int, default=1 << 20, metavar="B",
+                help="skip (and count as line_too_long) image-list lines over B bytes (default: 1 MiB)")),
     ),
     Verb(
         "train", "fmforge.train.command:train_command",

@@ -10,7 +10,8 @@ run was resumed, at any world size, and whatever the model's own random draws ar
 thread cannot disturb them either). The transforms are torchvision's ``transforms.v2`` kernels;
 RandomResizedCrop's parameters are drawn with torchvision's algorithm from that generator.
 
-A sample that no longer decodes (a shard damaged after preparation) does not stop training: it is counted
+A sample that no longer decodes (a shard damaged after preparation, or an image over the reader's pixel
+limit, which is never decoded: see ``image_shards.ImageTooLarge``) does not stop training: it is counted
 and reported once, and the next sample of the split (in shard order, wrapping) that decodes takes its
 place, with the augmentation of the original position — so the substitution is itself deterministic and
 resume stays exact. Only a split where nothing decodes is an error.
@@ -30,7 +31,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from fmforge.data.image_shards import ImageShards
+from fmforge.data.image_shards import ImageShards, ImageTooLarge
 from fmforge.data.sampler import GlobalBatchSampler, SampledLoader
 from fmforge.errors import FmforgeError
 
@@ -124,8 +125,9 @@ class _Decoder:
                 with self._lock:
                     if j not in self.bad:
                         self.bad.add(j)
-                        self.log(f"fmforge: warning: {self.shards.where(j)} does not decode "
-                                 f"({type(err).__name__}: {err}); the next sample takes its place")
+                        what = (f"{err} (not decoded)" if isinstance(err, ImageTooLarge) else
+                                f"{self.shards.where(j)} does not decode ({type(err).__name__}: {err})")
+                        self.log(f"fmforge: warning: {what}; the next sample takes its place")
         raise FmforgeError(f"no sample of the {self.shards.split} split of {self.shards.data_dir} decodes; "
                            "prepare the images again")
 

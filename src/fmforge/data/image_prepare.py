@@ -6,6 +6,11 @@ index per sample) or ``.csv`` / ``.jsonl`` lists of image paths with a caption (
 is kept; bad records (missing or unreadable files, truncated or corrupt images, missing captions, unknown
 labels ...) are counted by reason, skipped and reported, and fail the run only when nothing is left.
 
+Bounds (``limits.py``): an image whose header says more than ``max_pixels`` pixels, or a file larger than
+``MAX_IMAGE_FILE_BYTES``, is counted as ``too_large`` without being decoded; a list line longer than
+``max_line_bytes`` is counted as ``line_too_long`` without being held whole. Pass 2 re-reads each image and
+keeps it only if its bytes still have pass 1's sha256, so what was checked is what is written.
+
 Two passes, so the images never have to fit in memory: pass 1 reads, hashes and verifies every image (on a
 thread pool: Pillow decodes without the GIL) and decides its split from the sha256 of its bytes, so the
 same image — e.g. one photo with several captions — always lands in the same split; pass 2 reads the kept
@@ -14,21 +19,21 @@ formats Pillow reads (TIFF, BMP, GIF, ...) are re-encoded to PNG (first frame). 
 reproducible (fixed member metadata) and written atomically; ``index.json`` is written last, so a
 directory with an index is complete.
 
-The format and its reader are ``image_shards.py``.
+The inputs are read by ``image_inputs.py``; the format and its reader are ``image_shards.py``.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
 import os
 import re
+import stat
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,7 +42,15 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmforge import __version__
+from fmforge.data.image_inputs import Drops, Record, numeric_or_text_order, read_inputs
 from fmforge.data.image_shards import FORMAT, FORMAT_VERSION, INDEX
+from fmforge.data.limits import (
+    MAX_IMAGE_FILE_BYTES,
+    MAX_PIXELS,
+    MAX_RECORD_LINE_BYTES,
+    check_limit,
+    pixels_problem,
+)
 from fmforge.data.prepare import (
     SPECIAL_TOKENS_FILE,
     TOKENIZER_FILE,
@@ -51,107 +64,18 @@ from fmforge.errors import FmforgeError
 KEEP_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # what every image reader decodes
 LIST_EXTENSIONS = (".csv", ".jsonl")
 VERIFY_CHUNK = 512
-EXAMPLES_PER_REASON = 5
 _NAMES = r"((train|val)_\d{6}\.tar|index\.json|tokenizer\.json|special_tokens_map\.json)"
 _OUR_OUTPUTS = re.compile(rf"^{_NAMES}$")
 _OUR_LEFTOVERS = re.compile(rf"^{_NAMES}\.tmp$")
 
 
 @dataclass
-class _Record:
-    path: Path  # where the image is read from
-    source: str  # how the user named it: relative to the class root, or as written in the list
-    target: str  # caption, or label name
-
-
-@dataclass
 class _Checked:
-    record: _Record
+    record: Record
     reason: str | None = None  # why it is dropped; None when kept
     ext: str = ""
     u: float = 0.0  # uniform in [0, 1) from the image's sha256: decides the split
     sha256: str = ""
-
-
-# --- inputs --------------------------------------------------------------------------------------------
-
-def _image_suffixes() -> set[str]:
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
-
-def _numeric_or_text_order(names) -> list[str]:
-    names = sorted(set(names))
-    if names and all(re.fullmatch(r"-?\d+", n) for n in names):
-        return sorted(names, key=int)
-    return names
-
-
-def _walk_class_tree(root: Path, dropped: Counter, examples: dict) -> list[_Record]:
-    suffixes = _image_suffixes()
-    records = []
-    for dirpath, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel_dir = Path(dirpath).relative_to(root)
-        for name in sorted(f for f in files if not f.startswith(".")):
-            source = (rel_dir / name).as_posix()
-            if rel_dir == Path("."):
-                _drop(dropped, examples, "outside_class_folder", source)
-            elif Path(name).suffix.lower() not in suffixes:
-                _drop(dropped, examples, "non_image_file", source)
-            else:
-                records.append(_Record(Path(dirpath, name), source, rel_dir.parts[0]))
-    return records
-
-
-def _list_rows(path: Path, dropped: Counter, examples: dict) -> Iterator[tuple[int, dict]]:
-    if path.suffix.lower() == ".csv":
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise FmforgeError(f"{path} is not UTF-8 (byte {err.start}); save it as UTF-8") from None
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        for row in reader:
-            yield reader.line_num, row
-        return
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                row = None
-            if not isinstance(row, dict):
-                _drop(dropped, examples, "malformed_json", f"{path}:{n}")
-                continue
-            yield n, row
-
-
-def _read_list(path: Path, image_field: str, target_field: str, kind: str, dropped: Counter,
-               examples: dict) -> list[_Record]:
-    records = []
-    header_checked = path.suffix.lower() != ".csv"
-    for n, row in _list_rows(path, dropped, examples):
-        if not header_checked:  # a CSV row has every column of the header: check the names once
-            header_checked = True
-            for field, flag in ((image_field, "--image-field"), (target_field, f"--{kind}-field")):
-                if field not in row:
-                    raise FmforgeError(f"{path} has no {field!r} column (it has "
-                                       f"{', '.join(repr(k) for k in row if k is not None)}); name it with {flag}")
-        where = f"{path}:{n}"
-        image, target = row.get(image_field), row.get(target_field)
-        if not isinstance(image, str) or not image.strip():
-            _drop(dropped, examples, "missing_image_path", where)
-            continue
-        if target is None or (isinstance(target, str) and not target.strip()):
-            _drop(dropped, examples, f"missing_{kind}", where)
-            continue
-        if isinstance(target, (bool, float, dict, list)) or (kind == "caption" and not isinstance(target, str)):
-            _drop(dropped, examples, f"bad_{kind}", where)
-            continue
-        image = image.strip()
-        records.append(_Record(path.parent / image, image, str(target).strip()))
-    return records
 
 
 def _file_digest(path: Path) -> tuple[int, str]:
@@ -162,22 +86,18 @@ def _file_digest(path: Path) -> tuple[int, str]:
     return path.stat().st_size, h.hexdigest()
 
 
-def _drop(dropped: Counter, examples: dict, reason: str, where: str) -> None:
-    dropped[reason] += 1
-    shown = examples.setdefault(reason, [])
-    if len(shown) < EXAMPLES_PER_REASON:
-        shown.append(where)
-
-
 # --- verification and encoding -------------------------------------------------------------------------
 
-def _decode_problem(data: bytes) -> tuple[str | None, str]:
-    """(reason or None, Pillow format) after fully decoding ``data``; ``verify`` also checks PNG CRCs."""
+def _decode_problem(data: bytes, max_pixels: int) -> tuple[str | None, str]:
+    """(reason or None, Pillow format) after fully decoding ``data``; ``verify`` also checks PNG CRCs. The
+    pixel count comes from the header, before anything is decoded."""
     if not data:
         return "empty_file", ""
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format or ""
+            if pixels_problem(im.size, max_pixels):
+                return "too_large", fmt
             im.verify()
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -190,14 +110,29 @@ def _decode_problem(data: bytes) -> tuple[str | None, str]:
         return ("truncated_image" if "truncat" in str(err).lower() else "corrupt_image"), ""
 
 
-def _check(record: _Record) -> _Checked:
+def _read_image_file(path: Path) -> bytes | None:
+    """The file's bytes, or None when it holds more than ``MAX_IMAGE_FILE_BYTES`` (never read whole). Only
+    regular files are opened: a list may name a device or a pipe (``/dev/zero``), an OSError here."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"{path} is not a regular file")
+    if info.st_size > MAX_IMAGE_FILE_BYTES:
+        return None
+    with open(path, "rb") as f:
+        data = f.read(MAX_IMAGE_FILE_BYTES + 1)
+    return data if len(data) <= MAX_IMAGE_FILE_BYTES else None
+
+
+def _check(record: Record, max_pixels: int) -> _Checked:
     try:
-        data = record.path.read_bytes()
+        data = _read_image_file(record.path)
     except FileNotFoundError:
         return _Checked(record, "missing_file")
     except (IsADirectoryError, PermissionError, OSError):
         return _Checked(record, "unreadable_file")
-    reason, fmt = _decode_problem(data)
+    if data is None:
+        return _Checked(record, "too_large")
+    reason, fmt = _decode_problem(data, max_pixels)
     if reason:
         return _Checked(record, reason)
     digest = hashlib.sha256(data).digest()
@@ -205,8 +140,11 @@ def _check(record: _Record) -> _Checked:
                     digest.hex())
 
 
-def _encoded(path: Path, ext: str) -> bytes:
-    data = path.read_bytes()
+def _encoded(path: Path, ext: str, sha256: str) -> bytes:
+    """The bytes to store for an image pass 1 kept; a ValueError when the file changed since."""
+    data = _read_image_file(path)
+    if data is None or hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path} changed since it was checked")
     if ext != "png" or data[:8] == b"\x89PNG\r\n\x1a\n":
         return data
     with Image.open(io.BytesIO(data)) as im:
@@ -299,11 +237,11 @@ def _validate(inputs: list[Path], out: Path, val_fraction: float, shard_samples:
     check_output_dir(out, INDEX, _OUR_OUTPUTS, "prepared images", overwrite)
 
 
-def _verify_all(records: list[_Record], workers: int) -> list[_Checked]:
+def _verify_all(records: list[Record], workers: int, max_pixels: int) -> list[_Checked]:
     checked = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(records), VERIFY_CHUNK):  # bounded number of futures alive at once
-            checked += pool.map(_check, records[start: start + VERIFY_CHUNK])
+            checked += pool.map(lambda r: _check(r, max_pixels), records[start: start + VERIFY_CHUNK])
     return checked
 
 
@@ -326,8 +264,8 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
                    caption_field: str = "caption", label_field: str | None = None,
                    classes: list[str] | None = None, val_fraction: float = 0.05, shard_samples: int = 1000,
                    shard_bytes: int | None = None, workers: int | None = None, overwrite: bool = False,
-                   tokenizer: str | None = None, vocab_size: int = 4096,
-                   log: Callable[[str], None] | None = print) -> dict:
+                   tokenizer: str | None = None, vocab_size: int = 4096, max_pixels: int = MAX_PIXELS,
+                   max_line_bytes: int = MAX_RECORD_LINE_BYTES, log: Callable[[str], None] | None = print) -> dict:
     """Turn images into a prepared image directory: ``train_*.tar`` / ``val_*.tar`` WebDataset shards and
     ``index.json``. Returns the index.
 
@@ -342,11 +280,15 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
     tokenizer / vocab_size (captions only): the caption tokenizer written as ``tokenizer.json`` beside the
         shards, for the text tower of a CLIP run: this tokenizer.json or HF tokenizer directory, or else a
         byte-level BPE of up to ``vocab_size`` tokens trained on the train split's captions.
+    max_pixels: an image whose header says more pixels is dropped as ``too_large`` without being decoded.
+    max_line_bytes: a longer line of a .csv/.jsonl list is dropped as ``line_too_long``.
     Bad records are counted by reason, skipped and listed (a few examples each) in the index.
     """
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     paths, out = [Path(i) for i in inputs], Path(out)
+    check_limit(max_pixels, "max_pixels")
+    check_limit(max_line_bytes, "max_line_bytes")
     _validate(paths, out, val_fraction, shard_samples, shard_bytes, overwrite)
     folders = paths[0].is_dir()
     mode = "classification" if folders or label_field else "captions"
@@ -355,10 +297,10 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
     if classes is not None and mode != "classification":
         raise FmforgeError("classes apply to labelled images: class folders, or lists with --label-field")
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
-    drops = _Drops()
+    drops = Drops()
     fields = None if folders else {"image": image_field, ("label" if label_field else "caption"):
                                    label_field or caption_field}
-    records, sources = _read_inputs(paths, folders, fields, drops)
+    records, sources = read_inputs(paths, folders, fields, drops, max_line_bytes)
     class_index = _class_index(records, classes, drops) if mode == "classification" else {}
     records = [r for r in records if mode != "classification" or r.target in class_index]
     read = len(records) + drops.counts.total()
@@ -366,7 +308,7 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(8, cores) if workers is None else workers
     say(f"verifying {len(records)} images on {workers} threads")
-    checked = _verify_all(records, workers)
+    checked = _verify_all(records, workers, max_pixels)
     for c in checked:
         if c.reason:
             drops.add(c.reason, c.record.source)
@@ -403,45 +345,17 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
         "fields": fields,
         "val_fraction": val_fraction,
         "split_by": "sha256 of the image bytes",
+        "limits": {"max_pixels": max_pixels, "max_line_bytes": max_line_bytes},
     }
     write_json_atomic(out / INDEX, index)
     _summarize(say, out, index, time.perf_counter() - start)
     return index
 
 
-class _Drops:
-    """Dropped records: counted by reason, with the first few sources of each as examples."""
-
-    def __init__(self):
-        self.counts: Counter = Counter()
-        self.examples: dict[str, list[str]] = {}
-
-    def add(self, reason: str, where: str) -> None:
-        _drop(self.counts, self.examples, reason, where)
-
-
-def _read_inputs(paths: list[Path], folders: bool, fields: dict | None, drops: _Drops) -> tuple[list, list]:
-    """Every record of the inputs (class-folder trees, or image lists with these ``fields``) and a
-    description of each source for the index."""
-    records, sources = [], []
-    for p in paths:
-        if folders:
-            found = _walk_class_tree(p, drops.counts, drops.examples)
-            sources.append({"path": str(p), "kind": "class_folders", "files": len(found)})
-        else:
-            kind, target_field = next((k, v) for k, v in fields.items() if k != "image")
-            found = _read_list(p, fields["image"], target_field, kind, drops.counts, drops.examples)
-            size, sha = _file_digest(p)
-            sources.append({"path": str(p), "kind": p.suffix.lower()[1:], "bytes": size, "sha256": sha,
-                            "rows": len(found)})
-        records += found
-    return records, sources
-
-
-def _class_index(records: list[_Record], classes: list[str] | None, drops: _Drops) -> dict[str, int]:
+def _class_index(records: list[Record], classes: list[str] | None, drops: Drops) -> dict[str, int]:
     """Class name -> label index (``classes`` in order, or every class seen); records of other classes are
     dropped as ``unknown_label``."""
-    names = classes if classes is not None else _numeric_or_text_order(r.target for r in records)
+    names = classes if classes is not None else numeric_or_text_order(r.target for r in records)
     if len(set(names)) != len(names):
         raise FmforgeError(f"class names repeat: {', '.join(sorted(n for n in set(names) if names.count(n) > 1))}")
     class_index = {name: i for i, name in enumerate(names)}
@@ -452,7 +366,7 @@ def _class_index(records: list[_Record], classes: list[str] | None, drops: _Drop
 
 
 def _write_shards(out: Path, kept: list[_Checked], splits: list[str], mode: str, class_index: dict[str, int],
-                  shard_samples: int, shard_bytes: int | None, drops: _Drops) -> dict:
+                  shard_samples: int, shard_bytes: int | None, drops: Drops) -> dict:
     """Pass 2: append the kept images to their split's shards. Replaces only fmforge's own files in ``out``;
     on failure nothing half-written stays (and a directory this call created is removed again)."""
     created = not out.exists()
@@ -469,7 +383,7 @@ def _write_shards(out: Path, kept: list[_Checked], splits: list[str], mode: str,
         for c, split in zip(kept, splits):
             r = c.record
             try:
-                image = _encoded(r.path, c.ext)
+                image = _encoded(r.path, c.ext, c.sha256)
             except Exception:  # deleted or changed between the passes
                 drops.add("changed_during_prepare", r.source)
                 continue

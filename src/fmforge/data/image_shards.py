@@ -3,6 +3,10 @@ reader. A directory holds ``train_*.tar`` / ``val_*.tar`` WebDataset shards and 
 last, so a directory with an index is complete). Per sample, a shard holds ``KEY.<jpg|png|webp>``,
 ``KEY.cls`` (ASCII label index) or ``KEY.txt`` (UTF-8 caption), and ``KEY.json`` (``{"source": ...}``):
 WebDataset's layout, readable by ``webdataset`` too.
+
+The reader trusts none of it blindly: shard names must stay inside the directory, a stored image is read
+only up to ``MAX_IMAGE_FILE_BYTES`` and decoded only when its header says at most ``max_pixels`` pixels
+(``ImageTooLarge`` otherwise, which the image loader counts and replaces like an undecodable sample).
 """
 
 from __future__ import annotations
@@ -15,8 +19,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from fmforge.data.prepare import read_description
+from fmforge.data.limits import (
+    MAX_IMAGE_FILE_BYTES,
+    MAX_PIXELS,
+    MAX_TARGET_BYTES,
+    check_limit,
+    pixels_problem,
+)
+from fmforge.data.prepare import check_shard_entries, is_sha256, read_description
 from fmforge.errors import FmforgeError
+from fmforge.io.paths import confined, relative_name
 
 FORMAT = "fmforge-images"
 FORMAT_VERSION = 1
@@ -29,28 +41,45 @@ def load_index(data_dir: str | Path) -> dict:
     index = read_description(data_dir, INDEX, FORMAT, FORMAT_VERSION, kind="image", verb="data prepare-images",
                              what="image index")
     path = Path(data_dir) / INDEX
+    check_image_index(index, str(path))
+    return index
+
+
+def check_image_index(index: dict, where: str) -> None:
+    """The parts of an image index that become paths or counts, checked before any is used."""
     missing = [k for k in ("mode", "classes", "samples", "shards") if k not in index]
     if missing or index["mode"] not in ("classification", "captions") or not isinstance(index["shards"], list):
-        raise FmforgeError(f"{path} is incomplete or damaged{': missing ' + ', '.join(missing) if missing else ''}")
-    return index
+        raise FmforgeError(f"{where} is incomplete or damaged{': missing ' + ', '.join(missing) if missing else ''}")
+    check_shard_entries(index, where, "samples")
+    tok = index.get("tokenizer")
+    if tok is not None:
+        if not isinstance(tok, dict) or not is_sha256(tok.get("sha256")):
+            raise FmforgeError(f"{where} is damaged: its tokenizer entry has no sha256")
+        relative_name(tok.get("file"), f"{where}: tokenizer entry")
+
+
+class ImageTooLarge(FmforgeError):
+    """A stored image whose header (or byte size) is over the reader's limit: never decoded."""
 
 
 class ImageShards:
     """Random access to one split of a prepared image directory.
 
     Opening scans each shard's tar headers once (no image data is read) into an offset table, so a sample
-    is one ``pread`` of its bytes. Safe to share between threads; picklable (file handles reopen lazily)."""
+    is one ``pread`` of its bytes. Safe to share between threads; picklable (file handles reopen lazily).
+    max_pixels: larger stored images raise ``ImageTooLarge`` instead of being decoded."""
 
-    def __init__(self, data_dir: str | Path, split: str):
+    def __init__(self, data_dir: str | Path, split: str, max_pixels: int = MAX_PIXELS):
         self.data_dir = Path(data_dir)
         self.index = load_index(self.data_dir)
         self.split = split
+        self.max_pixels = check_limit(max_pixels, "max_pixels")
         self.mode = self.index["mode"]
         self.classes = self.index["classes"]
         self.files = [s["file"] for s in self.index["shards"] if s.get("split") == split]
         shard_of, offsets, exts, keys = [], [], [], []
         for n, entry in enumerate(s for s in self.index["shards"] if s.get("split") == split):
-            table = _scan_shard(self.data_dir / entry["file"])
+            table = _scan_shard(self._path(entry["file"]))
             if len(table) != entry.get("samples"):
                 raise FmforgeError(f"{entry['file']} holds {len(table)} samples but {INDEX} says "
                                    f"{entry.get('samples')}: it changed after preparation; prepare again")
@@ -81,19 +110,26 @@ class ImageShards:
         for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
 
+    def _path(self, name: str) -> Path:
+        return confined(self.data_dir, name, f"{self.data_dir / INDEX} shard")
+
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         fd = self._fds.get(shard)
         if fd is None:
-            opened = os.open(self.data_dir / self.files[shard], os.O_RDONLY)
+            opened = os.open(self._path(self.files[shard]), os.O_RDONLY)
             fd = self._fds.setdefault(shard, opened)  # two threads may race here: keep one descriptor
             if fd != opened:
                 os.close(opened)
         return os.pread(fd, size, offset)
 
     def raw(self, i: int) -> tuple[bytes, bytes]:
-        """The encoded image bytes and the raw label/caption bytes of sample ``i``."""
+        """The encoded image bytes and the raw label/caption bytes of sample ``i`` (``ImageTooLarge`` for
+        members bigger than any image or caption fmforge writes)."""
         shard = int(self.shard_of[i])
         io_, isz, to, tsz = (int(v) for v in self.offsets[i])
+        if isz > MAX_IMAGE_FILE_BYTES or tsz > MAX_TARGET_BYTES:
+            raise ImageTooLarge(f"{self.where(i)}: stored sample is {isz:,} + {tsz:,} bytes, above the limits of "
+                                f"{MAX_IMAGE_FILE_BYTES:,} (image) and {MAX_TARGET_BYTES:,} (label or caption)")
         return self._read(shard, io_, isz), self._read(shard, to, tsz)
 
     def target(self, i: int) -> int | str:
@@ -101,8 +137,11 @@ class ImageShards:
         return int(raw) if self.mode == "classification" else raw.decode("utf-8")
 
     def image(self, i: int) -> Image.Image:
-        """Sample ``i`` decoded to RGB, EXIF orientation applied. Raises on undecodable bytes."""
+        """Sample ``i`` decoded to RGB, EXIF orientation applied. Raises on undecodable bytes, and
+        ``ImageTooLarge`` (before decoding) when its header says more than ``max_pixels`` pixels."""
         with Image.open(io.BytesIO(self.raw(i)[0])) as im:
+            if problem := pixels_problem(im.size, self.max_pixels):
+                raise ImageTooLarge(f"{self.where(i)}: image is {problem}")
             return ImageOps.exif_transpose(im).convert("RGB")
 
     def where(self, i: int) -> str:

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fmforge.data.limits import MAX_RECORD_LINE_BYTES
 from fmforge.data.loader import GlobalBatchLoader
-from fmforge.data.records import report_dropped
+from fmforge.data.records import report_dropped, text_lines
 from fmforge.errors import FmforgeError
 
 FASTTEXT_LABEL = "__label__"
@@ -32,35 +33,33 @@ def pang_lee_polarity() -> Path:
     return path
 
 
-def read_labelled(path: Path) -> tuple[list[tuple[str, str]], Counter]:
-    """(text, label) pairs of a JSONL or fastText file, and the dropped lines counted by reason."""
+def read_labelled(path: Path, max_line_bytes: int = MAX_RECORD_LINE_BYTES) -> tuple[list[tuple[str, str]], Counter]:
+    """(text, label) pairs of a JSONL or fastText file, and the dropped lines counted by reason (lines
+    longer than ``max_line_bytes`` as ``line_too_long``)."""
     if not path.is_file():
         raise FmforgeError(f"labelled data not found: {path} (.jsonl of {{\"text\", \"label\"}} or fastText lines)")
     pairs, dropped = [], Counter()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
+    for line in text_lines(path, dropped, max_line_bytes):
+        line = line.strip()
+        if line.startswith(FASTTEXT_LABEL):
+            label, _, text = line[len(FASTTEXT_LABEL):].partition(" ")
+        else:
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                dropped["invalid_line"] += 1
                 continue
-            if line.startswith(FASTTEXT_LABEL):
-                label, _, text = line[len(FASTTEXT_LABEL):].partition(" ")
-            else:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    dropped["invalid_line"] += 1
-                    continue
-                if not isinstance(record, dict):
-                    dropped["invalid_line"] += 1
-                    continue
-                text, label = record.get("text"), record.get("label")
-                label = str(label) if isinstance(label, (str, int)) and not isinstance(label, bool) else None
-            if not isinstance(text, str) or not text.strip():
-                dropped["missing_text"] += 1
-            elif not label:
-                dropped["missing_label"] += 1
-            else:
-                pairs.append((text.strip(), label))
+            if not isinstance(record, dict):
+                dropped["invalid_line"] += 1
+                continue
+            text, label = record.get("text"), record.get("label")
+            label = str(label) if isinstance(label, (str, int)) and not isinstance(label, bool) else None
+        if not isinstance(text, str) or not text.strip():
+            dropped["missing_text"] += 1
+        elif not label:
+            dropped["missing_label"] += 1
+        else:
+            pairs.append((text.strip(), label))
     return pairs, dropped
 
 

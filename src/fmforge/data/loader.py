@@ -18,30 +18,49 @@ import torch
 
 from fmforge.data.prepare import load_manifest
 from fmforge.data.sampler import GlobalBatchSampler, SampledLoader
-from fmforge.data.shards import read_shard
+from fmforge.data.shards import check_token_ids, read_shard
 from fmforge.errors import FmforgeError
+from fmforge.io.paths import confined
 
 
 class TokenWindows:
-    """All ``seq_len + 1``-token windows of one split, stepping by ``seq_len`` inside each shard."""
+    """All ``seq_len + 1``-token windows of one split, stepping by ``seq_len`` inside each shard.
 
-    def __init__(self, data_dir: str | Path, split: str, seq_len: int):
+    Shard names come from the manifest and must stay inside ``data_dir``. Each shard's ids are checked
+    against the vocabulary (``vocab_size``, default the manifest's tokenizer's; the smaller of the two when
+    given) the first time a window of it is read: once per shard, and only for shards actually read."""
+
+    def __init__(self, data_dir: str | Path, split: str, seq_len: int, vocab_size: int | None = None):
         data_dir = Path(data_dir)
         self.manifest = load_manifest(data_dir)
         self.seq_len = seq_len
-        self.shards = [read_shard(data_dir / s["file"]) for s in self.manifest["shards"] if s["split"] == split]
+        entries = [s for s in self.manifest["shards"] if s["split"] == split]
+        self.names = [s["file"] for s in entries]
+        self.shards = [read_shard(confined(data_dir, s["file"], f"{data_dir / 'manifest.json'} shard"))
+                       for s in entries]
+        vocab = self.manifest["tokenizer"]["vocab_size"]
+        self.vocab_size = min(vocab, vocab_size) if vocab_size is not None else vocab
+        self._checked = [False] * len(self.shards)
         counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         if self.starts[-1] == 0:
             tokens = sum(len(s) for s in self.shards)
             raise FmforgeError(f"{split} split of {data_dir} has {tokens} tokens: too few for one window of "
                                f"data.seq_len + 1 = {seq_len + 1}")
+        self.data_dir = data_dir
+
+    def check_shard(self, shard: int) -> None:
+        """Check shard ``shard``'s ids against the vocabulary (once; a benign race may check it twice)."""
+        if not self._checked[shard]:
+            check_token_ids(self.shards[shard], self.vocab_size, str(self.data_dir / self.names[shard]))
+            self._checked[shard] = True
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def window(self, i: int) -> np.ndarray:
         shard = int(np.searchsorted(self.starts, i, side="right") - 1)
+        self.check_shard(shard)
         off = (i - int(self.starts[shard])) * self.seq_len
         return self.shards[shard][off: off + self.seq_len + 1]
 

@@ -27,10 +27,12 @@ import numpy as np
 
 from fmforge import __version__
 from fmforge.data.clean import ExactDeduper, MinHashDeduper, normalize, text_digest
+from fmforge.data.limits import MAX_DESCRIPTION_BYTES, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LINE_BYTES
 from fmforge.data.shards import ShardWriter, shard_dtype
 from fmforge.data.sources import DocumentReader, resolve_inputs
 from fmforge.data.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
 from fmforge.errors import FmforgeError
+from fmforge.io.paths import relative_name
 
 FORMAT = "fmforge-text"
 FORMAT_VERSION = 1
@@ -199,6 +201,7 @@ def format_reasons(dropped: Counter) -> str:
 def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = None, vocab_size: int = 8192,
                  val_fraction: float = 0.01, text_field: str = "text", shard_tokens: int = 50_000_000,
                  overwrite: bool = False, drop_near_duplicates: bool = False,
+                 max_document_bytes: int = MAX_DOCUMENT_BYTES, max_line_bytes: int = MAX_DOCUMENT_LINE_BYTES,
                  log: Callable[[str], None] | None = print) -> dict:
     """Turn raw text files into a prepared data directory: ``manifest.json``, ``tokenizer.json`` and
     ``train_*.bin`` / ``val_*.bin`` token shards. Returns the manifest.
@@ -209,14 +212,18 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
     val_fraction: share of documents held out, chosen by content hash (deterministic).
     text_field: the field holding the text in .jsonl / .parquet records.
     drop_near_duplicates: near-duplicates are always counted; this also removes them.
-    Bad records (invalid UTF-8, binary, empty, malformed JSON, missing field) are counted and skipped.
+    max_document_bytes: a longer document (file, or record text, in UTF-8 bytes) is skipped as ``too_large``.
+    max_line_bytes: a longer .jsonl line is skipped as ``line_too_long`` without ever being held whole.
+    Bad records (invalid UTF-8, binary, empty, malformed JSON, missing field, too large) are counted and
+    skipped. Each shard's sha256 is recorded in the manifest (checked by staging and ``verify_prepared_data``).
     """
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     out = Path(out)
     _validate(out, tokenizer, vocab_size, val_fraction, shard_tokens, overwrite)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
-    reader = DocumentReader(resolve_inputs(inputs), text_field)
+    reader = DocumentReader(resolve_inputs(inputs), text_field, max_document_bytes=max_document_bytes,
+                            max_line_bytes=max_line_bytes)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     _remove_our_files(out)
@@ -280,6 +287,7 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
         "normalization": "NFC",
         "text_field": text_field,
         "val_fraction": val_fraction,
+        "limits": {"max_document_bytes": max_document_bytes, "max_line_bytes": max_line_bytes},
     }
     write_json_atomic(out / MANIFEST, manifest)
     _summarize(say, out, manifest, time.perf_counter() - start, encode_s, drop_near_duplicates)
@@ -310,16 +318,59 @@ def read_description(data_dir: str | Path, name: str, fmt: str, max_version: int
     path = data_dir / name
     if not path.is_file():
         raise FmforgeError(f"no {name} in {data_dir}: create it with `fmforge {verb} INPUT --out {data_dir}`")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_DESCRIPTION_BYTES + 1)
+    if len(raw) > MAX_DESCRIPTION_BYTES:
+        raise FmforgeError(f"{path} is larger than {MAX_DESCRIPTION_BYTES >> 20} MiB: not an fmforge {what}")
+    return parse_description(raw, str(path), fmt, max_version, what=what,
+                             fix=f"run `fmforge {verb}` again with --overwrite")
+
+
+def parse_description(raw: bytes, where: str, fmt: str, max_version: int, *, what: str, fix: str) -> dict:
+    """A manifest's or index's bytes as a dict, checked to be ``fmt`` and no newer than this fmforge reads;
+    ``where`` names it in the one-line errors, ``fix`` says what to do about invalid JSON."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FmforgeError(f"{path} is not valid JSON; run `fmforge {verb}` again with --overwrite") from None
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise FmforgeError(f"{where} is not valid JSON; {fix}") from None
     if not isinstance(doc, dict) or doc.get("format") != fmt:
-        raise FmforgeError(f"{path} is not an fmforge {what}")
+        raise FmforgeError(f"{where} is not an fmforge {what}")
     version = doc.get("format_version")
     if not isinstance(version, int) or version > max_version:
-        raise FmforgeError(f"{path} has format version {version!r}; this fmforge reads up to {max_version}, upgrade it")
+        raise FmforgeError(f"{where} has format version {version!r}; this fmforge reads up to {max_version}, upgrade it")
     return doc
+
+
+def check_shard_entries(doc: dict, where: str, count_key: str, splits: tuple[str, ...] = ("train", "val")) -> None:
+    """Every ``doc["shards"]`` entry is ``{"file": a plain relative name, "split": one of splits,
+    count_key: an int >= 0, optional "sha256": 64 hex digits}``, else a one-line error naming the entry.
+    Names are checked here, before any becomes a path; ``io.paths.confined`` checks symlinks on open."""
+    shards = doc.get("shards")
+    if not isinstance(shards, list):
+        raise FmforgeError(f"{where} is damaged: its shards are not a list")
+    seen = set()
+    for n, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            raise FmforgeError(f"{where} is damaged: shard entry {n} is not an object")
+        name = relative_name(entry.get("file"), f"{where}: shard entry {n}")
+        if problem := _entry_problem(entry, count_key, splits, name in seen):
+            raise FmforgeError(f"{where} is damaged: shard entry {n} ({name}): {problem}")
+        seen.add(name)
+
+
+def _entry_problem(entry: dict, count_key: str, splits: tuple[str, ...], repeated: bool) -> str | None:
+    count, sha = entry.get(count_key), entry.get("sha256")
+    if entry.get("split") not in splits:
+        return f"split {repr(entry.get('split'))[:80]} is not one of {', '.join(splits)}"
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        return f"{count_key} {repr(count)[:80]} is not a count"
+    if sha is not None and not is_sha256(sha):
+        return f"sha256 {repr(sha)[:80]} is not 64 hex digits"
+    return "it repeats an earlier shard's file" if repeated else None
+
+
+def is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def load_manifest(data_dir: str | Path) -> dict:
@@ -327,7 +378,20 @@ def load_manifest(data_dir: str | Path) -> dict:
     manifest = read_description(data_dir, MANIFEST, FORMAT, FORMAT_VERSION, kind="data", verb="data prepare",
                                 what="text-data manifest")
     path = Path(data_dir) / MANIFEST
+    check_text_manifest(manifest, str(path))
+    return manifest
+
+
+def check_text_manifest(manifest: dict, where: str) -> None:
+    """The parts of a text-data manifest that become paths or sizes, checked before any is used."""
     missing = [k for k in ("shards", "tokens", "tokenizer", "dtype") if k not in manifest]
     if missing:
-        raise FmforgeError(f"{path} is incomplete: missing {', '.join(missing)}")
-    return manifest
+        raise FmforgeError(f"{where} is incomplete: missing {', '.join(missing)}")
+    check_shard_entries(manifest, where, "tokens")
+    tok = manifest["tokenizer"]
+    if not isinstance(tok, dict) or not is_sha256(tok.get("sha256")):
+        raise FmforgeError(f"{where} is damaged: its tokenizer entry has no sha256")
+    relative_name(tok.get("file"), f"{where}: tokenizer entry")
+    vocab = tok.get("vocab_size")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise FmforgeError(f"{where} is damaged: tokenizer vocab_size {repr(vocab)[:80]} is not a positive integer")

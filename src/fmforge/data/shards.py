@@ -2,7 +2,10 @@
 
 Header (little-endian): magic ``b"FMFTOKS\\0"`` (8 bytes), version uint32, itemsize uint32 (2 or 4),
 token count uint64, 8 reserved zero bytes. The count in the header lets a reader tell a complete shard from
-a truncated one without any side file; the raw layout lets training memory-map a shard and slice it.
+a truncated one without any side file; the raw layout lets training memory-map a shard and slice it. The
+writer records each finished shard's sha256 (of the whole file) for the manifest; a reader checks the ids
+against the vocabulary once per shard (``check_token_ids``), since an out-of-range id is a device-side
+assert on a GPU rather than an error.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fmforge.errors import FmforgeError
+from fmforge.io.fs import sha256_file
 
 MAGIC = b"FMFTOKS\0"
 VERSION = 1
@@ -78,7 +82,8 @@ class ShardWriter:
         os.fsync(f.fileno())
         f.close()
         os.replace(self._tmp, self.out_dir / name)
-        self.shards.append({"file": name, "split": self.split, "tokens": self._count})
+        self.shards.append({"file": name, "split": self.split, "tokens": self._count,
+                            "sha256": sha256_file(self.out_dir / name)})  # read back: still in the page cache
         self._file, self._tmp = None, None
 
     def write(self, tokens: np.ndarray) -> None:
@@ -98,7 +103,7 @@ class ShardWriter:
                 self._finish()
 
     def close(self) -> list[dict]:
-        """Finish the last shard and return ``[{"file", "split", "tokens"}]`` for every shard written."""
+        """Finish the last shard and return ``[{"file", "split", "tokens", "sha256"}]`` for every shard written."""
         if self._file is not None:
             if self._count:
                 self._finish()
@@ -155,3 +160,20 @@ def read_shard(path: str | Path) -> np.ndarray:
     if count == 0:  # np.memmap refuses an empty mapping
         return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count,))
+
+
+CHECK_BLOCK = 1 << 24  # ids per block when scanning a shard: bounded memory on any shard size
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, name: str) -> None:
+    """A one-line error naming the shard when any id is ``>= vocab_size`` (what embedding lookups index)."""
+    if tokens.size == 0 or np.iinfo(tokens.dtype).max < vocab_size:
+        return  # the dtype cannot even hold an out-of-range id
+    for start in range(0, tokens.size, CHECK_BLOCK):
+        block = tokens[start: start + CHECK_BLOCK]
+        top = int(block.max())
+        if top >= vocab_size:
+            at = start + int(np.argmax(block >= vocab_size))
+            raise FmforgeError(f"token shard {name} holds id {top} (first out-of-range id at position {at}), "
+                               f"but the vocabulary has {vocab_size} ids: the shard does not belong to this "
+                               "tokenizer, or is damaged; prepare the data again")

@@ -6,6 +6,10 @@ bare ``s3://bucket/prefix`` searched like a directory; read through fsspec, see 
 Plain-text files are one document each; ``.jsonl`` is one document per line and ``.parquet`` one per
 row, the text taken from ``text_field``. Every source file's size and sha256 are recorded for the manifest,
 hashed from the same bytes that are parsed so no file is read twice.
+
+Nothing is read whole without a bound (``limits.py``): a document longer than ``max_document_bytes`` is
+counted as ``too_large`` and a JSONL line longer than ``max_line_bytes`` as ``line_too_long``; both are read
+through in pieces (still hashed) and never held in memory.
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from fmforge.data.limits import (
+    MAX_DOCUMENT_BYTES,
+    MAX_DOCUMENT_LINE_BYTES,
+    MiB,
+    bounded_lines,
+    check_limit,
+    utf8_longer_than,
+)
 from fmforge.errors import FmforgeError
 from fmforge.io import fs as remote
 
@@ -169,9 +181,12 @@ class DocumentReader:
     ``read`` records seen, ``dropped`` a Counter of skipped records by reason (read == yielded +
     sum(dropped)), ``sources`` the files with size and hash."""
 
-    def __init__(self, files: list[Path | str], text_field: str = "text"):
+    def __init__(self, files: list[Path | str], text_field: str = "text", *,
+                 max_document_bytes: int = MAX_DOCUMENT_BYTES, max_line_bytes: int = MAX_DOCUMENT_LINE_BYTES):
         self.files = [f if remote.is_remote(f) else Path(f) for f in files]
         self.text_field = text_field
+        self.max_document_bytes = check_limit(max_document_bytes, "max_document_bytes")
+        self.max_line_bytes = check_limit(max_line_bytes, "max_line_bytes")
         self.read = 0
         self.dropped: Counter[str] = Counter()
         self.sources: list[SourceFile] = []
@@ -212,9 +227,20 @@ class DocumentReader:
         self.dropped[reason] += n
 
     def _read_text(self, path: Path | str) -> Iterator[Document]:
+        sha, size, pieces = hashlib.sha256(), 0, []
         with self._open(path) as f:
-            data = f.read()
-        self.sources.append(SourceFile(str(path), len(data), hashlib.sha256(data).hexdigest()))
+            while block := f.read(MiB):
+                sha.update(block)
+                size += len(block)
+                if size <= self.max_document_bytes:
+                    pieces.append(block)
+                elif pieces:  # too large: keep hashing for the manifest, hold nothing
+                    pieces = []
+        self.sources.append(SourceFile(str(path), size, sha.hexdigest()))
+        if size > self.max_document_bytes:
+            self._skip("too_large")
+            return
+        data = b"".join(pieces)
         # NUL bytes mean binary (or UTF-16, which is valid UTF-8 but not text we can use).
         if b"\x00" in data:
             self._skip("binary")
@@ -232,10 +258,17 @@ class DocumentReader:
 
     def _read_jsonl(self, path: Path | str) -> Iterator[Document]:
         sha, size = hashlib.sha256(), 0
+
+        def seen(data: bytes) -> None:
+            nonlocal size
+            sha.update(data)
+            size += len(data)
+
         with self._open(path) as f:
-            for lineno, line in enumerate(f):
-                sha.update(line)
-                size += len(line)
+            for lineno, line in enumerate(bounded_lines(f, self.max_line_bytes, seen)):
+                if line is None:
+                    self._skip("line_too_long")
+                    continue
                 if lineno == 0 and line.startswith(b"\xef\xbb\xbf"):
                     line = line[3:]
                 if not line.strip():  # blank lines separate nothing; they are not records
@@ -254,6 +287,9 @@ class DocumentReader:
                 text = record.get(self.text_field)
                 if not isinstance(text, str):
                     self._skip("missing_text_field")
+                    continue
+                if utf8_longer_than(text, self.max_document_bytes):
+                    self._skip("too_large")
                     continue
                 if reason := _bad_text(text):
                     self._skip(reason)
@@ -295,6 +331,8 @@ class DocumentReader:
                     for text in column.to_pylist():
                         if text is None:
                             self._skip("missing_text_field")
+                        elif utf8_longer_than(text, self.max_document_bytes):
+                            self._skip("too_large")
                         elif reason := _bad_text(text):
                             self._skip(reason)
                         else:

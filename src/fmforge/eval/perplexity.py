@@ -21,6 +21,7 @@ from fmforge.data.staging import stage_prepared_data
 from fmforge.device import autocast_for, pick_device
 from fmforge.errors import FmforgeError
 from fmforge.io.fs import is_remote
+from fmforge.io.paths import confined
 from fmforge.objectives.clm import evaluate_batches
 from fmforge.runs import load_pretrained
 
@@ -31,7 +32,7 @@ def token_counts(data_dir: str | Path, split: str, vocab_size: int) -> np.ndarra
     counts = np.zeros(vocab_size, dtype=np.int64)
     for shard in load_manifest(data_dir)["shards"]:
         if shard["split"] == split:
-            tokens = read_shard(data_dir / shard["file"])
+            tokens = read_shard(confined(data_dir, shard["file"], f"{data_dir}/manifest.json"))
             for i in range(0, len(tokens), 1 << 24):  # bounded memory on large shards
                 counts += np.bincount(tokens[i: i + (1 << 24)], minlength=vocab_size)[:vocab_size]
     return counts
