@@ -160,23 +160,53 @@ def _format_validation_error(err: ValidationError) -> str:
         loc_parts = list(e["loc"])
         if len(loc_parts) > 1 and loc_parts[0] == "model" and loc_parts[1] in ("decoder", *ARCHS):
             del loc_parts[1]
-        loc = ".".join(str(p) for p in loc_parts)
+        loc = _shown_key(".".join(str(p) for p in loc_parts))
         if e["type"] == "union_tag_invalid":
-            parts.append(f"{loc}.arch: unknown architecture {e['ctx']['tag']!r}; known: {', '.join(ARCHS)}")
+            parts.append(f"{loc}.arch: unknown architecture {_clip(e['ctx']['tag'])}; "
+                         f"known: {', '.join(ARCHS)}")
         elif e["type"] == "extra_forbidden":
             parts.append(f"{loc}: unknown key")
         else:
-            parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+            parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')} (got {_clip(e.get('input'))})")
     return "config error: " + "; ".join(parts)
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: one short line whatever the value holds."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _shown_key(key: str, limit: int = 80) -> str:
+    """A (possibly hostile) config key for a one-line message: printable and at most ``limit`` long."""
+    text = key if key.isprintable() else repr(key)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _shown(path: Path) -> str:
+    """A path for a one-line message: as is when printable, else its repr."""
+    return str(path) if str(path).isprintable() else repr(str(path))
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load``; every way it can fail on bad input (a bad date, a huge integer, deep nesting)
+    becomes ``yaml.YAMLError``."""
+    try:
+        return yaml.safe_load(text)
+    except (ValueError, RecursionError) as err:
+        raise yaml.YAMLError(str(err)) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` → (["a", "b"], c) with c parsed as a YAML scalar (so 3 is an int, 1e-3 a float, true a bool)."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not p.isidentifier() for p in key.split(".")):
-        raise FmforgeError(f"bad override {text!r}: expected key.sub=value")
+        raise FmforgeError(f"bad override {_clip(text)}: expected key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -189,7 +219,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise FmforgeError(f"bad override {text!r}: {part} is not a section")
+                raise FmforgeError(f"bad override {_clip(text)}: {part} is not a section")
             node = child
         node[path[-1]] = value
     return raw
@@ -207,9 +237,18 @@ def _check_renamed(raw: dict) -> None:
             raise FmforgeError(f"config error: {section}.{key} is gone: use {new}")
 
 
+def _check_arch(raw: dict) -> None:
+    # model.arch picks the model family before pydantic sees the section: it must be a plain string
+    model = raw.get("model")
+    if isinstance(model, dict) and "arch" in model and not isinstance(model["arch"], str):
+        raise FmforgeError(f"config error: model.arch: must be one of {', '.join(ARCHS)} "
+                           f"(got {_clip(model['arch'])})")
+
+
 def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     raw = apply_overrides(copy.deepcopy(raw or {}), list(overrides))
     _check_renamed(raw)
+    _check_arch(raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
@@ -222,15 +261,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise FmforgeError(f"config file not found: {p}")
+            raise FmforgeError(f"config file not found: {_shown(p)}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = _load_yaml(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise FmforgeError(f"config file {_shown(p)} is not UTF-8 text") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
-            raise FmforgeError(f"config file {p} is not valid YAML{where}") from None
+            raise FmforgeError(f"config file {_shown(p)} is not valid YAML{where}") from None
         if not isinstance(raw, dict):
-            raise FmforgeError(f"config file {p} must hold a mapping of sections (model, data, optim, train, ...)")
+            raise FmforgeError(f"config file {_shown(p)} must hold a mapping of sections (model, data, "
+                               f"optim, train, ...)")
     return build_config(raw, overrides)
 
 

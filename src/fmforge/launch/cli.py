@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import ModuleType
 
 from fmforge.config import load_config
 from fmforge.errors import FmforgeError
 from fmforge.launch import kubernetes, sagemaker, skypilot, slurm
-from fmforge.launch.common import COMMON_OPTIONS, JOB_NAME, JobSpec, default_job_name, resolve_options
+from fmforge.launch.common import (
+    COMMON_OPTIONS,
+    JobSpec,
+    check_job_text,
+    clip,
+    default_job_name,
+    local_path,
+    resolve_options,
+    secret_warning,
+    write_artifact,
+)
 
 TARGETS: dict[str, ModuleType] = {
     "slurm": slurm, "k8s": kubernetes, "sagemaker": sagemaker, "skypilot": skypilot,
@@ -23,7 +34,7 @@ def target_options(target: str) -> dict:
 
 def _module(target: str) -> ModuleType:
     if target not in TARGETS:
-        raise FmforgeError(f"launch: unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise FmforgeError(f"launch: unknown target {clip(target)}; choose one of {', '.join(TARGETS)}")
     return TARGETS[target]
 
 
@@ -38,7 +49,10 @@ def launch(target: str, config: str, *, nodes: int = 1, gpus_per_node: int = 8, 
     first: a bad config fails before anything is written. ``data`` / ``run_dir`` become ``--data`` /
     ``--out`` of the job (each target explains which paths its nodes can see). ``options`` holds the
     target's settings (partition, image, role ARN, ...): see ``target_options(target)``; unknown keys fail.
-    ``out``: directory for the artifact (default ``./launch/<target>/``). Returns the artifact's path.
+    Every value that reaches the artifact is checked first (``common.resolve_options``, ``check_job_text``):
+    no control characters, one word per #SBATCH value, names and env names as their rules say. An env name
+    that looks like a secret gets a warning on stderr. ``out``: directory for the artifact (default
+    ``./launch/<target>/``), written with the umask's mode. Returns the artifact's path.
     """
     module = _module(target)
     if nodes < 1:
@@ -48,24 +62,29 @@ def launch(target: str, config: str, *, nodes: int = 1, gpus_per_node: int = 8, 
     overrides = list(overrides)
     load_config(config, overrides)  # the job would fail at its first step: fail here, before any artifact
     opts = resolve_options(target, module.OPTIONS, options)
+    config_path = local_path(config)
+    out_dir = Path(out) if out is not None else Path("launch") / target
+    check_job_text(target, config=str(config_path), data=data, run_dir=run_dir, out=str(out_dir),
+                   overrides=overrides)
 
-    config_path = Path(config).expanduser().resolve()
     job_name = opts["job_name"] or default_job_name(config_path)
-    if not JOB_NAME.match(job_name):
-        raise FmforgeError(f"launch: job_name {job_name!r} must be 1-40 lowercase letters, digits or '-', "
-                           f"starting and ending with a letter or digit (it names pods, clusters and jobs)")
-    spec = JobSpec(target=target, config_path=config_path, config_text=config_path.read_text(), nodes=nodes,
+    config_text = config_path.read_text(encoding="utf-8")  # load_config read it: it is UTF-8
+    spec = JobSpec(target=target, config_path=config_path, config_text=config_text, nodes=nodes,
                    gpus_per_node=gpus_per_node, data=data, run_dir=run_dir, overrides=overrides,
                    job_name=job_name, max_restarts=opts["max_restarts"], rdzv_port=opts["rdzv_port"],
                    env=opts["env"])
-
-    out_dir = Path(out) if out is not None else Path("launch") / target
     text = module.render(spec, opts, out_dir)  # may still reject option combinations: nothing written yet
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / module.FILENAME
-    path.write_text(text)
-    if module is slurm:
-        path.chmod(0o755)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for sub in getattr(module, "SUBDIRS", ()):
+            (out_dir / sub).mkdir(exist_ok=True)
+        write_artifact(path, text, executable=getattr(module, "EXECUTABLE", False))
+    except OSError as err:
+        raise FmforgeError(f"launch {target}: cannot write {path}: {err.strerror or err}") from None
+    warning = secret_warning(target, spec.env, module.SECRETS)
+    if warning:
+        print(warning, file=sys.stderr)
 
     echo(f"wrote {path} ({target}: {nodes} node(s) x {gpus_per_node} GPU(s), job {job_name})")
     for line in module.how_to_submit(path, spec, opts):
@@ -83,7 +102,7 @@ def launch_command(target: str, config: str, overrides: list[str], *, nodes: int
     for item in options:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise FmforgeError(f"bad --option {item!r}: expected key=value")
+            raise FmforgeError(f"bad --option {clip(item)}: expected key=value")
         settings[key] = value
     launch(target, config, nodes=nodes, gpus_per_node=gpus_per_node, out=out, submit=submit, data=data,
            run_dir=run_dir, overrides=overrides, options=settings)

@@ -19,6 +19,7 @@ Shape and why:
 from __future__ import annotations
 
 import posixpath
+import shlex
 from pathlib import Path
 
 from fmforge.errors import FmforgeError
@@ -38,6 +39,8 @@ FILENAME = "pytorchjob.yaml"
 SUBMIT_TOOL = "kubectl"
 CONFIG_DIR = "/etc/fmforge"
 DEFAULT_RDZV_PORT = 29400  # torchrun's own default c10d port
+SECRETS = ("put secrets in a Kubernetes Secret instead and reference it from the container "
+           "(env valueFrom.secretKeyRef)")
 
 OPTIONS: dict[str, Option] = {
     "image": Option(REQUIRED, str, "container image with fmforge installed"),
@@ -167,15 +170,15 @@ def build(spec: JobSpec, opts: dict) -> list[dict]:
 
 def render(spec: JobSpec, opts: dict, out_dir: Path) -> str:
     header = (f"# fmforge training job {spec.job_name}, written by `fmforge launch k8s` from "
-              f"{spec.config_path}\n"
+              f"{shlex.quote(str(spec.config_path))}\n"
               f"# Needs the Kubeflow training operator (PyTorchJob CRD). Submit with: kubectl apply -f "
-              f"{out_dir.resolve() / FILENAME}\n")
+              f"{shlex.quote(str(out_dir.resolve() / FILENAME))}\n")
     return header + dump_yaml(*build(spec, opts))
 
 
 def how_to_submit(path: Path, spec: JobSpec, opts: dict) -> list[str]:
-    ns, name = opts["namespace"], spec.job_name
-    return [f"submit:  kubectl apply -f {path}",
+    ns, name = shlex.quote(opts["namespace"]), spec.job_name
+    return [f"submit:  kubectl apply -f {shlex.quote(str(path))}",
             f"watch:   kubectl -n {ns} get pytorchjob {name}",
             f"logs:    kubectl -n {ns} logs -f {name}-worker-0"]
 

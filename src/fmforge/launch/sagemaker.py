@@ -18,6 +18,7 @@ S3 input channel (``--submit`` uploads it); an ``s3://`` ``--data`` becomes a se
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -29,6 +30,8 @@ SUBMIT_TOOL = "boto3"
 CHANNELS = "/opt/ml/input/data"  # SageMaker downloads channel NAME to CHANNELS/NAME
 CHECKPOINTS = "/opt/ml/checkpoints"
 MAX_ARG_CHARS = 256  # per ContainerEntrypoint/ContainerArguments item (service model)
+SECRETS = ("give the job's IAM role (role_arn) the access instead, or read secrets at run time from AWS "
+           "Secrets Manager: the request's Environment is shown by DescribeTrainingJob")
 
 OPTIONS: dict[str, Option] = {
     "image": Option(REQUIRED, str, "ECR image URI with fmforge installed "
@@ -159,11 +162,12 @@ def config_s3_uri(request: dict) -> str:
 
 
 def how_to_submit(path: Path, spec: JobSpec, opts: dict) -> list[str]:
-    request = json.loads(path.read_text())
-    return [f"submit:  aws s3 cp {spec.config_path} {config_s3_uri(request)}",
-            f"         aws sagemaker create-training-job --cli-input-json file://{path}",
+    request = json.loads(path.read_text(encoding="utf-8"))
+    name = shlex.quote(request["TrainingJobName"])
+    return [f"submit:  aws s3 cp {shlex.quote(str(spec.config_path))} {shlex.quote(config_s3_uri(request))}",
+            f"         aws sagemaker create-training-job --cli-input-json {shlex.quote(f'file://{path}')}",
             "         (or `fmforge launch sagemaker ... --submit`, which does both through boto3)",
-            f"watch:   aws sagemaker describe-training-job --training-job-name {request['TrainingJobName']}"]
+            f"watch:   aws sagemaker describe-training-job --training-job-name {name}"]
 
 
 def _session(region: str | None):
@@ -185,7 +189,7 @@ def submit(path: Path, spec: JobSpec, opts: dict, echo=print) -> str:
     session = _session(opts["region"])
     from botocore.exceptions import BotoCoreError, ClientError
 
-    request = json.loads(path.read_text())
+    request = json.loads(path.read_text(encoding="utf-8"))
     bucket, _, key = config_s3_uri(request).removeprefix("s3://").partition("/")
     try:
         session.client("s3").put_object(Bucket=bucket, Key=key, Body=spec.config_text.encode())

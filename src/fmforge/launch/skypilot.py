@@ -13,15 +13,19 @@ cache, so checkpoint writes run at disk speed), and a managed job that loses its
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from fmforge.errors import FmforgeError
 from fmforge.launch.common import (
+    NAME,
+    SCRIPT,
     JobSpec,
     Option,
     Shell,
     dump_yaml,
     is_uri,
+    local_path,
     require_tool,
     run_tool,
     shell_join,
@@ -33,6 +37,8 @@ FILENAME = "task.yaml"
 SUBMIT_TOOL = "sky"
 JOB_DIR = "~/fmforge-job"
 BUCKET_MOUNT = "/fmforge-ckpt"
+SECRETS = ("pass secrets at submit time instead: `sky launch --env NAME` takes NAME's value from your "
+           "environment")
 
 OPTIONS: dict[str, Option] = {
     "accelerators": Option("H100", str, "GPU type, e.g. H100, A100-80GB, L4 (the count is gpus_per_node)"),
@@ -41,10 +47,12 @@ OPTIONS: dict[str, Option] = {
     "use_spot": Option(False, bool, "resources.use_spot (pair with checkpoint_bucket and managed)"),
     "disk_size": Option(None, int, "resources.disk_size in GB"),
     "image_id": Option(None, str, "resources.image_id, e.g. docker:<image with fmforge>"),
-    "setup": Option("", str, "setup commands run once per node, e.g. 'pip install -e .' with workdir"),
+    "setup": Option("", str, "setup commands run once per node, e.g. 'pip install -e .' with workdir (run as "
+                             "written: never pass values through from others)", SCRIPT),
     "workdir": Option(None, str, "local directory synced to the nodes' ~/sky_workdir before setup"),
     "checkpoint_bucket": Option(None, str, "s3:// / gs:// / r2:// ... URI holding the run directory"),
-    "cluster_name": Option(None, str, "cluster name for sky launch -c (default: job_name)"),
+    "cluster_name": Option(None, str, "cluster name for sky launch -c (default: job_name); same rules as "
+                                      "job_name", NAME),
     "managed": Option(False, bool, "--submit with `sky jobs launch` (managed job: recovers from spot "
                                    "preemption and resumes from checkpoint_bucket)"),
 }
@@ -58,7 +66,7 @@ def build(spec: JobSpec, opts: dict) -> dict:
     file_mounts: dict = {f"{JOB_DIR}/config.yaml": str(spec.config_path)}
     data = spec.data
     if data is not None and not is_uri(data):
-        local = Path(data).expanduser().resolve()
+        local = local_path(data)
         if not local.is_dir():
             raise FmforgeError(f"launch skypilot: data directory not found: {local}")
         file_mounts[f"{JOB_DIR}/data"] = str(local)
@@ -97,7 +105,7 @@ exec {shell_join(command)}
     if spec.env:
         task["envs"] = dict(spec.env)
     if opts["workdir"]:
-        task["workdir"] = str(Path(opts["workdir"]).expanduser().resolve())
+        task["workdir"] = str(local_path(opts["workdir"]))
     task["file_mounts"] = file_mounts
     if opts["setup"].strip():
         task["setup"] = opts["setup"].strip() + "\n"
@@ -107,8 +115,9 @@ exec {shell_join(command)}
 
 def render(spec: JobSpec, opts: dict, out_dir: Path) -> str:
     header = (f"# fmforge training job {spec.job_name}, written by `fmforge launch skypilot` from "
-              f"{spec.config_path}\n"
-              f"# Submit with: sky launch -c {_cluster(spec, opts)} {out_dir.resolve() / FILENAME}\n")
+              f"{shlex.quote(str(spec.config_path))}\n"
+              f"# Submit with: sky launch -c {shlex.quote(_cluster(spec, opts))} "
+              f"{shlex.quote(str(out_dir.resolve() / FILENAME))}\n")
     return header + dump_yaml(build(spec, opts))
 
 
@@ -117,10 +126,11 @@ def _cluster(spec: JobSpec, opts: dict) -> str:
 
 
 def how_to_submit(path: Path, spec: JobSpec, opts: dict) -> list[str]:
+    task = shlex.quote(str(path))
     if opts["managed"]:
-        return [f"submit:  sky jobs launch -n {spec.job_name} {path}", "watch:   sky jobs queue"]
-    cluster = _cluster(spec, opts)
-    return [f"submit:  sky launch -c {cluster} {path}   (or `sky jobs launch {path}` for managed recovery)",
+        return [f"submit:  sky jobs launch -n {shlex.quote(spec.job_name)} {task}", "watch:   sky jobs queue"]
+    cluster = shlex.quote(_cluster(spec, opts))
+    return [f"submit:  sky launch -c {cluster} {task}   (or `sky jobs launch {task}` for managed recovery)",
             f"logs:    sky logs {cluster}", f"stop:    sky down {cluster}"]
 
 

@@ -19,10 +19,15 @@ import sys
 from pathlib import Path
 
 from fmforge.launch.common import (
+    ARGS,
+    SCRIPT,
+    WORD,
     JobSpec,
     Option,
     Shell,
+    check_text,
     is_uri,
+    local_path,
     require_tool,
     run_tool,
     shell_join,
@@ -32,35 +37,43 @@ from fmforge.launch.common import (
 
 FILENAME = "job.sbatch"
 SUBMIT_TOOL = "sbatch"
+EXECUTABLE = True  # the artifact gains the owner's execute bit
+SUBDIRS = ("logs",)  # made next to the artifact: sbatch does not create the --output directory
+SECRETS = ("export secrets in the shell you run sbatch from instead: the job inherits that environment "
+           "(sbatch's default --export=ALL)")
 
 OPTIONS: dict[str, Option] = {
-    "partition": Option(None, str, "#SBATCH --partition"),
-    "account": Option(None, str, "#SBATCH --account"),
-    "qos": Option(None, str, "#SBATCH --qos"),
-    "constraint": Option(None, str, "#SBATCH --constraint (node features)"),
+    "partition": Option(None, str, "#SBATCH --partition", WORD),
+    "account": Option(None, str, "#SBATCH --account", WORD),
+    "qos": Option(None, str, "#SBATCH --qos", WORD),
+    "constraint": Option(None, str, "#SBATCH --constraint (node features)", WORD),
     "time": Option("24:00:00", str, "#SBATCH --time, Slurm format [D-]HH:MM:SS; the job checkpoints and "
-                                    "requeues itself before it"),
+                                    "requeues itself before it", WORD),
     "cpus_per_task": Option(None, int, "#SBATCH --cpus-per-task: CPUs for each node's torchrun and its "
                                        "workers (default: 8 per GPU)"),
-    "mem": Option(None, str, "#SBATCH --mem per node, e.g. 0 (all) or 480G"),
+    "mem": Option(None, str, "#SBATCH --mem per node, e.g. 0 (all) or 480G", WORD),
     "exclusive": Option(False, bool, "#SBATCH --exclusive: do not share nodes with other jobs"),
     "signal_lead_s": Option(120, int, "seconds before the time limit at which to checkpoint and requeue"),
     "python": Option(None, str, "interpreter with fmforge installed, as seen on the compute nodes "
                                 "(default: the one running launch)"),
-    "setup": Option("", str, "shell lines run before training, e.g. 'module load cuda/12.4'"),
-    "sbatch_args": Option([], list, "extra raw #SBATCH arguments, e.g. ['--mail-type=END']"),
+    "setup": Option("", str, "shell lines run before training, e.g. 'module load cuda/12.4' (run as "
+                             "written: never pass values through from others)", SCRIPT),
+    "sbatch_args": Option([], list, "extra raw #SBATCH arguments, e.g. ['--mail-type=END'] (each item is "
+                                    "split at whitespace into one #SBATCH line per word)", ARGS),
 }
 
 
-def _absolute(path: str) -> str:
-    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+def _absolute(what: str, path: str) -> str:
+    # the working directory joins the path here: check the result, not only what the user typed
+    return path if is_uri(path) else check_text("slurm", what, str(local_path(path)))
 
 
 def render(spec: JobSpec, opts: dict, out_dir: Path) -> str:
-    run_dir = _absolute(spec.run_dir or f"runs/{spec.job_name}")
-    data = _absolute(spec.data) if spec.data is not None else None
-    log_dir = out_dir.resolve() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
+    run_dir = _absolute("the run directory", spec.run_dir or f"runs/{spec.job_name}")
+    data = _absolute("--data", spec.data) if spec.data is not None else None
+    log_dir = check_text("slurm", "the log directory (--out/logs, an #SBATCH --output value)",
+                         str(out_dir.resolve() / "logs"), WORD)
+    workdir = check_text("slurm", "the working directory (an #SBATCH --chdir value)", str(Path.cwd()), WORD)
     cpus = opts["cpus_per_task"] or 8 * spec.gpus_per_node
 
     directives = [
@@ -81,8 +94,8 @@ def render(spec: JobSpec, opts: dict, out_dir: Path) -> str:
         f"--signal=B:USR1@{opts['signal_lead_s']}",
         f"--output={log_dir}/%x-%j.out",
         "--open-mode=append",  # a requeued run appends to the same log
-        f"--chdir={Path.cwd()}",
-        *map(str, opts["sbatch_args"]),
+        f"--chdir={workdir}",
+        *opts["sbatch_args"],
     ]
 
     command = torchrun_argv(
@@ -100,9 +113,10 @@ def render(spec: JobSpec, opts: dict, out_dir: Path) -> str:
     env_lines = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in spec.env.items())
     port = spec.rdzv_port or "$((29500 + SLURM_JOB_ID % 1000))"
     setup = opts["setup"].strip()
+    source, script = shlex.quote(str(spec.config_path)), shlex.quote(str(out_dir.resolve() / FILENAME))
     return f"""#!/bin/bash
-# fmforge training job {spec.job_name}, written by `fmforge launch slurm` from {spec.config_path}
-# Submit with: sbatch {out_dir.resolve() / FILENAME}
+# fmforge training job {spec.job_name}, written by `fmforge launch slurm` from {source}
+# Submit with: sbatch {script}
 {"".join(f"#SBATCH {d}{chr(10)}" for d in directives)}
 {setup + chr(10) if setup else ""}{env_lines}set -uo pipefail  # after the setup lines: `module` scripts are not -u safe
 
@@ -139,7 +153,7 @@ exit "$STATUS"
 
 
 def how_to_submit(path: Path, spec: JobSpec, opts: dict) -> list[str]:
-    return [f"submit:  sbatch {path}",
+    return [f"submit:  sbatch {shlex.quote(str(path))}",
             f"logs:    {path.parent.resolve() / 'logs'}/{spec.job_name}-<jobid>.out",
             "watch:   squeue --me"]
 
