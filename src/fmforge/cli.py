@@ -371,7 +371,8 @@ VERBS: tuple[Verb, ...] = (
                     "tokenizer files) of a Llama 2/3, Mistral, Qwen2, GPT-2, BERT, ViT or CLIP model into an "
                     "fmforge run directory that generate, eval, export and fine-tuning read. Nothing is "
                     "downloaded: fetch the directory first (e.g. huggingface-cli download).",
-        args=(arg("hf_dir", metavar="HF_DIR"), arg("--out", required=True, metavar="RUN_DIR")),
+        args=(arg("hf_dir", metavar="HF_DIR"), arg("--out", required=True, metavar="RUN_DIR"),
+              arg("--overwrite", action="store_true", help="replace files already in --out that the import writes")),
     ),
     Verb(
         "export safetensors", "fmforge.train.command:export_safetensors_command",
@@ -390,7 +391,8 @@ VERBS: tuple[Verb, ...] = (
                     "preprocessor_config.json for image models): decoders as LlamaForCausalLM, "
                     "Qwen2ForCausalLM or GPT2LMHeadModel, BERT as BertForMaskedLM, ViT as "
                     "ViTForImageClassification (ViTModel without a head), CLIP as CLIPModel.",
-        args=(arg("run_dir", metavar="RUN_DIR"), arg("--out", required=True, metavar="HF_DIR")),
+        args=(arg("run_dir", metavar="RUN_DIR"), arg("--out", required=True, metavar="HF_DIR"),
+              arg("--overwrite", action="store_true", help="replace files already in --out that the export writes")),
     ),
     Verb(
         "generate", "fmforge.deploy.generate:generate_command",

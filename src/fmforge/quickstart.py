@@ -36,6 +36,8 @@ from fmforge.train.loop import train
 from fmforge.train.optim import build_optimizer
 
 MARKER = ".fmforge-quickstart"
+# Everything quickstart writes into its folder (both demos): a rerun replaces these and leaves the rest.
+QUICKSTART_OUTPUTS = ("corpus", "data", "run", "images", "vit", "mae", "clip")
 
 QUICKSTART_CONFIG = {
     "model": {"arch": "llama", "size": "micro", "n_kv_head": 2},
@@ -89,12 +91,29 @@ def _seconds_per_step(cfg, vocab_size: int) -> float:
 def _fresh_output(out: Path, minutes: float) -> None:
     if minutes <= 0:
         raise FmforgeError("--minutes must be positive")
+    if out.exists() and not out.is_dir():
+        raise FmforgeError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists():
+        if not (out / MARKER).is_file() or (out / MARKER).is_symlink():
             raise FmforgeError(f"{out} exists and was not made by quickstart; choose another --out")
-        shutil.rmtree(out)  # our own earlier demo: start clean
+        _remove_own_outputs(out)  # our own earlier demo: start clean, keeping what the user added
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by fmforge quickstart; safe to delete\n")
+    (out / MARKER).write_text(f"made by fmforge quickstart; a rerun replaces {', '.join(QUICKSTART_OUTPUTS)} "
+                              "and leaves anything else here\n")
+
+
+def _remove_own_outputs(out: Path) -> None:
+    """Remove what an earlier quickstart wrote into ``out`` (``QUICKSTART_OUTPUTS``) and nothing else; a
+    symlink under one of those names is not quickstart's and is refused (before anything is removed)."""
+    for name in QUICKSTART_OUTPUTS:
+        if (out / name).is_symlink():
+            raise FmforgeError(f"{out / name} is a symlink, which quickstart never makes; move it away and rerun")
+    for name in QUICKSTART_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def quickstart(out: str | Path = "runs/quickstart", minutes: float = 6.0, echo=print, task: str = "language") -> dict:

@@ -38,7 +38,7 @@ from fmforge.finetune.lora import (
 from fmforge.models.blocks import copy_full_
 from fmforge.models.config import ModelConfig
 from fmforge.models.vit import ViTModelConfig
-from fmforge.runs import load_pretrained, read_model_config, save_pretrained
+from fmforge.runs import checked_run_model, load_pretrained, read_model_config, save_pretrained
 
 
 def is_virtual(name: str) -> bool:
@@ -57,6 +57,7 @@ def base_model_config(cfg: Config):
         raise FmforgeError(f"finetune.base {base} holds no model (model.safetensors is missing); give a run "
                            "directory from `fmforge train` or `fmforge import hf`")
     model_cfg = read_model_config(base)
+    checked_run_model(base, model_cfg)  # the weights' header fits model.json before anything is allocated
     if ft.task == "classify" and model_cfg.arch in ("vit", "mae"):
         model_cfg = image_classifier_config(model_cfg)
     if ft.method in ("prefix", "prompt"):

@@ -14,8 +14,8 @@ import csv
 import itertools
 import json
 import math
+import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,9 @@ from fmforge.plan.common import base_config, exclusive, flatten
 from fmforge.train.loop import train
 
 STUDY_NAME = "fmforge-tune"
+# What tune writes into OUT besides study.db: without study.db, these belong to a study it cannot see.
+TUNE_OUTPUTS = ("trials", "trials.csv", "best.yaml", "tune.png")
+_TRIAL_DIR = re.compile(r"trial_(\d+)")
 PRUNERS = ("median", "sha", "none")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -43,7 +46,9 @@ class TuneResult:
 def tune(config, overrides=(), data=None, out=None, trials: int = 20, space=None, pruner: str = "median",
          seed: int = 0) -> TuneResult:
     """Search the space (default: lr, warmup, global batch tokens, weight decay) with a seeded TPE sampler,
-    pruning trials on the validation losses they report every ``train.eval_interval`` steps."""
+    pruning trials on the validation losses they report every ``train.eval_interval`` steps. Outputs in
+    ``out`` that its study.db does not account for (trial runs left after study.db was removed) are never
+    deleted or reused: that is a one-line error."""
     if out is None:
         raise FmforgeError("--out STUDY_DIR is required")
     if trials < 1:
@@ -63,8 +68,11 @@ def _search(base: dict, search: dict, out: Path, trials: int, pruner: str, seed:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours to print
+    if not (out / "study.db").exists():
+        _refuse_foreign_outputs(out)
     study = optuna.create_study(storage=f"sqlite:///{(out / 'study.db').resolve()}", study_name=STUDY_NAME,
                                 direction="minimize", load_if_exists=True, pruner=_pruner(pruner))
+    _refuse_foreign_trials(out, len(study.trials))
     _check_same_study(study, base, search, out)
     # A fixed seed on a resumed study would replay the first trials' draws: move it on by the trials so far.
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
@@ -233,6 +241,26 @@ def _check_same_study(study, base: dict, space: dict, out: Path) -> None:
                                "rerun with the original config and space, or use another --out")
 
 
+def _refuse_foreign_outputs(out: Path) -> None:
+    """Without study.db (removed, or never there), tune's outputs in OUT are from a study it cannot see:
+    refuse rather than write over or delete runs it cannot prove it made."""
+    found = [name for name in TUNE_OUTPUTS if os.path.lexists(out / name)]
+    if found:
+        raise FmforgeError(f"{out} holds {', '.join(found)} but no study.db (removed?): tune will not replace "
+                           "runs it did not make; move them away or choose another --out")
+
+
+def _refuse_foreign_trials(out: Path, known: int) -> None:
+    """A trial directory numbered at or past the study's trial count was not made by this study (its next
+    trial would take that name): refuse rather than delete it."""
+    root = out / "trials"
+    names = sorted(os.listdir(root)) if root.is_dir() else []
+    foreign = [name for name in names if (m := _TRIAL_DIR.fullmatch(name)) and int(m.group(1)) >= known]
+    if foreign:
+        raise FmforgeError(f"{root / foreign[0]} is not a run of the study in {out / 'study.db'} (which has "
+                           f"{known} trial(s)): tune will not replace it; move it away or choose another --out")
+
+
 def _finished(study) -> int:
     from optuna.trial import TrialState
 
@@ -250,12 +278,12 @@ def _suggest(trial, key: str, spec: dict):
 def _run_trial(study, space: dict, run_cfg: dict, root: Path) -> None:
     from optuna.trial import TrialState
 
-
     trial = study.ask()  # an enqueued retry comes first
     params = {key: _suggest(trial, key, spec) for key, spec in space.items()}
     run_dir = root / f"trial_{trial.number:04d}"
-    if run_dir.exists():  # left by a study whose db was removed: never resume someone else's run
-        shutil.rmtree(run_dir)
+    if os.path.lexists(run_dir):  # not this study's (checked at start): never resume or delete another's run
+        study.tell(trial, state=TrialState.FAIL)
+        raise FmforgeError(f"{run_dir} exists but was not made by this study; move it away and rerun")
     cfg = build_config(_with_params(run_cfg, params))
     cfg.train.out_dir = str(run_dir)
     trial.set_user_attr("run_dir", str(run_dir))
