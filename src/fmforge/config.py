@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from fmforge.errors import FmforgeError
+from fmforge.errors import FmforgeError, clip
 from fmforge.models.config import Fraction, ModelConfig, NonNegativeFloat, Section
 from fmforge.models.registry import ARCHS, AnyModelConfig
 
@@ -162,22 +162,14 @@ def _format_validation_error(err: ValidationError) -> str:
             del loc_parts[1]
         loc = _shown_key(".".join(str(p) for p in loc_parts))
         if e["type"] == "union_tag_invalid":
-            parts.append(f"{loc}.arch: unknown architecture {_clip(e['ctx']['tag'])}; "
+            parts.append(f"{loc}.arch: unknown architecture {clip(e['ctx']['tag'])}; "
                          f"known: {', '.join(ARCHS)}")
         elif e["type"] == "extra_forbidden":
             parts.append(f"{loc}: unknown key")
         else:
-            parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')} (got {_clip(e.get('input'))})")
+            parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')} (got {clip(e.get('input'))})")
     return "config error: " + "; ".join(parts)
 
-
-def _clip(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters: one short line whatever the value holds."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _shown_key(key: str, limit: int = 80) -> str:
@@ -204,7 +196,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` → (["a", "b"], c) with c parsed as a YAML scalar (so 3 is an int, 1e-3 a float, true a bool)."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not p.isidentifier() for p in key.split(".")):
-        raise FmforgeError(f"bad override {_clip(text)}: expected key.sub=value")
+        raise FmforgeError(f"bad override {clip(text)}: expected key.sub=value")
     try:
         value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -219,7 +211,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise FmforgeError(f"bad override {_clip(text)}: {part} is not a section")
+                raise FmforgeError(f"bad override {clip(text)}: {part} is not a section")
             node = child
         node[path[-1]] = value
     return raw
@@ -242,7 +234,7 @@ def _check_arch(raw: dict) -> None:
     model = raw.get("model")
     if isinstance(model, dict) and "arch" in model and not isinstance(model["arch"], str):
         raise FmforgeError(f"config error: model.arch: must be one of {', '.join(ARCHS)} "
-                           f"(got {_clip(model['arch'])})")
+                           f"(got {clip(model['arch'])})")
 
 
 def build_config(raw: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

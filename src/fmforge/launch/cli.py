@@ -7,13 +7,12 @@ from pathlib import Path
 from types import ModuleType
 
 from fmforge.config import load_config
-from fmforge.errors import FmforgeError
+from fmforge.errors import FmforgeError, clip
 from fmforge.launch import kubernetes, sagemaker, skypilot, slurm
 from fmforge.launch.common import (
     COMMON_OPTIONS,
     JobSpec,
     check_job_text,
-    clip,
     default_job_name,
     local_path,
     resolve_options,

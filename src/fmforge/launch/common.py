@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from fmforge.errors import FmforgeError
+from fmforge.errors import FmforgeError, clip
 
 REQUIRED = object()  # an option default meaning "the user must give it"
 
@@ -79,14 +79,6 @@ MAX_INT = 2**63  # integer options lie in [-MAX_INT, MAX_INT)
 _BANNED_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
 _SBATCH_SPECIAL = "\"'#\\"
 
-
-def clip(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters: safe to put in a one-line message."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _banned_char(text: str, allowed: str) -> tuple[int, str] | None:
