@@ -157,13 +157,17 @@ class Attention(nn.Module):
     """Multi-head attention with grouped-query heads (n_kv_head <= n_head), optional RoPE and KV cache.
 
     ``forward`` = ``project`` (q, k, v of the new tokens) then ``attend``; wrappers that add keys and values
-    of their own (``virtual.PrefixAttention``) call the two halves around their addition."""
+    of their own (``virtual.PrefixAttention``) call the two halves around their addition. ``scale`` multiplies
+    the scores (None: 1/sqrt(head_dim); μP sets its own, ``ModelConfig.attn_scale``)."""
+
+    scale: float | None = None
 
     def __init__(self, cfg: BlockConfig, causal: bool = True):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.causal = causal
         self.dropout = cfg.dropout
+        self.scale = cfg.attn_scale
         # One matmul for q, k and v: a single wide GEMM beats three narrow ones. Rows are grouped per kv
         # head (``fuse_qkv``) so tensor parallelism can shard it by rows.
         qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
@@ -224,7 +228,7 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             enable_gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.proj(y))
 

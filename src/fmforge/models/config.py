@@ -5,10 +5,19 @@ imports every family's run config (a run's ``model:`` section is a union discrim
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    model_serializer,
+)
 
 from fmforge.errors import FmforgeError
 from fmforge.models.sizes import DECODER_ARCH_DEFAULTS, DECODER_SIZES
@@ -31,6 +40,24 @@ class RopeScaling(Section):
     low_freq_factor: PositiveFloat = 1.0
     high_freq_factor: PositiveFloat = 4.0
     original_max_position_embeddings: PositiveInt = 8192
+
+
+class MupConfig(Section):
+    """μP (Yang et al. 2022, "Tensor Programs V") relative to a base width, so hyperparameters tuned at
+    ``base_width`` transfer to any ``d_model``. With m = d_model / base_width: hidden (matrix-like) weights
+    start at std init_std / sqrt(m) and train at lr / m (weight decay x m, so lr x wd per step is kept);
+    embeddings, norms and biases keep init_std and lr; the logits are multiplied by 1 / m (the output
+    multiplier) with the head's init_std and lr unchanged, i.e. an effective head of init std and update
+    size ∝ 1/m, μP's output row for Adam. A tied head is the embedding (init_std, lr, no decay) read out
+    through the same 1/m, as the ``mup`` package's MuSharedReadout does. Attention scores are scaled by
+    sqrt(base_head_dim) / head_dim (μP's 1/d, equal to SP's 1/sqrt(d) at the base). d_ff and the heads'
+    total width are taken to grow with d_model (one multiplier m). At d_model = base_width (and head_dim =
+    base_head_dim) the model is exactly the standard one."""
+
+    base_width: PositiveInt
+    # The head dimension at the base width; None: base_width / n_head (the head count stays fixed as the
+    # width grows). Set it to the head dimension when widths grow by adding heads of a fixed size.
+    base_head_dim: PositiveFloat | None = None
 
 
 class ModelConfig(Section):
@@ -64,6 +91,16 @@ class ModelConfig(Section):
     # al. 2021) learns their input embeddings. They take positions 0..n-1; the text starts after them.
     prefix_tokens: NonNegativeInt = 0
     prompt_tokens: NonNegativeInt = 0
+    mup: MupConfig | None = None  # μP width scaling (``MupConfig``); None: standard parametrization
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_mup(self, handler):
+        # Without μP the dump is what it was before the field existed, so saved model.json files, configs
+        # and checkpoint metadata written earlier still compare equal.
+        data = handler(self)
+        if self.mup is None:
+            data.pop("mup", None)
+        return data
 
     def resolved(self, vocab_size: int | None = None, seq_len: int | None = None) -> ModelConfig:
         """Every field filled: explicit value > named size > arch default. ``vocab_size``/``seq_len`` come
@@ -101,6 +138,8 @@ class ModelConfig(Section):
             raise FmforgeError("model: rotary embeddings need an even head dimension (d_model / n_head)")
         if values["prefix_tokens"] and values["prompt_tokens"]:
             raise FmforgeError("model: prefix_tokens and prompt_tokens exclude each other (prefix or prompt tuning)")
+        if values.get("mup") is not None and values["prefix_tokens"]:
+            raise FmforgeError("model.mup: not supported with prefix tuning (prefix_tokens)")
         if values["d_ff"] is None:
             values["d_ff"] = default_d_ff(values["d_model"], values["mlp"])
         if seq_len is not None and seq_len > values["max_seq_len"]:
@@ -111,11 +150,24 @@ class ModelConfig(Section):
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
+    @property
+    def width_mult(self) -> float:
+        """μP's width multiplier m = d_model / mup.base_width; 1 without μP."""
+        return 1.0 if self.mup is None else self.d_model / self.mup.base_width
+
+    @property
+    def attn_scale(self) -> float | None:
+        """μP's attention-score scale sqrt(base_head_dim) / head_dim; None (SDPA's 1/sqrt(head_dim)) without."""
+        if self.mup is None:
+            return None
+        base_head_dim = self.mup.base_head_dim or self.mup.base_width / self.n_head
+        return math.sqrt(base_head_dim) / self.head_dim
+
     def block_config(self) -> BlockConfig:
         """What each of the decoder's blocks reads (the config must be resolved)."""
         return BlockConfig(d_model=self.d_model, n_head=self.n_head, n_kv_head=self.n_kv_head, d_ff=self.d_ff,
                            norm=self.norm, mlp=self.mlp, bias=self.bias, qkv_bias=self.qkv_bias,
-                           norm_eps=self.norm_eps, dropout=self.dropout)
+                           norm_eps=self.norm_eps, dropout=self.dropout, attn_scale=self.attn_scale)
 
 
 @dataclass(frozen=True)
@@ -133,6 +185,7 @@ class BlockConfig:
     qkv_bias: bool | None = None  # None: same as ``bias``
     norm_eps: float = 1e-5
     dropout: float = 0.0
+    attn_scale: float | None = None  # attention-score scale; None: 1/sqrt(head_dim)
 
     @property
     def head_dim(self) -> int:

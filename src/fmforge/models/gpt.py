@@ -1,7 +1,9 @@
 """Decoder-only language model (GPT-2 and Llama families) on the shared blocks of ``blocks.py``.
 
 The two families differ only in config (see ``sizes.DECODER_ARCH_DEFAULTS``): positions (learned vs rotary), norm
-(LayerNorm vs RMSNorm), MLP (GELU vs SwiGLU), biases, weight tying, and the init below.
+(LayerNorm vs RMSNorm), MLP (GELU vs SwiGLU), biases, weight tying, and the init below. ``cfg.mup`` turns on
+μP (``config.MupConfig``): its init, output multiplier and attention scale live here and in ``blocks.py``, its
+per-layer learning rates in ``train/optim.py`` (from ``GPT.param_kinds``).
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """GPT-2: N(0, init_std), residual-stream projections scaled by 1/sqrt(2 n_layer) (Radford et al. 2019).
         Llama: truncated normal, residual-stream projections of layer i scaled by 1/sqrt(2 (i + 1)) (torchtitan's
-        depth init). Biases zero, norms one. Safe to call again after ``to_empty``, on a sharded model too:
-        every weight is drawn whole on the CPU generator in a fixed order (``init_normal_``), so the values
-        do not depend on the device, the sharding or the world size."""
+        depth init). Biases zero, norms one. With μP the blocks' weights start at init_std / sqrt(m) (fan-in
+        scaling, equal at the base width); embeddings and head keep init_std. Safe to call again after
+        ``to_empty``, on a sharded model too: every weight is drawn whole on the CPU generator in a fixed order
+        (``init_normal_``), so the values do not depend on the device, the sharding or the world size."""
         cfg = self.cfg
         std, truncated = cfg.init_std, cfg.arch != "gpt2"
+        hidden_std = std / math.sqrt(cfg.width_mult)  # exactly std without μP (m = 1)
         embeddings = [self.tok_emb, self.pos_emb] + ([] if cfg.tie_embeddings else [self.lm_head])
         for module in embeddings:
             if module is None:
@@ -61,7 +65,7 @@ class GPT(nn.Module):
             init_normal_(module.weight, std, truncated)
         for i, block in enumerate(self.blocks):
             depth = cfg.n_layer if cfg.arch == "gpt2" else i + 1
-            block.init_weights(std, std / math.sqrt(2 * depth), truncated)
+            block.init_weights(hidden_std, hidden_std / math.sqrt(2 * depth), truncated)
         self.norm_f.reset_parameters()
         self.reset_buffers()
 
@@ -94,7 +98,10 @@ class GPT(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, start_pos, None if cache is None else cache[i])
-        return self.lm_head(self.norm_f(x))
+        x = self.norm_f(x)
+        if self.cfg.mup is not None:
+            x = x * (1.0 / self.cfg.width_mult)  # μP's output multiplier: logits / m (see MupConfig)
+        return self.lm_head(x)
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
         """One empty KV cache per layer for up to ``max_len`` positions; device/dtype default to the weights'."""
@@ -105,6 +112,26 @@ class GPT(nn.Module):
         dtype = weight.dtype if dtype is None else dtype
         return [KVCache(batch_size, self.cfg.n_kv_head, max_len, self.cfg.head_dim, device, dtype)
                 for _ in range(self.cfg.n_layer)]
+
+    def param_kinds(self) -> dict[str, list[nn.Parameter]]:
+        """Each parameter's row of μP's table, by which ``train/optim.py`` sets its learning rate: "embedding"
+        (token and position tables, a head tied to them included), "output" (an untied head), "hidden" (the
+        blocks' Linear weights: both dimensions grow with the width), "vector" (norms, biases). Parameters a
+        wrapper adds (prefix or prompt tokens, LoRA factors) are not listed."""
+        kinds: dict[str, list[nn.Parameter]] = {"embedding": [self.tok_emb.weight], "output": [], "hidden": [],
+                                                "vector": list(self.norm_f.parameters())}
+        if self.pos_emb is not None:
+            kinds["embedding"].append(self.pos_emb.weight)
+        if not self.cfg.tie_embeddings:
+            kinds["output"].append(self.lm_head.weight)
+        for block in self.blocks:
+            for module in block.modules():
+                if isinstance(module, nn.Linear):
+                    kinds["hidden"].append(module.weight)
+                    kinds["vector"] += [] if module.bias is None else [module.bias]
+                elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                    kinds["vector"] += list(module.parameters(recurse=False))
+        return kinds
 
     def block_stacks(self) -> list[nn.ModuleList]:
         """The repeated blocks that parallelism wraps one by one (``registry.block_stacks``)."""

@@ -1,4 +1,5 @@
-"""AdamW with the usual no-decay groups, and the learning-rate schedules (warmup + cosine / WSD / constant)."""
+"""AdamW with the usual no-decay groups (and μP's per-layer learning rates), and the learning-rate schedules
+(warmup + cosine / WSD / constant)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from torch.distributed.tensor import DTensor
 from fmforge.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
     """Decay the weight matrices of Linear and Conv layers only. Norms, biases, embeddings (and a head tied
     to them), and free-standing tensors — ViT's [CLS] token and position table, MAE's mask token, CLIP's
-    temperature and bias — are not decayed, following GPT-2/nanoGPT, timm and open_clip."""
+    temperature and bias — are not decayed, following GPT-2/nanoGPT, timm and open_clip.
+
+    A μP model (``model.cfg.mup`` set) is split further by ``model.param_kinds()``: see ``mup_groups``.
+    ``lr`` is the base learning rate, needed only then (the groups carry their own)."""
     decayed: set[int] = set()
     embeddings: set[int] = set()
     for module in model.modules():
@@ -23,11 +27,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         elif isinstance(module, nn.Embedding):
             embeddings.add(id(module.weight))
     decayed -= embeddings  # a head tied to the embedding is the embedding
+    if getattr(getattr(model, "cfg", None), "mup", None) is not None:
+        if lr is None:
+            raise ValueError("a μP model's parameter groups need the base learning rate")
+        return mup_groups(model, decayed, weight_decay, lr)
     decay, keep = [], []
     for p in model.parameters():  # parameters() yields a tied tensor once
         if p.requires_grad:
             (decay if id(p) in decayed else keep).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def mup_groups(model: nn.Module, decayed: set[int], weight_decay: float, lr: float) -> list[dict]:
+    """μP's per-layer AdamW settings (Yang et al. 2022, Table 3, with the output multiplier form of their
+    Table 8 / the ``mup`` package's MuReadout): with m = ``model.cfg.width_mult``, hidden weights
+    (``param_kinds()["hidden"]``) train at lr / m with weight decay x m, so each step still decays them by
+    lr x wd (weight decay independent of the width); embeddings, the output head (its logits are scaled by
+    1 / m in the forward instead), norms, biases and parameters the model does not list keep lr and wd.
+    Which parameters decay is ``param_groups``'s rule. Base-lr groups come first: group 0's lr is ``lr``,
+    the one the trainer logs."""
+    m = model.cfg.width_mult
+    hidden = {id(p) for p in model.param_kinds()["hidden"]}
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            buckets.setdefault((id(p) in hidden, id(p) in decayed), []).append(p)
+    groups = []
+    for is_hidden, decays in ((False, True), (False, False), (True, True), (True, False)):
+        if params := buckets.get((is_hidden, decays)):
+            wd = (weight_decay * m if is_hidden else weight_decay) if decays else 0.0
+            groups.append({"params": params, "lr": lr / m if is_hidden else lr, "weight_decay": wd})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -41,8 +71,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     meshes = {p.device_mesh if isinstance(p, DTensor) else None for p in model.parameters()}
     if len(meshes) > 1:
         fused, foreach = False, False
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, fused=fused, foreach=foreach)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=foreach)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -277,6 +277,9 @@ def export_hf(run_dir: str | Path, out: str | Path, echo=print, overwrite: bool 
     if getattr(cfg, "prefix_tokens", 0) or getattr(cfg, "prompt_tokens", 0):
         raise FmforgeError(f"{run_dir} has prefix/prompt-tuned virtual tokens, which transformers models have no "
                            "place for; export its base model instead")
+    if getattr(cfg, "mup", None) is not None:
+        raise FmforgeError(f"{run_dir} is a muP model (model.mup): its output multiplier and attention scale have "
+                           "no place in a transformers config; export is not supported for it")
     _, weights = checked_run_model(run_dir, cfg)
     try:
         state = tie_stored_names(load_file(str(weights)), bool(getattr(cfg, "tie_embeddings", False)))
