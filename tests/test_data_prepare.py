@@ -19,6 +19,9 @@ from fmforge.errors import FmforgeError
 def _prep(inputs, out, **kw):
     kw.setdefault("vocab_size", 300)
     kw.setdefault("log", None)
+    # These corpora hold a handful of documents: no split of them is within 2x of 1%. The split's own
+    # tests below (and in test_data_corpora.py) check that this is an error unless allowed.
+    kw.setdefault("allow_uneven_split", True)
     return prepare_data([str(i) for i in inputs], out, **kw)
 
 
@@ -224,10 +227,13 @@ def test_parquet_without_pyarrow_says_how_to_install_it(good, tmp_path, monkeypa
 
 # --- splits ----------------------------------------------------------------------------------------------
 
-def test_a_tiny_val_fraction_still_holds_out_one_document(good, tmp_path):
-    m = _prep([good], tmp_path / "out", val_fraction=1e-12)
+def test_a_tiny_val_fraction_is_an_error_unless_uneven_splits_are_allowed(good, tmp_path):
+    with pytest.raises(FmforgeError, match=r"asks for 0\.00% of the bytes.*--allow-uneven-split"):
+        _prep([good], tmp_path / "strict", val_fraction=1e-12, allow_uneven_split=False)
+    assert not (tmp_path / "strict").exists()
+    m = _prep([good], tmp_path / "out", val_fraction=1e-12)  # allowed: one document is still held out
     assert (m["documents"]["train"], m["documents"]["val"]) == (3, 1)
-    assert m["tokens"]["val"] > 0
+    assert m["tokens"]["val"] > 0 and m["split"]["allow_uneven_split"] is True
 
 
 def test_a_huge_val_fraction_still_keeps_one_train_document(good, tmp_path):
@@ -387,8 +393,20 @@ def test_cli_nothing_usable_is_one_error_line(tmp_path):
 
 @pytest.mark.slow
 def test_cli_existing_output_without_overwrite_is_one_error_line(good, tmp_path):
-    ok = run_cli("data", "prepare", good, "--out", tmp_path / "out", "--vocab-size", "300")
+    ok = run_cli("data", "prepare", good, "--out", tmp_path / "out", "--vocab-size", "300", "--allow-uneven-split")
     assert ok.returncode == 0, ok.stderr
     assert "documents: read 4, kept 4" in ok.stdout and "tokens/s" in ok.stdout
     proc = run_cli("data", "prepare", good, "--out", tmp_path / "out", "--vocab-size", "300")
     _assert_one_line_error(proc, "already holds prepared data; pass --overwrite")
+
+
+@pytest.mark.slow
+def test_cli_prints_the_realized_split_and_an_uneven_one_is_one_error_line(good, tmp_path):
+    proc = run_cli("data", "prepare", good, "--out", tmp_path / "strict", "--vocab-size", "300")
+    _assert_one_line_error(proc, "asks for 1.00% of the bytes")
+    ok = run_cli("data", "prepare", good, "--out", tmp_path / "out", "--vocab-size", "300", "--val-fraction", "0.5",
+                 "--document-bytes", "8192", "--encoding-errors", "replace", "--text-field", "text")
+    assert ok.returncode == 0, ok.stderr
+    assert "validation share: asked 50.00%; got documents" in ok.stdout
+    m = load_manifest(tmp_path / "out")
+    assert m["text_documents"]["document_bytes"] == 8192 and m["encoding_errors"] == "replace"

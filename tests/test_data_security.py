@@ -192,7 +192,7 @@ def test_prepare_counts_over_long_lines_and_documents_and_skips_them(tmp_path):
         f.write(json.dumps({"text": "y" * 2500}) + "\n")  # a document over the limit, on a line under it
         f.write(json.dumps({"text": "z" * 5000}) + "\n")  # a line over the limit
     m = prepare_data([str(docs)], tmp_path / "out", vocab_size=300, max_document_bytes=2000,
-                     max_line_bytes=3000, log=None)
+                     max_line_bytes=3000, allow_uneven_split=True, log=None)  # 7 documents: no 1% split
     assert m["dropped"] == {"too_large": 2, "line_too_long": 1}
     assert m["documents"]["kept"] == 7 and m["documents"]["read"] == 10
     assert m["limits"] == {"max_document_bytes": 2000, "max_line_bytes": 3000}

@@ -227,7 +227,8 @@ VERBS: tuple[Verb, ...] = (
     Verb(
         "data prepare", "fmforge.data.prepare:prepare_data",
         help="raw text → tokenizer + token shards + manifest",
-        description="Read text files, directories or globs (.txt .md .py .rst .jsonl .parquet), normalize "
+        description="Read text files, directories or globs (.txt .md .py .rst .jsonl .csv .tsv, each optionally "
+                    ".gz/.bz2/.xz/.zst, and .parquet; other files are counted as skipped by extension), normalize "
                     "Unicode, drop exact duplicates, report near-duplicates, train a byte-level BPE tokenizer "
                     "(or load one) and write token shards plus manifest.json. Bad records are counted by "
                     "reason, skipped and summarized.",
@@ -239,15 +240,28 @@ VERBS: tuple[Verb, ...] = (
                 arg("--vocab-size", type=int, default=8192, metavar="N",
                     help="train a byte-level BPE tokenizer of this size (default: 8192)"))),
             arg("--val-fraction", type=float, default=0.01, metavar="F",
-                help="fraction of documents held out for validation (default: 0.01)"),
+                help="share of the data held out for validation: the documents with the lowest content "
+                     "hashes, up to this share of bytes; the realized share is printed and checked "
+                     "(default: 0.01)"),
+            arg("--allow-uneven-split", action="store_true",
+                help="accept a validation split more than 2x off --val-fraction, or an empty one (default: a "
+                     "one-line error)"),
+            arg("--document-bytes", type=int, default=65536, metavar="B",
+                help="cut text files over 4xB at blank lines into documents of about B bytes (at line "
+                     "boundaries inside a larger block; a line is never cut); 0 keeps each file one document "
+                     "(default: 65536)"),
+            arg("--encoding-errors", choices=("drop-line", "replace", "latin-1-fallback"), default="drop-line",
+                help="what undecodable bytes cost: drop-line drops the line, replace keeps it with U+FFFD, "
+                     "latin-1-fallback decodes it as Latin-1; affected lines are counted (default: drop-line)"),
             arg("--text-field", default="text", metavar="NAME",
-                help="field holding the text in .jsonl/.parquet records (default: text)"),
+                help="field or CSV/TSV column holding the text in .jsonl/.csv/.tsv/.parquet records "
+                     "(default: text)"),
             arg("--drop-near-duplicates", action="store_true",
                 help="drop near-duplicate documents too (default: only report them)"),
             arg("--max-document-bytes", type=int, default=64 << 20, metavar="B",
-                help="skip (and count as too_large) documents over B bytes (default: 64 MiB)"),
+                help="skip (and count as too_large) records or single lines over B bytes (default: 64 MiB)"),
             arg("--max-line-bytes", type=int, default=128 << 20, metavar="B",
-                help="skip (and count as line_too_long) .jsonl lines over B bytes (default: 128 MiB)")),
+                help="skip (and count as line_too_long) .jsonl/.csv/.tsv lines over B bytes (default: 128 MiB)")),
     ),
     Verb(
         "data verify", "fmforge.data.verify:verify_prepared_data",

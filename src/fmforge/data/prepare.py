@@ -2,8 +2,10 @@
 
 Two streaming passes, so the corpus never has to fit in memory:
 
-1. read, normalize, dedup; each kept document goes to a staging JSONL in the output directory with its
-   split (decided from the document's content hash, so the same document always lands in the same split);
+1. read (large text files cut into documents, see ``textcut.py``), normalize, dedup; each kept document goes
+   to a staging JSONL in the output directory. Then the split is chosen from the documents' content hashes
+   and sizes (``splits.py``): the lowest hashes go to validation up to the requested share of bytes, and a
+   split far from the request is an error unless ``allow_uneven_split``;
 2. (after training the tokenizer on the staged train split, unless one was given) encode the staged
    documents in large batches — the Rust tokenizer spreads each batch over every core — and append
    ``[bos] + ids + [eos]`` to the shards of their split.
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,9 +30,12 @@ import numpy as np
 
 from fmforge import __version__
 from fmforge.data.clean import ExactDeduper, MinHashDeduper, normalize, text_digest
+from fmforge.data.compression import ZSTANDARD_HINT
 from fmforge.data.limits import MAX_DESCRIPTION_BYTES, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LINE_BYTES
 from fmforge.data.shards import ShardWriter, shard_dtype
-from fmforge.data.sources import DocumentReader, resolve_inputs
+from fmforge.data.sources import DocumentReader, format_counts, resolve_inputs
+from fmforge.data.splits import RULE, check_split, choose_val, shares
+from fmforge.data.textcut import DEFAULT_DOCUMENT_BYTES
 from fmforge.data.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
 from fmforge.errors import FmforgeError
 from fmforge.io.paths import relative_name
@@ -51,17 +57,14 @@ _OUR_LEFTOVERS = re.compile(rf"^{_NAMES}\.tmp$|^\.staging\.jsonl$")
 
 @dataclass
 class _Kept:
-    """What pass 1 kept, and which staged lines must switch split (see ``_balance_splits``)."""
+    """What pass 1 kept: per staged document its hash position in [0, 1) and its UTF-8 size."""
 
     count: int = 0
-    val: int = 0
     exact_duplicates: int = 0
     near_duplicates: int = 0
     dropped: Counter = field(default_factory=Counter)
-    # (u, line) of the train document most like a val one, and of the val document most like a train one
-    best_train: tuple[float, int] = (2.0, -1)
-    best_val: tuple[float, int] = (-1.0, -1)
-    moved: dict[int, str] = field(default_factory=dict)
+    u: array = field(default_factory=lambda: array("d"))
+    n_bytes: array = field(default_factory=lambda: array("q"))
 
 
 def _validate(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: float, shard_tokens: int,
@@ -99,12 +102,7 @@ def _remove_our_files(out: Path) -> None:
             p.unlink()
 
 
-def _split_of(digest: bytes, val_fraction: float) -> tuple[str, float]:
-    u = int.from_bytes(digest[:8], "little") / 2**64  # uniform in [0, 1), a pure function of the content
-    return ("val" if u < val_fraction else "train"), u
-
-
-def _clean_and_stage(reader: DocumentReader, staging: Path, val_fraction: float, drop_near: bool) -> _Kept:
+def _clean_and_stage(reader: DocumentReader, staging: Path, drop_near: bool) -> _Kept:
     """Pass 1: normalize, drop exact duplicates, detect near-duplicates, stage kept documents."""
     kept = _Kept()
     exact, near = ExactDeduper(), MinHashDeduper()
@@ -121,34 +119,18 @@ def _clean_and_stage(reader: DocumentReader, staging: Path, val_fraction: float,
                 if drop_near:
                     kept.dropped["near_duplicate"] += 1
                     continue
-            split, u = _split_of(digest, val_fraction)
-            line = kept.count
-            if split == "val":
-                kept.val += 1
-                kept.best_val = max(kept.best_val, (u, line))
-            else:
-                kept.best_train = min(kept.best_train, (u, line))
-            f.write(json.dumps({"split": split, "text": text}, ensure_ascii=False) + "\n")
+            # uniform in [0, 1), a pure function of the content: the split's ordering (splits.py)
+            kept.u.append(int.from_bytes(digest[:8], "little") / 2**64)
+            kept.n_bytes.append(len(text.encode("utf-8")))
+            f.write(json.dumps(text, ensure_ascii=False) + "\n")
             kept.count += 1
     return kept
 
 
-def _balance_splits(kept: _Kept, val_fraction: float) -> None:
-    """Guarantee one val document (when asked for and there are two or more) and one train document, by
-    moving the document whose hash is closest to the boundary: still deterministic from content alone."""
-    if kept.count - kept.val == 0 and kept.count:
-        kept.moved[kept.best_val[1]] = "train"
-        kept.val -= 1
-    elif val_fraction > 0 and kept.val == 0 and kept.count >= 2:
-        kept.moved[kept.best_train[1]] = "val"
-        kept.val += 1
-
-
-def _staged(staging: Path, moved: dict[int, str]) -> Iterator[tuple[str, str]]:
+def _staged(staging: Path, is_val: np.ndarray) -> Iterator[tuple[str, str]]:
     with open(staging, encoding="utf-8") as f:
         for i, line in enumerate(f):
-            record = json.loads(line)
-            yield moved.get(i, record["split"]), record["text"]
+            yield ("val" if is_val[i] else "train"), json.loads(line)
 
 
 def _encode_and_shard(tok: TextTokenizer, staged: Iterator[tuple[str, str]], writers: dict[str, ShardWriter],
@@ -202,19 +184,29 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
                  val_fraction: float = 0.01, text_field: str = "text", shard_tokens: int = 50_000_000,
                  overwrite: bool = False, drop_near_duplicates: bool = False,
                  max_document_bytes: int = MAX_DOCUMENT_BYTES, max_line_bytes: int = MAX_DOCUMENT_LINE_BYTES,
-                 log: Callable[[str], None] | None = print) -> dict:
+                 document_bytes: int = DEFAULT_DOCUMENT_BYTES, encoding_errors: str = "drop-line",
+                 allow_uneven_split: bool = False, log: Callable[[str], None] | None = print) -> dict:
     """Turn raw text files into a prepared data directory: ``manifest.json``, ``tokenizer.json`` and
     ``train_*.bin`` / ``val_*.bin`` token shards. Returns the manifest.
 
-    inputs: files, directories (recursive: .txt .md .py .rst .jsonl .parquet) or globs.
+    inputs: files, directories (recursive: .txt .md .py .rst .jsonl .csv .tsv, each optionally .gz .bz2 .xz
+        .zst, and .parquet; every other file is counted by extension as skipped) or globs.
     tokenizer: a tokenizer.json or HF tokenizer directory to use; otherwise a byte-level BPE of
         ``vocab_size`` is trained on the train split.
-    val_fraction: share of documents held out, chosen by content hash (deterministic).
-    text_field: the field holding the text in .jsonl / .parquet records.
+    val_fraction: share of the data held out: the documents with the lowest content hashes, up to this
+        share of bytes (deterministic). The realized share is reported and checked (see allow_uneven_split).
+    text_field: the field (or CSV/TSV column) holding the text of .jsonl / .csv / .tsv / .parquet records.
     drop_near_duplicates: near-duplicates are always counted; this also removes them.
-    max_document_bytes: a longer document (file, or record text, in UTF-8 bytes) is skipped as ``too_large``.
-    max_line_bytes: a longer .jsonl line is skipped as ``line_too_long`` without ever being held whole.
-    Bad records (invalid UTF-8, binary, empty, malformed JSON, missing field, too large) are counted and
+    max_document_bytes: a longer document (record text or unbreakable line, in UTF-8 bytes) is skipped as
+        ``too_large``.
+    max_line_bytes: a longer .jsonl/.csv/.tsv line is skipped as ``line_too_long`` without ever being held whole.
+    document_bytes: text files over 4x this are cut at blank lines into documents of about this size (at line
+        boundaries when a block is too large); 0 keeps every file one document.
+    encoding_errors: what undecodable bytes cost: ``drop-line`` (the line is dropped), ``replace`` (U+FFFD)
+        or ``latin-1-fallback`` (the line is decoded as Latin-1); affected lines are counted, files are kept.
+    allow_uneven_split: accept a validation split whose token share is more than 2x off val_fraction, or
+        empty when val_fraction > 0 (otherwise a one-line error).
+    Bad records (invalid UTF-8, binary, empty, malformed JSON/CSV, missing field, too large) are counted and
     skipped. Each shard's sha256 is recorded in the manifest (checked by staging and ``verify_prepared_data``).
     """
     say = log or (lambda _msg: None)
@@ -222,61 +214,102 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
     out = Path(out)
     _validate(out, tokenizer, vocab_size, val_fraction, shard_tokens, overwrite)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
-    reader = DocumentReader(resolve_inputs(inputs), text_field, max_document_bytes=max_document_bytes,
-                            max_line_bytes=max_line_bytes)
+    skipped: Counter = Counter()
+    reader = DocumentReader(resolve_inputs(inputs, skipped), text_field, max_document_bytes=max_document_bytes,
+                            max_line_bytes=max_line_bytes, document_bytes=document_bytes,
+                            encoding_errors=encoding_errors)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     _remove_our_files(out)
     staging = out / STAGING
+    wrote = False
     try:
-        say(f"reading {len(reader.files)} files")
-        kept = _clean_and_stage(reader, staging, val_fraction, drop_near_duplicates)
+        say(f"reading {len(reader.files)} files" + (f" (skipped {format_counts(skipped)})" if skipped else ""))
+        kept = _clean_and_stage(reader, staging, drop_near_duplicates)
         dropped = reader.dropped + kept.dropped
         if kept.count == 0:
+            hint = f"; {ZSTANDARD_HINT}" if dropped["needs_zstandard"] else ""
             raise FmforgeError(f"nothing usable in the inputs: read {reader.read} documents, all dropped "
-                               f"({format_reasons(dropped) or 'no records found'})")
-        _balance_splits(kept, val_fraction)
-        n_train, n_val = kept.count - kept.val, kept.val
+                               f"({format_reasons(dropped) or 'no records found'}){hint}")
+        is_val = choose_val(kept.u, kept.n_bytes, val_fraction)
+        n_val = int(is_val.sum())
+        n_train = kept.count - n_val
+        val_bytes = int(np.frombuffer(kept.n_bytes, dtype=np.int64)[is_val].sum())
+        byte_share = val_bytes / max(1, sum(kept.n_bytes))
+        check_split(val_fraction, n_val, kept.count, byte_share, "bytes", allow_uneven_split)  # before the work
         if tok is None:
             say(f"training a {vocab_size}-token byte-level BPE on {n_train} train documents")
-            tok = train_tokenizer((t for s, t in _staged(staging, kept.moved) if s == "train"), vocab_size)
+            tok = train_tokenizer((t for s, t in _staged(staging, is_val) if s == "train"), vocab_size)
         dtype = shard_dtype(tok.vocab_size)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         say(f"tokenizing {kept.count} documents on {cores} cores")
         t_encode = time.perf_counter()
+        wrote = True
         writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split, n in
                    (("train", n_train), ("val", n_val)) if n}
         n_bytes: Counter = Counter()
         try:
-            _encode_and_shard(tok, _staged(staging, kept.moved), writers, n_bytes)
+            _encode_and_shard(tok, _staged(staging, is_val), writers, n_bytes)
         except BaseException:
             for w in writers.values():
                 w.abort()
             raise
         shards = [s for w in writers.values() for s in w.close()]
         encode_s = time.perf_counter() - t_encode
+        tokens = {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")}
+        if tokens["train"] == 0:
+            raise FmforgeError(f"nothing usable in the inputs: no train tokens "
+                               f"({format_reasons(dropped) or 'no drops'})")
+        check_split(val_fraction, n_val, kept.count, tokens["val"] / max(1, tokens["train"] + tokens["val"]),
+                    "tokens", allow_uneven_split)
+    except BaseException:
+        if wrote:  # shards of a run that failed its checks: ours, and no manifest claims them
+            _remove_our_files(out)
+        raise
     finally:
         staging.unlink(missing_ok=True)
         if created and not any(out.iterdir()):  # failed before writing anything: leave no trace
             out.rmdir()
 
-    tokens = {split: sum(s["tokens"] for s in shards if s["split"] == split) for split in ("train", "val")}
-    if tokens["train"] == 0:
-        raise FmforgeError(f"nothing usable in the inputs: no train tokens ({format_reasons(dropped) or 'no drops'})")
     tok.save(out / TOKENIZER_FILE)
     write_json_atomic(out / SPECIAL_TOKENS_FILE, tok.special_tokens_map())
-    manifest = {
+    counts = {"train": n_train, "val": n_val}
+    manifest = _manifest(reader, kept, dropped, skipped, counts, tokens, n_bytes, tok, tokenizer, dtype, shards)
+    manifest.update({
+        "text_field": text_field,
+        "val_fraction": val_fraction,
+        "limits": {"max_document_bytes": max_document_bytes, "max_line_bytes": max_line_bytes},
+        "split": {"val_fraction": val_fraction, "rule": RULE, "allow_uneven_split": allow_uneven_split,
+                  "realized": shares({"documents": n_train, "tokens": tokens["train"], "bytes": n_bytes["train"]},
+                                     {"documents": n_val, "tokens": tokens["val"], "bytes": n_bytes["val"]})},
+        "text_documents": {"document_bytes": document_bytes, "target_bytes": reader.target_bytes,
+                           "max_bytes": reader.hard_bytes},
+        "encoding_errors": encoding_errors,
+    })
+    write_json_atomic(out / MANIFEST, manifest)
+    _summarize(say, out, manifest, time.perf_counter() - start, encode_s, drop_near_duplicates)
+    return manifest
+
+
+def _manifest(reader: DocumentReader, kept: _Kept, dropped: Counter, skipped: Counter, counts: dict[str, int],
+              tokens: dict[str, int], n_bytes: Counter, tok: TextTokenizer, tokenizer: str | None, dtype,
+              shards: list[dict]) -> dict:
+    """The manifest's fields about what was read and written (the caller adds the settings)."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fmforge_version": __version__,
         "sources": [{"path": s.path, "bytes": s.bytes, "sha256": s.sha256} for s in reader.sources],
-        "documents": {"read": reader.read, "kept": kept.count, "train": n_train, "val": n_val,
+        "documents": {"read": reader.read, "kept": kept.count, "train": counts["train"], "val": counts["val"],
                       "exact_duplicates": kept.exact_duplicates, "near_duplicates": kept.near_duplicates},
         # Among the documents that reached the near-duplicate check (valid, not exact duplicates).
         "near_duplicate_rate": kept.near_duplicates / max(1, reader.read - reader.dropped.total()
                                                           - kept.exact_duplicates),
         "dropped": dict(sorted(dropped.items())),
+        "dropped_lines": dict(sorted(reader.dropped_lines.items())),
+        "repaired_lines": dict(sorted(reader.repaired_lines.items())),
+        "skipped_files": dict(sorted(skipped.items())),
         "tokens": tokens,
         "bytes": {"train": n_bytes["train"], "val": n_bytes["val"]},
         "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
@@ -285,13 +318,7 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
         "dtype": dtype.name,
         "shards": shards,
         "normalization": "NFC",
-        "text_field": text_field,
-        "val_fraction": val_fraction,
-        "limits": {"max_document_bytes": max_document_bytes, "max_line_bytes": max_line_bytes},
     }
-    write_json_atomic(out / MANIFEST, manifest)
-    _summarize(say, out, manifest, time.perf_counter() - start, encode_s, drop_near_duplicates)
-    return manifest
 
 
 def _summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float, encode_s: float,
@@ -302,9 +329,19 @@ def _summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float, e
     say(f"prepared {out} in {elapsed:.1f}s")
     say(f"  documents: read {docs['read']}, kept {docs['kept']} (train {docs['train']}, val {docs['val']})")
     say(f"  dropped: {format_reasons(Counter(m['dropped'])) or 'none'}")
+    if m["dropped_lines"] or m["repaired_lines"]:
+        say(f"  lines ({m['encoding_errors']}): dropped {format_reasons(Counter(m['dropped_lines'])) or 'none'}; "
+            f"repaired {format_reasons(Counter(m['repaired_lines'])) or 'none'}")
+    if m["skipped_files"]:
+        say(f"  skipped files: {format_counts(Counter(m['skipped_files']))}")
+    if m["dropped"].get("needs_zstandard"):
+        say(f"  {m['dropped']['needs_zstandard']} .zst files were not read: {ZSTANDARD_HINT}")
     say(f"  near-duplicates: {docs['near_duplicates']} ({m['near_duplicate_rate']:.2%}, {action})")
     say(f"  tokens: train {tokens['train']:,}, val {tokens['val']:,} in {len(m['shards'])} {m['dtype']} shards "
         f"({rate:,.0f} tokens/s)")
+    real = m["split"]["realized"]
+    say(f"  validation share: asked {m['val_fraction']:.2%}; got documents {real['documents']:.2%}, "
+        f"tokens {real['tokens']:.2%}, bytes {real['bytes']:.2%}")
 
 
 def read_description(data_dir: str | Path, name: str, fmt: str, max_version: int, *, kind: str, verb: str,

@@ -3,17 +3,23 @@
 Inputs are files, directories (searched recursively for known extensions, hidden folders skipped) or
 globs, local or in object storage (``s3://bucket/prefix/file.jsonl``, ``s3://bucket/prefix/*.jsonl``, or a
 bare ``s3://bucket/prefix`` searched like a directory; read through fsspec, see ``fmforge.storage``).
-Plain-text files are one document each; ``.jsonl`` is one document per line and ``.parquet`` one per
-row, the text taken from ``text_field``. Every source file's size and sha256 are recorded for the manifest,
-hashed from the same bytes that are parsed so no file is read twice.
+Plain-text files are cut into documents by the rule in ``textcut.py`` (a file up to 256 KiB stays whole);
+``.jsonl`` is one document per line, ``.csv`` / ``.tsv`` one per row (header row first) and ``.parquet``
+one per row, the text taken from ``text_field``. Text, JSONL, CSV and TSV files may be compressed
+(``.gz``, ``.bz2``, ``.xz``, ``.zst``; see ``compression.py``) and are decompressed while streaming. Every
+file a directory walk passes over is counted by extension (``skipped``), so nothing disappears unannounced.
+Every source file's size and sha256 are recorded for the manifest, hashed from the same bytes that are
+parsed so no file is read twice.
 
 Nothing is read whole without a bound (``limits.py``): a document longer than ``max_document_bytes`` is
-counted as ``too_large`` and a JSONL line longer than ``max_line_bytes`` as ``line_too_long``; both are read
-through in pieces (still hashed) and never held in memory.
+counted as ``too_large`` and a JSONL/CSV line longer than ``max_line_bytes`` as ``line_too_long``; both are
+read through in pieces (still hashed) and never held in memory. Undecodable bytes cost only their lines
+(``encoding_errors``, see ``textcut.py``).
 """
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import glob
 import hashlib
@@ -23,23 +29,35 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from fmforge.data.compression import StoredInput, split_compression, zstandard_module
 from fmforge.data.limits import (
     MAX_DOCUMENT_BYTES,
     MAX_DOCUMENT_LINE_BYTES,
-    MiB,
     bounded_lines,
     check_limit,
     utf8_longer_than,
+)
+from fmforge.data.textcut import (
+    DEFAULT_DOCUMENT_BYTES,
+    ENCODING_ERRORS,
+    TOO_LARGE,
+    LineDecoder,
+    bounds,
+    cut_documents,
 )
 from fmforge.errors import FmforgeError
 from fmforge.io import fs as remote
 
 TEXT_EXTENSIONS = (".txt", ".md", ".py", ".rst")
-KNOWN_EXTENSIONS = TEXT_EXTENSIONS + (".jsonl", ".parquet")
+TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+STREAMED_EXTENSIONS = TEXT_EXTENSIONS + (".jsonl",) + tuple(TABLE_DELIMITERS)  # these may also be compressed
+KNOWN_EXTENSIONS = STREAMED_EXTENSIONS + (".parquet",)
+BINARY_SNIFF_BYTES = 8192  # a NUL byte this early means a binary file (git's rule), not text with a bad line
 PARQUET_BATCH_ROWS = 1024
 REMOTE_READ_BUFFER = 1 << 20  # fsspec's readline scans a whole block per line; buffer it in C instead
 
@@ -61,26 +79,59 @@ def _is_glob(item: str) -> bool:
     return any(c in item for c in "*?[")
 
 
-def _walk(directory: Path) -> list[Path]:
+def is_known(name: str) -> bool:
+    """Whether a directory walk reads a file of this name (hidden names aside)."""
+    inner, compression = split_compression(name)
+    return inner in STREAMED_EXTENSIONS if compression else inner in KNOWN_EXTENSIONS
+
+
+def skip_key(name: str) -> str:
+    """How a skipped file is counted: its extension with any compression (".log", ".json.gz"), "(hidden)"
+    for a hidden file or folder, "(none)" without an extension."""
+    if name.startswith("."):
+        return "(hidden)"
+    inner, compression = split_compression(name)
+    return (inner + (compression or "")) or "(none)"
+
+
+def _walk(directory: Path, skipped: Counter) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .venv, .cache ...
-        found += [Path(root, f) for f in sorted(files)
-                  if not f.startswith(".") and f.lower().endswith(KNOWN_EXTENSIONS)]
+        skipped["(hidden)"] += sum(d.startswith(".") for d in dirs)  # .git, .venv, .cache ... counted, not entered
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if not f.startswith(".") and is_known(f):
+                found.append(Path(root, f))
+            else:
+                skipped[skip_key(f)] += 1
     return found
 
 
-def _walk_remote(fs, prefix: str) -> list[str]:
+def _walk_remote(fs, prefix: str, skipped: Counter) -> list[str]:
     """``_walk`` for object storage: every known file under ``prefix`` (a key, no scheme) as a URL, in the
     order ``os.walk`` would give (a level's files before its sub-prefixes), hidden names skipped."""
     root = prefix.rstrip("/")
     found = []
     for key in fs.find(root):
         parts = key[len(root) + 1:].split("/") if key.startswith(root + "/") else []
-        if parts and not any(p.startswith(".") for p in parts) and parts[-1].lower().endswith(KNOWN_EXTENSIONS):
-            # sort key: at each level, files (0) before sub-prefixes (1), then by name — os.walk's order
-            found.append((tuple((int(i < len(parts) - 1), p) for i, p in enumerate(parts)), key))
+        if not parts:
+            continue
+        if any(p.startswith(".") for p in parts) or not is_known(parts[-1]):
+            skipped[skip_key(next((p for p in parts if p.startswith(".")), parts[-1]))] += 1
+            continue
+        # sort key: at each level, files (0) before sub-prefixes (1), then by name — os.walk's order
+        found.append((tuple((int(i < len(parts) - 1), p) for i, p in enumerate(parts)), key))
     return [fs.unstrip_protocol(key) for _, key in sorted(found)]
+
+
+def _none_found(where: str, skipped: Counter) -> FmforgeError:
+    note = f" (skipped: {format_counts(skipped)})" if skipped else ""
+    return FmforgeError(f"input {where} holds no {' '.join(KNOWN_EXTENSIONS)} files, compressed or not{note}")
+
+
+def format_counts(counts: Counter) -> str:
+    """Counts, most frequent first: ".log 3, (hidden) 1"."""
+    return ", ".join(f"{key} {n}" for key, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _hidden_from(pattern: str, key: str) -> bool:
@@ -90,7 +141,7 @@ def _hidden_from(pattern: str, key: str) -> bool:
     return any(p.startswith(".") and not any(fnmatch.fnmatchcase(p, c) for c in dotted) for p in key.split("/"))
 
 
-def _resolve_remote(url: str) -> list[str]:
+def _resolve_remote(url: str, skipped: Counter) -> list[str]:
     """A remote input as URLs, with the same rules as a local one."""
     fs = remote.filesystem(url)
     with remote.errors(url, "read input"):
@@ -101,43 +152,48 @@ def _resolve_remote(url: str) -> list[str]:
                 raise FmforgeError(f"no files match {url!r}")
             files = []
             for key, info in sorted(matches.items()):
-                files += _walk_remote(fs, key) if info["type"] == "directory" else [fs.unstrip_protocol(key)]
+                files += _walk_remote(fs, key, skipped) if info["type"] == "directory" else [fs.unstrip_protocol(key)]
             return files
         info = fs.info(url)
         if info["type"] != "directory":
             return [fs.unstrip_protocol(info["name"])]
-        found = _walk_remote(fs, info["name"])
+        here: Counter = Counter()
+        found = _walk_remote(fs, info["name"], here)
+        skipped.update(here)
         if not found:
-            raise FmforgeError(f"input {url} holds no {' '.join(KNOWN_EXTENSIONS)} files")
+            raise _none_found(url, here)
         return found
 
 
-def resolve_inputs(inputs: list[str]) -> list[Path | str]:
+def resolve_inputs(inputs: list[str], skipped: Counter | None = None) -> list[Path | str]:
     """Expand inputs into a sorted-per-input, de-duplicated list of files: local ones as Paths, remote ones
-    as URLs. A missing path, a glob that matches nothing, or a directory without any known file is a user
-    error."""
+    as URLs. Files a directory walk passes over are counted into ``skipped`` by ``skip_key``. A missing
+    path, a glob that matches nothing, or a directory without any known file is a user error."""
     if not inputs:
         raise FmforgeError("no inputs given")
+    skipped = Counter() if skipped is None else skipped
     files: list[Path | str] = []
     for item in inputs:
         item = str(item)
         if remote.is_remote(item):
-            files += _resolve_remote(item)
+            files += _resolve_remote(item, skipped)
         elif _is_glob(item):
             matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
             if not matches:
                 raise FmforgeError(f"no files match {item!r}")
             # Files a pattern matches count as named explicitly: the user chose them, whatever the extension.
             for m in map(Path, matches):
-                files += _walk(m) if m.is_dir() else [m]
+                files += _walk(m, skipped) if m.is_dir() else [m]
         else:
             p = Path(item).expanduser()
             if not p.exists():
                 raise FmforgeError(f"input not found: {item}")
             if p.is_dir():
-                found = _walk(p)
+                here: Counter = Counter()
+                found = _walk(p, here)
+                skipped.update(here)
                 if not found:
-                    raise FmforgeError(f"input directory {item} holds no {' '.join(KNOWN_EXTENSIONS)} files")
+                    raise _none_found(f"directory {item}", here)
                 files += found
             else:
                 files.append(p)
@@ -172,23 +228,63 @@ def _bad_text(text: str) -> str | None:
     return None
 
 
+def _name(path: Path | str) -> str:
+    return path.name if isinstance(path, Path) else PurePosixPath(path).name
+
+
 def _suffix(path: Path | str) -> str:
     return (path.suffix if isinstance(path, Path) else PurePosixPath(path).suffix).lower()
+
+
+class _Prefixed:
+    """``readline`` of a binary stream whose first bytes (``head``) were already read."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]):
+        self.head = io.BytesIO(head)
+        self.stream = stream
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self.head.readline(size)
+        if line.endswith(b"\n") or 0 <= size <= len(line):
+            return line
+        return line + self.stream.readline(-1 if size < 0 else size - len(line))
+
+
+@contextmanager
+def _csv_field_limit(limit: int):
+    """The csv module's field limit is process-wide: raise it only while this reader parses a row."""
+    old = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
 
 
 class DocumentReader:
     """Iterate documents from files (Paths, or URLs read through fsspec). After (or during) iteration:
     ``read`` records seen, ``dropped`` a Counter of skipped records by reason (read == yielded +
-    sum(dropped)), ``sources`` the files with size and hash."""
+    sum(dropped)), ``dropped_lines`` / ``repaired_lines`` the lines undecodable bytes cost, by reason,
+    ``sources`` the files with size and hash (of the stored bytes, compressed or not)."""
 
     def __init__(self, files: list[Path | str], text_field: str = "text", *,
-                 max_document_bytes: int = MAX_DOCUMENT_BYTES, max_line_bytes: int = MAX_DOCUMENT_LINE_BYTES):
+                 max_document_bytes: int = MAX_DOCUMENT_BYTES, max_line_bytes: int = MAX_DOCUMENT_LINE_BYTES,
+                 document_bytes: int = DEFAULT_DOCUMENT_BYTES, encoding_errors: str = "drop-line"):
         self.files = [f if remote.is_remote(f) else Path(f) for f in files]
         self.text_field = text_field
         self.max_document_bytes = check_limit(max_document_bytes, "max_document_bytes")
         self.max_line_bytes = check_limit(max_line_bytes, "max_line_bytes")
+        if isinstance(document_bytes, bool) or not isinstance(document_bytes, int) or document_bytes < 0:
+            raise FmforgeError(f"document_bytes must be 0 (never cut files) or a positive integer, "
+                               f"got {document_bytes!r}")
+        if encoding_errors not in ENCODING_ERRORS:
+            raise FmforgeError(f"encoding_errors must be one of {', '.join(ENCODING_ERRORS)}, "
+                               f"got {encoding_errors!r}")
+        self.target_bytes, self.hard_bytes = bounds(document_bytes, self.max_document_bytes)
         self.read = 0
         self.dropped: Counter[str] = Counter()
+        self._decoder = LineDecoder(encoding_errors)
+        self.dropped_lines = self._decoder.dropped
+        self.repaired_lines = self._decoder.repaired
         self.sources: list[SourceFile] = []
         self._filesystems: dict = {}  # scheme → fsspec filesystem, made on first use
         # A remote read can also fail in the backend (connection, credentials), not only with an OSError.
@@ -199,17 +295,38 @@ class DocumentReader:
 
     def __iter__(self) -> Iterator[Document]:
         for path in self.files:
-            ext = _suffix(path)
+            inner, compression = split_compression(_name(path))
             try:
-                if ext == ".jsonl":
-                    yield from self._read_jsonl(path)
-                elif ext == ".parquet":
+                if inner == ".parquet" and compression is None:
                     yield from self._read_parquet(path)
                 else:
-                    yield from self._read_text(path)
+                    yield from self._read_stored(path, inner, compression)
             except self._read_errors:  # permissions, a file vanishing mid-run: a bad input, not a crash
                 self.read += 1
                 self.dropped["unreadable"] += 1
+
+    def _read_stored(self, path: Path | str, inner: str, compression: str | None) -> Iterator[Document]:
+        """Any file but parquet: decompressed while streaming, parsed by its inner extension."""
+        with self._open(path) as raw:
+            if compression == ".zst" and zstandard_module() is None:
+                stored = StoredInput(raw, None)  # hashed for the manifest, not parsed
+                self._skip("needs_zstandard")
+                self.sources.append(SourceFile(str(path), *stored.finish()))
+                return
+            stored = StoredInput(raw, compression)
+            records_before = self.read
+            try:
+                if inner == ".jsonl":
+                    yield from self._read_jsonl(stored.stream, str(path))
+                elif inner in TABLE_DELIMITERS:
+                    yield from self._read_table(stored.stream, str(path), TABLE_DELIMITERS[inner])
+                else:
+                    yield from self._read_text(stored.stream, str(path))
+            except stored.errors:  # corrupt or truncated compressed data: keep what was read, count the file
+                self._skip("corrupt_compressed")
+            if self.read == records_before:
+                self._skip("empty")
+            self.sources.append(SourceFile(str(path), *stored.finish()))
 
     def _open(self, path: Path | str) -> IO[bytes]:
         if isinstance(path, Path):
@@ -226,77 +343,110 @@ class DocumentReader:
         self.read += n
         self.dropped[reason] += n
 
-    def _read_text(self, path: Path | str) -> Iterator[Document]:
-        sha, size, pieces = hashlib.sha256(), 0, []
-        with self._open(path) as f:
-            while block := f.read(MiB):
-                sha.update(block)
-                size += len(block)
-                if size <= self.max_document_bytes:
-                    pieces.append(block)
-                elif pieces:  # too large: keep hashing for the manifest, hold nothing
-                    pieces = []
-        self.sources.append(SourceFile(str(path), size, sha.hexdigest()))
-        if size > self.max_document_bytes:
-            self._skip("too_large")
-            return
-        data = b"".join(pieces)
-        # NUL bytes mean binary (or UTF-16, which is valid UTF-8 but not text we can use).
-        if b"\x00" in data:
+    def _text_lines(self, f, first: bytes) -> Iterator[bytes | None]:
+        """A text file's lines (BOM removed), None for one over the document limit (counted ``too_large``);
+        lines holding a NUL byte are dropped and counted."""
+        for lineno, line in enumerate(bounded_lines(_Prefixed(first, f), self.max_document_bytes)):
+            if line is None:
+                if self.target_bytes:  # with cutting off, the whole file is counted too_large instead
+                    self._skip("too_large")
+            elif b"\x00" in line:
+                self.dropped_lines["nul_byte"] += 1
+                continue
+            elif lineno == 0 and line.startswith(b"\xef\xbb\xbf"):  # an encoding artifact, not text
+                line = line[3:]
+            yield line
+
+    def _read_text(self, f: IO[bytes], name: str) -> Iterator[Document]:
+        first = f.read(BINARY_SNIFF_BYTES)
+        if b"\x00" in first:  # binary (or UTF-16, which is not text we can use): the whole file
             self._skip("binary")
             return
-        try:
-            text = data.decode("utf-8-sig")  # a byte-order mark is an encoding artifact, not text
-        except UnicodeDecodeError:
-            self._skip("invalid_utf8")
-            return
-        if reason := _bad_text(text):
+        for lines in cut_documents(self._text_lines(f, first), self.target_bytes, self.hard_bytes):
+            if lines is TOO_LARGE:
+                self._skip("too_large")
+                continue
+            text, n_dropped = self._decoder.lines(lines)
+            if n_dropped and not text.strip():
+                self._skip("invalid_utf8")
+            elif reason := _bad_text(text):
+                self._skip(reason)
+            else:
+                self.read += 1
+                yield Document(text, name)
+
+    def _usable(self, text: object) -> str | None:
+        """One record's text field if it is a usable document, else None (the drop counted)."""
+        if not isinstance(text, str):
+            self._skip("missing_text_field")
+        elif utf8_longer_than(text, self.max_document_bytes):
+            self._skip("too_large")
+        elif reason := _bad_text(text):
             self._skip(reason)
-            return
-        self.read += 1
-        yield Document(text, str(path))
+        else:
+            self.read += 1
+            return text
+        return None
 
-    def _read_jsonl(self, path: Path | str) -> Iterator[Document]:
-        sha, size = hashlib.sha256(), 0
-
-        def seen(data: bytes) -> None:
-            nonlocal size
-            sha.update(data)
-            size += len(data)
-
-        with self._open(path) as f:
-            for lineno, line in enumerate(bounded_lines(f, self.max_line_bytes, seen)):
-                if line is None:
-                    self._skip("line_too_long")
-                    continue
-                if lineno == 0 and line.startswith(b"\xef\xbb\xbf"):
-                    line = line[3:]
-                if not line.strip():  # blank lines separate nothing; they are not records
-                    continue
-                try:
-                    record = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError:
+    def _read_jsonl(self, f: IO[bytes], name: str) -> Iterator[Document]:
+        for lineno, line in enumerate(bounded_lines(f, self.max_line_bytes)):
+            if line is None:
+                self._skip("line_too_long")
+                continue
+            if lineno == 0 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            if not line.strip():  # blank lines separate nothing; they are not records
+                continue
+            try:
+                decoded = line.decode("utf-8")
+            except UnicodeDecodeError:
+                if self._decoder.policy == "drop-line":  # the line is the record: count it as one
                     self._skip("invalid_utf8")
                     continue
-                except json.JSONDecodeError:
-                    self._skip("malformed_jsonl")
-                    continue
-                if not isinstance(record, dict):
-                    self._skip("malformed_jsonl")
-                    continue
-                text = record.get(self.text_field)
-                if not isinstance(text, str):
-                    self._skip("missing_text_field")
-                    continue
-                if utf8_longer_than(text, self.max_document_bytes):
-                    self._skip("too_large")
-                    continue
-                if reason := _bad_text(text):
-                    self._skip(reason)
-                    continue
-                self.read += 1
-                yield Document(text, str(path))
-        self.sources.append(SourceFile(str(path), size, sha.hexdigest()))
+                decoded = self._decoder.line(line)
+            try:
+                record = json.loads(decoded)
+            except json.JSONDecodeError:
+                self._skip("malformed_jsonl")
+                continue
+            if not isinstance(record, dict):
+                self._skip("malformed_jsonl")
+                continue
+            if (text := self._usable(record.get(self.text_field))) is not None:
+                yield Document(text, name)
+
+    def _table_lines(self, f: IO[bytes]) -> Iterator[str]:
+        for lineno, line in enumerate(bounded_lines(f, self.max_line_bytes)):
+            if line is None:
+                self._skip("line_too_long")
+                continue
+            if lineno == 0 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            text = self._decoder.line(line)
+            if text is not None:
+                yield text
+
+    def _read_table(self, f: IO[bytes], name: str, delimiter: str) -> Iterator[Document]:
+        """CSV/TSV: a header row naming the columns, then one document per row from ``text_field``."""
+        rows = csv.reader(self._table_lines(f), delimiter=delimiter)
+        column = None
+        while True:
+            try:
+                with _csv_field_limit(self.max_line_bytes):
+                    row = next(rows)
+            except StopIteration:
+                return
+            except csv.Error:  # e.g. a NUL byte, or an unterminated quote at the end of the file
+                self._skip("malformed_csv")
+                continue
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if column is None:
+                column = row.index(self.text_field) if self.text_field in row else -1
+            elif column < 0 or column >= len(row):
+                self._skip("missing_text_field")
+            elif (text := self._usable(row[column])) is not None:
+                yield Document(text, name)
 
     def _read_parquet(self, path: Path | str) -> Iterator[Document]:
         if isinstance(path, Path):
