@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fmforge.errors import FmforgeError
-from fmforge.plan.fit import FittedLaw, _objective, fit_law, load_law, save_law
+from fmforge.plan.fit import FittedLaw, _objective, fit_law, load_law, non_monotone, save_law
 
 CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al. 2022, approach 3
 BESIROGLU = dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)  # Besiroglu et al. 2024 refit
@@ -189,3 +189,31 @@ def test_missing_or_corrupt_law_file_fails_in_one_line(tmp_path):
         with pytest.raises(FmforgeError, match=detail) as err:
             load_law(bad)
         assert "\n" not in str(err.value)
+
+
+def test_rungs_whose_loss_rises_with_n_or_d_are_flagged():
+    n, d = np.meshgrid([1e6, 2e6, 4e6], [1e8, 2e8, 4e8])
+    n, d = n.ravel(), d.ravel()
+    loss = _truth(CHINCHILLA, n, d)
+    assert non_monotone(n, d, loss) == []
+    names = [f"r{i}" for i in range(n.size)]
+    bumped = loss.copy()
+    i = int(np.flatnonzero((n == 2e6) & (d == 2e8))[0])
+    bumped[i] = loss[(n == 1e6) & (d == 2e8)][0] + 0.01  # worse than the smaller model and the shorter run
+    flags = non_monotone(n, d, bumped, names)
+    assert {(f["name"], f["axis"]) for f in flags} == {(names[i], "N"), (names[i], "D")}
+    smaller = names[int(np.flatnonzero((n == 1e6) & (d == 2e8))[0])]
+    assert next(f for f in flags if f["axis"] == "N")["than"] == smaller
+    law = fit_law(n, d, bumped, points=[{"name": x} for x in names])
+    assert law.non_monotone == flags and FittedLaw.from_json(law.to_json()).non_monotone == flags
+
+
+def test_prediction_from_a_fit_at_a_bound_is_refused_unless_allowed():
+    n, d = _grid()
+    law = fit_law(n, d, (_truth(CHINCHILLA, n, d) - CHINCHILLA["E"]))  # no floor: E goes to its lower bound
+    with pytest.raises(FmforgeError, match=r"E = .* at its lower bound \(e\^-20 = 2.06e-09\).*--allow-bounded-fit") as err:
+        law.predict(*TARGET)
+    assert "\n" not in str(err.value)
+    assert law.predict(*TARGET, allow_bounded=True) == pytest.approx(float(law.loss(*TARGET)))
+    good = fit_law(*_noisy(CHINCHILLA))
+    assert good.predict(*TARGET) == pytest.approx(_truth(CHINCHILLA, *TARGET), rel=TOL_PREDICTION)

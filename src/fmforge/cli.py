@@ -206,7 +206,13 @@ VERBS: tuple[Verb, ...] = (
                 help="also train the target run and compare its final loss with the prediction"),
             arg("--bootstrap", type=int, default=200, metavar="B", help="bootstrap resamples for the CIs"),
             arg("--seed", type=int, default=0, metavar="S", help="seed of the bootstrap resampling"),
-            arg("--fit-only", action="store_true", help="refit the finished rungs; train nothing")),
+            arg("--fit-only", action="store_true", help="refit the finished rungs; train nothing"),
+            arg("--branch", action=argparse.BooleanOptionalAction, default=True,
+                help="WSD rungs whose cooldowns branch off one trunk per model size (Hägele et al. 2024); "
+                     "--no-branch: one run per rung with the base config's schedule (default: branch)"),
+            arg("--allow-bounded-fit", action="store_true",
+                help="predict (and run the target) even when a fitted constant sits at a bound of the fit, "
+                     "i.e. the ladder did not determine it")),
     ),
     Verb(
         "tune", "fmforge.plan.tune:tune",

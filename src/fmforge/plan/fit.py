@@ -33,6 +33,7 @@ GRID_E = (-1.0, -0.5, 0.0, 0.5, 1.0)
 GRID_AB = (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)
 # Bounds only keep L-BFGS away from overflow and sign flips; real fits sit well inside them.
 _BOUNDS = [(-20.0, 80.0), (-20.0, 80.0), (-20.0, 10.0), (0.0, 5.0), (0.0, 5.0)]  # a, b, e, alpha, beta
+_THETA_NAMES = ("A", "B", "E", "alpha", "beta")  # the constants behind (a, b, e, alpha, beta)
 MIN_POINTS = 5
 
 
@@ -54,6 +55,7 @@ class FittedLaw:
     samples: np.ndarray | None = None
     source: str = ""
     at_bound: list = field(default_factory=list)  # constants the fit pushed to the edge of their range
+    non_monotone: list = field(default_factory=list)  # points whose loss rises with N or D (non_monotone())
 
     def loss(self, N, D):
         """Predicted loss; N and D broadcast like numpy arrays."""
@@ -80,13 +82,34 @@ class FittedLaw:
         lo, hi = np.nanpercentile(preds, [tail, 100.0 - tail])
         return float(lo), float(hi)
 
+    def bound_notes(self) -> list[str]:
+        """One phrase per constant at a bound: its value, which bound, and the bound."""
+        notes = []
+        for name in self.at_bound:
+            lo, hi = _BOUNDS[_THETA_NAMES.index(name)]
+            value = float(getattr(self, name))
+            x = math.log(value) if name in ("A", "B", "E") and value > 0 else value
+            edge, side = (lo, "lower") if abs(x - lo) <= abs(hi - x) else (hi, "upper")
+            shown = f"e^{edge:g} = {math.exp(edge):.3g}" if name in ("A", "B", "E") else f"{edge:g}"
+            notes.append(f"{name} = {value:.4g} at its {side} bound ({shown})")
+        return notes
+
+    def predict(self, N: float, D: float, allow_bounded: bool = False) -> float:
+        """The loss at (N, D), refused (one-line FmforgeError) when a constant sits at a bound of the fit:
+        those points did not determine the law, so an extrapolation from it means nothing."""
+        if self.at_bound and not allow_bounded:
+            raise FmforgeError(f"refusing to predict from this fit: {'; '.join(self.bound_notes())} - the points do "
+                               "not determine the law; widen the ladder (more sizes and token budgets, further "
+                               "apart) or pass --allow-bounded-fit")
+        return float(self.loss(N, D))
+
     def to_json(self) -> dict:
         data = {"form": FORM, **{k: float(getattr(self, k)) for k in PARAMS},
                 "a": self.a, "b": self.b,
                 "n_definition": "non-embedding parameters", "d_definition": "training tokens",
                 "ci": {k: [float(v) for v in self.ci[k]] for k in self.ci},
                 "points": list(self.points), "n_points": self.n_points, "objective": float(self.objective),
-                "at_bound": list(self.at_bound), "source": self.source}
+                "at_bound": list(self.at_bound), "non_monotone": list(self.non_monotone), "source": self.source}
         if self.samples is not None:
             data["bootstrap"] = [[float(v) for v in row] for row in self.samples]
         return data
@@ -102,7 +125,8 @@ class FittedLaw:
         return cls(**values, ci={k: list(v) for k, v in data.get("ci", {}).items()},
                    n_points=int(data.get("n_points", len(data.get("points", [])))),
                    objective=float(data.get("objective", float("nan"))), points=list(data.get("points", [])),
-                   samples=samples, source=str(data.get("source", "")), at_bound=list(data.get("at_bound", [])))
+                   samples=samples, source=str(data.get("source", "")), at_bound=list(data.get("at_bound", [])),
+                   non_monotone=list(data.get("non_monotone", [])))
 
 
 def load_law(path) -> FittedLaw:
@@ -123,6 +147,23 @@ def load_law(path) -> FittedLaw:
 def save_law(law: FittedLaw, path, **extra) -> None:
     """Write ``law`` as JSON, with ``extra`` top-level keys (a ladder adds its target prediction)."""
     Path(path).write_text(json.dumps({**law.to_json(), **extra}, indent=1) + "\n")
+
+
+def non_monotone(N, D, L, names=None) -> list[dict]:
+    """Points whose loss is higher than their neighbour's with fewer parameters at the same D (``axis`` "N"),
+    or with fewer tokens at the same N (``axis`` "D"): a larger model or a longer run should not do worse, so
+    such a rung is noise, a divergence or a badly tuned size, and pulls the fit."""
+    N, D, L = (np.asarray(x, dtype=float).ravel() for x in (N, D, L))
+    names = [(names[i] if names is not None and names[i] else f"N={n:g},D={d:g}") for i, (n, d) in enumerate(zip(N, D))]
+    flags = []
+    for axis, key, other in (("N", N, D), ("D", D, N)):
+        for value in np.unique(other):
+            idx = sorted(np.flatnonzero(other == value), key=lambda i: key[i])
+            for prev, cur in zip(idx, idx[1:]):
+                if L[cur] > L[prev] and key[cur] > key[prev]:
+                    flags.append({"name": names[cur], "axis": axis, "loss": float(L[cur]),
+                                  "than": names[prev], "than_loss": float(L[prev])})
+    return flags
 
 
 def _objective_grid(theta: np.ndarray, log_n, log_d, log_l, delta: float) -> np.ndarray:
@@ -215,8 +256,9 @@ def fit_law(N, D, L, *, starts: int = 32, bootstrap: int = 0, bootstrap_starts: 
                     points=list(points) if points is not None else
                     [{"N": float(n), "D": float(d), "loss": float(loss)} for n, d, loss in zip(N, D, L)])
     # A constant at a bound means the points do not determine it (say, E -> 0 when no run nears the floor).
-    law.at_bound = [name for name, x, (lo, hi) in zip(("A", "B", "E", "alpha", "beta"), theta, _BOUNDS)
+    law.at_bound = [name for name, x, (lo, hi) in zip(_THETA_NAMES, theta, _BOUNDS)
                     if min(x - lo, hi - x) < 0.01]  # a tiny gradient leaves e a hair above its bound
+    law.non_monotone = non_monotone(N, D, L, [p.get("name") for p in points] if points is not None else None)
     if bootstrap > 0:
         rng = np.random.default_rng(seed)
         rows = []
