@@ -44,7 +44,7 @@ def prepared(corpus_dir, tmp_path_factory) -> Path:
     from fmforge.data.prepare import prepare_data
 
     out = tmp_path_factory.mktemp("data") / "prepared"
-    prepare_data([str(corpus_dir)], out, vocab_size=512, val_fraction=0.1, log=None)
+    prepare_data([str(corpus_dir)], out, vocab_size=512, val_fraction=0.1, document_bytes=16384, log=None)
     return out
 
 
