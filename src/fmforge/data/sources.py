@@ -479,14 +479,7 @@ class DocumentReader:
                         self._skip("missing_text_field", len(column))
                         continue
                     for text in column.to_pylist():
-                        if text is None:
-                            self._skip("missing_text_field")
-                        elif utf8_longer_than(text, self.max_document_bytes):
-                            self._skip("too_large")
-                        elif reason := _bad_text(text):
-                            self._skip(reason)
-                        else:
-                            self.read += 1
-                            yield Document(text, name)
+                        if (usable := self._usable(text)) is not None:  # None (a null cell) counts as missing
+                            yield Document(usable, name)
             except pa.ArrowException:  # a corrupt page partway through: keep what was read, count the file
                 self._skip("malformed_parquet")
