@@ -104,7 +104,8 @@ def run_mode(args, data: Path, mup: bool) -> dict:
                             params=list(params), tokens=list(tokens), target_params=target_n, target_tokens=target_d,
                             run_target=True, bootstrap=bootstrap, seed=0, allow_bounded_fit=args.allow_bounded_fit)
     except FmforgeError as err:  # e.g. a fit at a bound: the ladder says why it will not predict
-        raise SystemExit(f"{mode}: {err}") from None
+        print(f"{mode}: {err}")
+        return {"mode": mode, "minutes": (time.perf_counter() - start) / 60, "refused": str(err)}
     minutes = (time.perf_counter() - start) / 60
     report = {"mode": mode, "minutes": minutes, **result.target}
     largest = max(result.rungs, key=lambda r: r["N"] * r["D"])
@@ -115,6 +116,10 @@ def run_mode(args, data: Path, mup: bool) -> dict:
 def show(reports: list[dict]) -> None:
     print(f"\n{'mode':5} {'target N':>10} {'target D':>11} {'x C':>5} {'predicted':>9} {'95% interval':>19} "
           f"{'actual':>8} {'error':>8} {'min':>6}")
+    refused = [r for r in reports if "refused" in r]
+    reports = [r for r in reports if "refused" not in r]
+    for r in refused:
+        print(f"{r['mode']}: no prediction ({r['refused']}) after {r['minutes']:.1f} min")
     for r in reports:
         ci = f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]" if r.get("ci") else "-"
         actual = r.get("actual", math.nan)

@@ -15,8 +15,6 @@ import json
 import os
 import re
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import slurm_cmd
 
 from fmforge.errors import FmforgeError
 from fmforge.launch import launch
@@ -204,96 +203,8 @@ def test_sbatch_script_is_valid_bash_with_requeue_and_checkpoint_before_time_lim
     assert contains(words, [str(CONFIG)])  # absolute paths: the job runs on other nodes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _slurm(*args: str, env: dict, check: bool = True) -> str:
-    return subprocess.run(list(args), env=env, capture_output=True, text=True, check=check, timeout=30).stdout
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
-    """A one-node Slurm (slurmctld + slurmd from Debian's slurm-wlm) on loopback, with one fake GPU GRES so
-    the script's --gpus-per-node is honoured. Yields the environment that points Slurm commands at it."""
-    missing = [t for t in ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "srun", "sinfo")
-               if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"Slurm not installed ({', '.join(missing)} missing): apt-get install slurm-wlm")
-    if os.geteuid() != 0:
-        pytest.skip("a throwaway slurmd must run as root (it launches jobs as their user)")
-    host = socket.gethostname()
-    try:
-        socket.gethostbyname(host)
-    except OSError:
-        pytest.skip(f"hostname {host!r} does not resolve: the job's rendezvous uses the node name")
-
-    d = tmp_path_factory.mktemp("slurm")
-    for sub in ("state", "spool", "log"):
-        (d / sub).mkdir()
-    conf = d / "slurm.conf"
-    conf.write_text(f"""ClusterName=fmforgetest
-SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/none
-CredType=cred/none
-# A requeued job waits cred_expire seconds (default 120) before it may start again, then for the next
-# scheduling pass (every 60 s by default)
-AuthInfo=cred_expire=5
-SchedulerParameters=sched_interval=1
-StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
-SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.pid
-SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SwitchType=switch/none
-MpiDefault=none
-SchedulerType=sched/builtin
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-GresTypes=gpu
-NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} Gres=gpu:1 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
-""")
-    (d / "gres.conf").write_text(f"NodeName={host} Name=gpu File=/dev/null\n")  # a GPU slot, no device
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    try:
-        try:
-            _slurm("slurmctld", "-f", str(conf), env=env)
-            _slurm("slurmd", "-f", str(conf), "-N", host, env=env)
-        except subprocess.CalledProcessError as err:
-            pytest.skip(f"{err.cmd[0]} did not start: {(err.stderr or '').strip()[-300:]}")
-        deadline = time.monotonic() + 30
-        while _slurm("sinfo", "-h", "-o", "%t", env=env, check=False).strip() != "idle":
-            if time.monotonic() > deadline:
-                logs = " | ".join((d / "log" / f).read_text()[-400:] for f in ("slurmctld.log", "slurmd.log"))
-                pytest.skip(f"single-node Slurm did not come up within 30 s: {logs}")
-            time.sleep(0.3)
-        yield env
-    finally:
-        _slurm("scontrol", "shutdown", env=env, check=False)
-        for pid_file in ("slurmd.pid", "slurmctld.pid"):  # only the daemons this fixture started
-            pid_path = d / pid_file
-            if pid_path.exists():
-                try:
-                    os.kill(int(pid_path.read_text()), 15)
-                except (ProcessLookupError, ValueError):
-                    pass
-
-
 def _job_field(job_id: str, env: dict, name: str) -> str:
-    out = _slurm("scontrol", "show", "job", job_id, env=env)
+    out = slurm_cmd("scontrol", "show", "job", job_id, env=env)
     match = re.search(rf"\b{name}=(\S+)", out)
     return match.group(1) if match else ""
 
@@ -335,7 +246,7 @@ def test_sbatch_script_trains_on_real_slurm_then_checkpoints_requeues_and_resume
 
     _wait("training to start", lambda: len(steps()) >= 20, 90, log)
     # What Slurm does --signal_lead_s before the time limit (--signal=B:USR1@120): signal the batch shell.
-    _slurm("scancel", "--batch", "--signal=USR1", job_id, env=env)
+    slurm_cmd("scancel", "--batch", "--signal=USR1", job_id, env=env)
     _wait("the job to be requeued", lambda: _job_field(job_id, env, "Restarts") == "1", 60, log)
     _wait("the requeued job to finish",
           lambda: _job_field(job_id, env, "JobState") in ("COMPLETED", "FAILED"), 120, log)

@@ -231,7 +231,7 @@ VERBS: tuple[Verb, ...] = (
             arg("--seed", type=int, default=0, metavar="S", help="sampler seed")),
     ),
     Verb(
-        "data prepare", "fmforge.data.prepare:prepare_data",
+        "data prepare", "fmforge.data.scaled:prepare_command",
         help="raw text → tokenizer + token shards + manifest",
         description="Read text files, directories or globs (.txt .md .py .rst .jsonl .csv .tsv, each optionally "
                     ".gz/.bz2/.xz/.zst, and .parquet; other files are counted as skipped by extension), normalize "
@@ -267,7 +267,37 @@ VERBS: tuple[Verb, ...] = (
             arg("--max-document-bytes", type=int, default=64 << 20, metavar="B",
                 help="skip (and count as too_large) records or single lines over B bytes (default: 64 MiB)"),
             arg("--max-line-bytes", type=int, default=128 << 20, metavar="B",
-                help="skip (and count as line_too_long) .jsonl/.csv/.tsv lines over B bytes (default: 128 MiB)")),
+                help="skip (and count as line_too_long) .jsonl/.csv/.tsv lines over B bytes (default: 128 MiB)"),
+            Group(title="sharded preparation (work units on an engine; rerun the same command to resume)", args=(
+                arg("--engine", choices=("local", "ray", "slurm"),
+                    help="split the inputs into work units and run them as processes on this machine (local), "
+                         "Ray tasks (ray) or a Slurm array job (slurm), then merge them with global "
+                         "deduplication into one directory (default: one process, no units)"),
+                arg("--workers", type=int, metavar="N",
+                    help="units at once (default: all cores for local and ray, 16 array tasks for slurm)"),
+                arg("--unit-bytes", type=int, default=256 << 20, metavar="B",
+                    help="input bytes per work unit: consecutive files up to B (default: 256 MiB)"),
+                arg("--retries", type=int, default=2, metavar="R",
+                    help="retries of a failed unit before it is reported by name (default: 2)"),
+                arg("--tokenizer-sample-bytes", type=int, default=1 << 30, metavar="B",
+                    help="without --tokenizer, train it first on at most B bytes of documents sampled "
+                         "deterministically (default: 1 GiB)"),
+                arg("--ray-address", metavar="ADDR",
+                    help="Ray cluster to run on (e.g. auto or 10.0.0.1:6379; default: a local Ray of --workers "
+                         "CPUs, started and stopped for this run)"),
+                arg("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an `fmforge launch slurm` option for the jobs: partition, account, qos, constraint, "
+                         "time, cpus_per_task, mem, python, setup, sbatch_args, job_name, env (repeatable)"),
+                arg("--detach", action="store_true",
+                    help="slurm: submit the jobs and return; follow with `fmforge data status`"))),
+        ),
+    ),
+    Verb(
+        "data status", "fmforge.data.scaled:status",
+        help="where a sharded preparation stands: units done, failed, to run",
+        description="Show a prepared directory's state; for a sharded preparation (data prepare --engine), the "
+                    "units done, failed (with their errors and logs) and left, tokens so far, and Slurm job ids.",
+        args=(arg("data_dir", metavar="DATA_DIR", help="the --out of `fmforge data prepare`"),),
     ),
     Verb(
         "data verify", "fmforge.data.verify:verify_prepared_data",

@@ -142,7 +142,10 @@ class MinHashDeduper:
 
     def is_near_duplicate(self, text: str) -> bool:
         """True if ``text`` is a near-duplicate of a document seen before; otherwise remember it."""
-        sig = self.signature(text)
+        return self.is_near_duplicate_signature(self.signature(text))
+
+    def is_near_duplicate_signature(self, sig: np.ndarray | None) -> bool:
+        """``is_near_duplicate`` from a signature computed earlier (``signature``), e.g. in another process."""
         if sig is None:
             return False
         keys = self._band_keys(sig)

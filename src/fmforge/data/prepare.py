@@ -50,8 +50,8 @@ ENCODE_BATCH_DOCS = 2048
 ENCODE_BATCH_CHARS = 4_000_000  # bounds memory (each token is a Rust Encoding entry until converted)
 # Exactly the names this module writes; nothing else in the output directory is ever deleted. Leftovers of
 # an interrupted run (temp files, staging) are unmistakably ours; the final names could be a user's files.
-_NAMES = r"((train|val)_\d{6}\.bin|manifest\.json|tokenizer\.json|special_tokens_map\.json)"
-_OUR_OUTPUTS = re.compile(rf"^{_NAMES}$")
+_NAMES = r"((train|val)_\d{6}\.bin|manifest\.json|tokenizer\.json|special_tokens_map\.json|removed\.jsonl)"
+OUR_OUTPUTS = re.compile(rf"^{_NAMES}$")
 _OUR_LEFTOVERS = re.compile(rf"^{_NAMES}\.tmp$|^\.staging\.jsonl$")
 
 
@@ -67,7 +67,7 @@ class _Kept:
     n_bytes: array = field(default_factory=lambda: array("q"))
 
 
-def _validate(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: float, shard_tokens: int,
+def validate_request(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: float, shard_tokens: int,
               overwrite: bool) -> None:
     if not 0.0 <= val_fraction < 1.0:
         raise FmforgeError(f"val_fraction must be at least 0 and below 1, got {val_fraction}")
@@ -76,7 +76,7 @@ def _validate(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: f
                            "(256 bytes + 3 special tokens)")
     if shard_tokens < 1:
         raise FmforgeError(f"shard_tokens must be positive, got {shard_tokens}")
-    check_output_dir(out, MANIFEST, _OUR_OUTPUTS, "prepared data", overwrite)
+    check_output_dir(out, MANIFEST, OUR_OUTPUTS, "prepared data", overwrite)
 
 
 def check_output_dir(out: Path, marker: str, ours: re.Pattern, what: str, overwrite: bool) -> None:
@@ -94,11 +94,11 @@ def check_output_dir(out: Path, marker: str, ours: re.Pattern, what: str, overwr
                            "(an interrupted run, or not ours); pass --overwrite to replace them")
 
 
-def _remove_our_files(out: Path) -> None:
+def remove_our_files(out: Path) -> None:
     # The manifest goes first: from then on the directory no longer claims to hold complete data.
     (out / MANIFEST).unlink(missing_ok=True)
     for p in out.iterdir():
-        if p.is_file() and (_OUR_OUTPUTS.match(p.name) or _OUR_LEFTOVERS.match(p.name)):
+        if p.is_file() and (OUR_OUTPUTS.match(p.name) or _OUR_LEFTOVERS.match(p.name)):
             p.unlink()
 
 
@@ -212,7 +212,7 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     out = Path(out)
-    _validate(out, tokenizer, vocab_size, val_fraction, shard_tokens, overwrite)
+    validate_request(out, tokenizer, vocab_size, val_fraction, shard_tokens, overwrite)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
     skipped: Counter = Counter()
     reader = DocumentReader(resolve_inputs(inputs, skipped), text_field, max_document_bytes=max_document_bytes,
@@ -220,7 +220,7 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
                             encoding_errors=encoding_errors)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    _remove_our_files(out)
+    remove_our_files(out)
     staging = out / STAGING
     wrote = False
     try:
@@ -264,7 +264,7 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
                     "tokens", allow_uneven_split)
     except BaseException:
         if wrote:  # shards of a run that failed its checks: ours, and no manifest claims them
-            _remove_our_files(out)
+            remove_our_files(out)
         raise
     finally:
         staging.unlink(missing_ok=True)
@@ -273,43 +273,56 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
 
     tok.save(out / TOKENIZER_FILE)
     write_json_atomic(out / SPECIAL_TOKENS_FILE, tok.special_tokens_map())
-    counts = {"train": n_train, "val": n_val}
-    manifest = _manifest(reader, kept, dropped, skipped, counts, tokens, n_bytes, tok, tokenizer, dtype, shards)
-    manifest.update({
-        "text_field": text_field,
-        "val_fraction": val_fraction,
-        "limits": {"max_document_bytes": max_document_bytes, "max_line_bytes": max_line_bytes},
-        "split": {"val_fraction": val_fraction, "rule": RULE, "allow_uneven_split": allow_uneven_split,
-                  "realized": shares({"documents": n_train, "tokens": tokens["train"], "bytes": n_bytes["train"]},
-                                     {"documents": n_val, "tokens": tokens["val"], "bytes": n_bytes["val"]})},
-        "text_documents": {"document_bytes": document_bytes, "target_bytes": reader.target_bytes,
-                           "max_bytes": reader.hard_bytes},
-        "encoding_errors": encoding_errors,
-    })
+    totals = Totals(sources=[{"path": s.path, "bytes": s.bytes, "sha256": s.sha256} for s in reader.sources],
+                    read=reader.read, kept=kept.count, exact_duplicates=kept.exact_duplicates,
+                    near_duplicates=kept.near_duplicates,
+                    near_checked=reader.read - reader.dropped.total() - kept.exact_duplicates, dropped=dropped,
+                    dropped_lines=reader.dropped_lines, repaired_lines=reader.repaired_lines, skipped=skipped)
+    settings = {"text_field": text_field, "val_fraction": val_fraction, "max_document_bytes": max_document_bytes,
+                "max_line_bytes": max_line_bytes, "allow_uneven_split": allow_uneven_split,
+                "document_bytes": document_bytes, "encoding_errors": encoding_errors}
+    manifest = build_manifest(totals, {"train": n_train, "val": n_val}, tokens, n_bytes, tok, tokenizer, dtype,
+                              shards, settings, reader.target_bytes, reader.hard_bytes)
     write_json_atomic(out / MANIFEST, manifest)
-    _summarize(say, out, manifest, time.perf_counter() - start, encode_s, drop_near_duplicates)
+    summarize(say, out, manifest, time.perf_counter() - start, encode_s, drop_near_duplicates)
     return manifest
 
 
-def _manifest(reader: DocumentReader, kept: _Kept, dropped: Counter, skipped: Counter, counts: dict[str, int],
-              tokens: dict[str, int], n_bytes: Counter, tok: TextTokenizer, tokenizer: str | None, dtype,
-              shards: list[dict]) -> dict:
-    """The manifest's fields about what was read and written (the caller adds the settings)."""
+@dataclass
+class Totals:
+    """What reading and deduplication saw, for the manifest (one run, or the sum of a sharded run's units)."""
+
+    sources: list[dict]
+    read: int
+    kept: int
+    exact_duplicates: int
+    near_duplicates: int
+    near_checked: int  # documents that reached the near-duplicate check (valid, not exact duplicates)
+    dropped: Counter
+    dropped_lines: Counter
+    repaired_lines: Counter
+    skipped: Counter
+
+
+def build_manifest(t: Totals, counts: dict[str, int], tokens: dict[str, int], n_bytes: Counter, tok: TextTokenizer,
+                   tokenizer: str | None, dtype, shards: list[dict], settings: dict, target_bytes: int,
+                   hard_bytes: int) -> dict:
+    """The manifest of a prepared text directory. ``settings``: text_field, val_fraction, max_document_bytes,
+    max_line_bytes, allow_uneven_split, document_bytes, encoding_errors."""
+    val_fraction = settings["val_fraction"]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fmforge_version": __version__,
-        "sources": [{"path": s.path, "bytes": s.bytes, "sha256": s.sha256} for s in reader.sources],
-        "documents": {"read": reader.read, "kept": kept.count, "train": counts["train"], "val": counts["val"],
-                      "exact_duplicates": kept.exact_duplicates, "near_duplicates": kept.near_duplicates},
-        # Among the documents that reached the near-duplicate check (valid, not exact duplicates).
-        "near_duplicate_rate": kept.near_duplicates / max(1, reader.read - reader.dropped.total()
-                                                          - kept.exact_duplicates),
-        "dropped": dict(sorted(dropped.items())),
-        "dropped_lines": dict(sorted(reader.dropped_lines.items())),
-        "repaired_lines": dict(sorted(reader.repaired_lines.items())),
-        "skipped_files": dict(sorted(skipped.items())),
+        "sources": t.sources,
+        "documents": {"read": t.read, "kept": t.kept, "train": counts["train"], "val": counts["val"],
+                      "exact_duplicates": t.exact_duplicates, "near_duplicates": t.near_duplicates},
+        "near_duplicate_rate": t.near_duplicates / max(1, t.near_checked),
+        "dropped": dict(sorted(t.dropped.items())),
+        "dropped_lines": dict(sorted(t.dropped_lines.items())),
+        "repaired_lines": dict(sorted(t.repaired_lines.items())),
+        "skipped_files": dict(sorted(t.skipped.items())),
         "tokens": tokens,
         "bytes": {"train": n_bytes["train"], "val": n_bytes["val"]},
         "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
@@ -318,10 +331,21 @@ def _manifest(reader: DocumentReader, kept: _Kept, dropped: Counter, skipped: Co
         "dtype": dtype.name,
         "shards": shards,
         "normalization": "NFC",
+        "text_field": settings["text_field"],
+        "val_fraction": val_fraction,
+        "limits": {"max_document_bytes": settings["max_document_bytes"],
+                   "max_line_bytes": settings["max_line_bytes"]},
+        "split": {"val_fraction": val_fraction, "rule": RULE, "allow_uneven_split": settings["allow_uneven_split"],
+                  "realized": shares({"documents": counts["train"], "tokens": tokens["train"],
+                                      "bytes": n_bytes["train"]},
+                                     {"documents": counts["val"], "tokens": tokens["val"], "bytes": n_bytes["val"]})},
+        "text_documents": {"document_bytes": settings["document_bytes"], "target_bytes": target_bytes,
+                           "max_bytes": hard_bytes},
+        "encoding_errors": settings["encoding_errors"],
     }
 
 
-def _summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float, encode_s: float,
+def summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float, encode_s: float,
                dropped_near: bool) -> None:
     docs, tokens = m["documents"], m["tokens"]
     action = "dropped" if dropped_near else "kept; --drop-near-duplicates removes them"

@@ -97,7 +97,8 @@ def skip_key(name: str) -> str:
 def _walk(directory: Path, skipped: Counter) -> list[Path]:
     found = []
     for root, dirs, files in os.walk(directory):
-        skipped["(hidden)"] += sum(d.startswith(".") for d in dirs)  # .git, .venv, .cache ... counted, not entered
+        if hidden := sum(d.startswith(".") for d in dirs):
+            skipped["(hidden)"] += hidden  # .git, .venv, .cache ... counted, not entered
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
             if not f.startswith(".") and is_known(f):
