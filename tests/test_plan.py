@@ -209,6 +209,17 @@ def test_plan_reports_every_law_and_proposes_a_config_train_accepts_unchanged(pr
     assert read_metrics(tmp_path / "run")[-1]["step"] == cfg.train.max_steps
 
 
+def test_plan_refuses_a_fitted_law_with_a_constant_at_its_bound_unless_allowed(tmp_path):
+    law = {"form": "E + A/N^alpha + B/D^beta", "E": math.exp(-20), "A": 300.0, "B": 600.0, "alpha": 0.3,
+           "beta": 0.3, "n_definition": "non-embedding parameters", "d_definition": "training tokens", "ci": {},
+           "points": [], "source": "test", "at_bound": ["E"]}
+    path = tmp_path / "law.json"
+    path.write_text(json.dumps(law))
+    with pytest.raises(FmforgeError, match=r"E = 2.061e-09 at its lower bound .* --allow-bounded-fit"):
+        plan(flops=1e20, law=str(path), seq_len=512, vocab_size=8192)
+    assert plan(flops=1e20, law=str(path), seq_len=512, vocab_size=8192, allow_bounded_fit=True)["chosen"] == "fitted"
+
+
 def test_plan_with_fitted_law_file_uses_it(tmp_path):
     law = {"form": "E + A/N^alpha + B/D^beta", "E": 1.5, "A": 300.0, "B": 600.0, "alpha": 0.3, "beta": 0.3,
            "n_definition": "non-embedding parameters", "d_definition": "training tokens", "ci": {},

@@ -172,6 +172,8 @@ VERBS: tuple[Verb, ...] = (
             arg("--law", metavar="NAME|law.json",
                 help="law the proposed config follows: kaplan, kaplan-frontier, chinchilla, besiroglu (default), "
                      "20-tokens, or a law.json fitted by `fmforge ladder`"),
+            arg("--allow-bounded-fit", action="store_true",
+                help="plan with a law.json whose fit put a constant at the bound of its range (refused by default)"),
             arg("--arch", choices=["llama", "gpt2"], default="llama"),
             arg("--seq-len", type=int, default=2048, metavar="T", help="context length (default: 2048)"),
             arg("--vocab-size", type=int, metavar="V", help="vocabulary (default: the data's, else 50257)"),

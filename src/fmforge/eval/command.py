@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fmforge.errors import FmforgeError
 from fmforge.eval.perplexity import evaluate
+from fmforge.eval.results import save_result
 from fmforge.eval.runs import evaluate_run
 from fmforge.runs import family_of, read_model_config
 
@@ -16,9 +17,18 @@ def eval_command(run_dir: str, *, data: str | None = None, max_batches: int | No
     if family_of(read_model_config(run_dir)) == "decoder":
         if zero_shot or class_names or templates or random_baseline:
             raise FmforgeError("--zero-shot, --class-names, --template and --random-baseline apply to image runs")
-        evaluate(run_dir, data_dir=data, max_batches=max_batches, batch_size=batch_size or 8, device=device,
-                 json_out=json_out)
+        result = evaluate(run_dir, data_dir=data, max_batches=max_batches, batch_size=batch_size or 8, device=device,
+                          json_out=json_out)
+        _save(run_dir, "perplexity", result)
         return
-    evaluate_run(run_dir, data_dir=data, zero_shot=zero_shot, class_names=class_names, templates=templates,
-                 batch_size=batch_size or 64, max_batches=max_batches, probe_samples=probe_samples,
-                 random_baseline=random_baseline, device=device, json_out=json_out)
+    result = evaluate_run(run_dir, data_dir=data, zero_shot=zero_shot, class_names=class_names,
+                          templates=templates, batch_size=batch_size or 64, max_batches=max_batches,
+                          probe_samples=probe_samples, random_baseline=random_baseline, device=device,
+                          json_out=json_out)
+    _save(run_dir, "vision" if result.get("family") != "bert" else "mlm", result)
+
+
+def _save(run_dir: str, kind: str, result: dict) -> None:
+    """Keep the numbers in RUN_DIR/eval/KIND.json for reports and pipeline gates."""
+    metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    save_result(run_dir, kind, kind, metrics, data_dir=result.get("data_dir"))

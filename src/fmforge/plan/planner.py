@@ -46,10 +46,15 @@ def _positive(name: str, value: float | None) -> None:
         raise FmforgeError(f"{name} must be a positive number, got {value}")
 
 
-def load_fitted_law(path: str | Path) -> ChinchillaLaw:
-    """A law.json written by ``fmforge ladder`` as a law of the Chinchilla form (N = non-embedding params)."""
+def load_fitted_law(path: str | Path, allow_bounded_fit: bool = False) -> ChinchillaLaw:
+    """A law.json written by ``fmforge ladder`` as a law of the Chinchilla form (N = non-embedding params).
+    A fit with a constant at a bound of its range is refused unless ``allow_bounded_fit``: its points did not
+    determine the law, so a plan extrapolated from it means nothing."""
 
     fitted = load_law(path)
+    if fitted.at_bound and not allow_bounded_fit:
+        raise FmforgeError(f"--law {path}: {'; '.join(fitted.bound_notes())} - that ladder did not determine the "
+                           "law; widen it, or pass --allow-bounded-fit to plan with it anyway")
     law = ChinchillaLaw("fitted", fitted.E, fitted.A, fitted.B, fitted.alpha, fitted.beta,
                         n_definition="non_embedding", source=f"fmforge ladder fit ({path})")
     _FITTED[law] = fitted
@@ -59,14 +64,14 @@ def load_fitted_law(path: str | Path) -> ChinchillaLaw:
 _FITTED: dict = {}  # the fitted law behind a "fitted" ChinchillaLaw: bootstrap intervals, fit diagnostics
 
 
-def _select_laws(law: str | None) -> tuple[dict[str, Law], str]:
+def _select_laws(law: str | None, allow_bounded_fit: bool = False) -> tuple[dict[str, Law], str]:
     laws: dict[str, Law] = dict(LAWS)
     if law is None:
         return laws, DEFAULT_LAW
     if law in LAWS:
         return laws, law
     if Path(law).is_file() or law.endswith(".json"):
-        laws["fitted"] = load_fitted_law(law)
+        laws["fitted"] = load_fitted_law(law, allow_bounded_fit)
         return laws, "fitted"
     raise FmforgeError(f"--law: {law!r} is neither a known law ({', '.join(LAWS)}) nor a law.json file")
 
@@ -162,7 +167,8 @@ def plan(*, flops: float | None = None, gpu: str | None = None, gpus: int = 1, h
          usd: float | None = None, prices: dict[str, float] | None = None, mfu: float | None = None,
          mfu_from: str | None = None, tokens: float | None = None, data: str | None = None,
          params: float | None = None, target_loss: float | None = None, inference_tokens: float | None = None,
-         law: str | None = None, arch: str = "llama", seq_len: int = 2048, vocab_size: int | None = None) -> dict:
+         law: str | None = None, arch: str = "llama", seq_len: int = 2048, vocab_size: int | None = None,
+         allow_bounded_fit: bool = False) -> dict:
     """The whole plan as a JSON-ready dict; see ``fmforge plan --help`` for the inputs.
 
     Budget precedence: FLOPs (``flops``, or ``gpu`` x ``gpus`` x ``hours``, or ``usd``) > ``params`` >
@@ -179,7 +185,7 @@ def plan(*, flops: float | None = None, gpu: str | None = None, gpus: int = 1, h
         raise FmforgeError("--hours and --usd need --gpu (which hardware the time or money buys)")
     if hours and usd:
         raise FmforgeError("give --hours or --usd, not both")
-    laws, chosen = _select_laws(law)
+    laws, chosen = _select_laws(law, allow_bounded_fit)
     hw = get_hardware(gpu, prices) if gpu else None
     if mfu_from:
         mfu = mfu_from_run(mfu_from)
@@ -396,7 +402,7 @@ def plan_command(*, flops: float | None = None, gpu: str | None = None, gpus: in
                  seq_len: int = 2048, vocab_size: int | None = None, json_out: bool = False,
                  plot_path: str | None = None, write_config: str | None = None, rescale_config: str | None = None,
                  global_batch_tokens: int | None = None, world_size: int | None = None,
-                 lr_rule: str = "sqrt") -> None:
+                 lr_rule: str = "sqrt", allow_bounded_fit: bool = False) -> None:
     """``fmforge plan``: print the plan's tables (or, ``json_out``, its JSON), and optionally write the plot
     (``plot_path``) and the proposed config (``write_config``). The budget arguments are ``plan``'s;
     ``prices`` are ``NAME=USD`` hourly-price overrides. With ``rescale_config`` it instead carries that
@@ -406,7 +412,8 @@ def plan_command(*, flops: float | None = None, gpu: str | None = None, gpus: in
         return
     report = plan(flops=flops, gpu=gpu, gpus=gpus, hours=hours, usd=usd, prices=parse_prices(list(prices)),
                   mfu=mfu, mfu_from=mfu_from, tokens=tokens, data=data, params=params, target_loss=target_loss,
-                  inference_tokens=inference_tokens, law=law, arch=arch, seq_len=seq_len, vocab_size=vocab_size)
+                  inference_tokens=inference_tokens, law=law, arch=arch, seq_len=seq_len, vocab_size=vocab_size,
+                  allow_bounded_fit=allow_bounded_fit)
     if json_out:
         print(json.dumps(report, indent=2))
     else:
@@ -417,7 +424,7 @@ def plan_command(*, flops: float | None = None, gpu: str | None = None, gpus: in
             print(f"wrote {write_config}: fmforge train {write_config}"
                   + ("" if report["config"]["data"]["path"] else " --data DATA_DIR"))
     if plot_path:
-        laws, _ = _select_laws(law)
+        laws, _ = _select_laws(law, allow_bounded_fit)
         plot(report, plot_path, laws)
         if not json_out:
             print(f"wrote {plot_path}")
