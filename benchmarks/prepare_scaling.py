@@ -27,8 +27,8 @@ from pathlib import Path
 
 from fmforge.data.engines import cpu_count
 from fmforge.data.prepare import prepare_data
-from fmforge.data.scaled import prepare_sharded
 from fmforge.data.tokenizer import train_tokenizer
+from fmforge.launch.data_prepare import prepare_sharded
 from fmforge.quickstart import stdlib_sources
 
 

@@ -18,10 +18,10 @@ import pytest
 from fmforge.data import text_units
 from fmforge.data.loader import TokenWindows
 from fmforge.data.prepare import prepare_data
-from fmforge.data.scaled import prepare_command, prepare_sharded, status
 from fmforge.data.shards import read_shard
 from fmforge.data.workplan import WorkDir, plan_units
 from fmforge.errors import FmforgeError
+from fmforge.launch.data_prepare import prepare_command, prepare_sharded, status
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ["argparse.py", "textwrap.py", "string.py", "heapq.py", "bisect.py", "shlex.py", "fractions.py",

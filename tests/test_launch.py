@@ -25,8 +25,8 @@ import yaml
 from conftest import slurm_cmd
 
 from fmforge.errors import FmforgeError
-from fmforge.launch import launch
 from fmforge.launch import sagemaker as sagemaker_target
+from fmforge.launch.cli import launch
 from fmforge.launch.common import torchrun_argv, train_args
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,8 +22,7 @@ import yaml
 from fmforge import cli
 from fmforge.config import build_config, load_config
 from fmforge.errors import FmforgeError
-from fmforge.launch import launch, target_options
-from fmforge.launch.cli import launch_command
+from fmforge.launch.cli import launch, launch_command, target_options
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"

@@ -90,6 +90,18 @@ TORCHRUN = parent(
 PREPARED_OUT = parent(
     arg("--out", required=True, metavar="DATA_DIR", help="output directory"),
     arg("--overwrite", action="store_true", help="replace an existing prepared directory"))
+# The engine settings of a sharded preparation (data prepare, data prepare-images).
+ENGINE_ARGS = (
+    arg("--retries", type=int, default=2, metavar="R",
+        help="retries of a failed unit before it is reported by name (default: 2)"),
+    arg("--ray-address", metavar="ADDR",
+        help="Ray cluster to run on (e.g. auto or 10.0.0.1:6379; default: a local Ray of --workers CPUs, started "
+             "and stopped for this run)"),
+    arg("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+        help="an `fmforge launch slurm` option for the jobs: partition, account, qos, constraint, time, "
+             "cpus_per_task, mem, python, setup, sbatch_args, job_name, env (repeatable)"),
+    arg("--detach", action="store_true", help="slurm: submit the jobs and return; follow with `fmforge data status`"),
+)
 DEVICE = parent(arg("--device", default="auto", help="auto, cpu or cuda"))
 JSON_OUT = parent(arg("--json", dest="json_out", action="store_true", help="print the result as JSON"))
 
@@ -233,7 +245,7 @@ VERBS: tuple[Verb, ...] = (
             arg("--seed", type=int, default=0, metavar="S", help="sampler seed")),
     ),
     Verb(
-        "data prepare", "fmforge.data.scaled:prepare_command",
+        "data prepare", "fmforge.launch.data_prepare:prepare_command",
         help="raw text → tokenizer + token shards + manifest",
         description="Read text files, directories or globs (.txt .md .py .rst .jsonl .csv .tsv, each optionally "
                     ".gz/.bz2/.xz/.zst, and .parquet; other files are counted as skipped by extension), normalize "
@@ -279,23 +291,14 @@ VERBS: tuple[Verb, ...] = (
                     help="units at once (default: all cores for local and ray, 16 array tasks for slurm)"),
                 arg("--unit-bytes", type=int, default=256 << 20, metavar="B",
                     help="input bytes per work unit: consecutive files up to B (default: 256 MiB)"),
-                arg("--retries", type=int, default=2, metavar="R",
-                    help="retries of a failed unit before it is reported by name (default: 2)"),
                 arg("--tokenizer-sample-bytes", type=int, default=1 << 30, metavar="B",
                     help="without --tokenizer, train it first on at most B bytes of documents sampled "
                          "deterministically (default: 1 GiB)"),
-                arg("--ray-address", metavar="ADDR",
-                    help="Ray cluster to run on (e.g. auto or 10.0.0.1:6379; default: a local Ray of --workers "
-                         "CPUs, started and stopped for this run)"),
-                arg("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="an `fmforge launch slurm` option for the jobs: partition, account, qos, constraint, "
-                         "time, cpus_per_task, mem, python, setup, sbatch_args, job_name, env (repeatable)"),
-                arg("--detach", action="store_true",
-                    help="slurm: submit the jobs and return; follow with `fmforge data status`"))),
+                *ENGINE_ARGS)),
         ),
     ),
     Verb(
-        "data status", "fmforge.data.scaled:status",
+        "data status", "fmforge.launch.data_prepare:status",
         help="where a sharded preparation stands: units done, failed, to run",
         description="Show a prepared directory's state; for a sharded preparation (data prepare --engine), the "
                     "units done, failed (with their errors and logs) and left, tokens so far, and Slurm job ids.",
@@ -311,14 +314,15 @@ VERBS: tuple[Verb, ...] = (
         args=(arg("data_dir", metavar="DATA_DIR", help="a directory from `fmforge data prepare[-images]`"),),
     ),
     Verb(
-        "data prepare-images", "fmforge.data.image_prepare:prepare_images",
+        "data prepare-images", "fmforge.launch.data_images:prepare_images_command",
         help="images (class folders or captions/labels list) → WebDataset tar shards + index",
         description="Read class-folder trees (ROOT/CLASS/.../image: classification) or .csv/.jsonl lists of "
                     "image paths with captions (or labels, with --label-field; relative paths resolve against "
                     "the list's folder), decode every image with Pillow, and write train_*.tar / val_*.tar "
                     "shards in WebDataset layout (KEY.jpg|png|webp + KEY.cls or KEY.txt + KEY.json) plus "
                     "index.json. Missing files, corrupt or truncated images, missing captions and unknown "
-                    "labels are counted by reason, skipped and summarized.",
+                    "labels are counted by reason, skipped and summarized. With --engine, the records are split "
+                    "into work units checked in parallel and merged into the same shards and one index.",
         parents=(PREPARED_OUT,),
         args=(
             arg("inputs", nargs="+", metavar="INPUT", help="class-folder trees, or .csv/.jsonl image lists"),
@@ -335,7 +339,8 @@ VERBS: tuple[Verb, ...] = (
             arg("--shard-samples", type=int, default=1000, metavar="N", help="samples per shard (default: 1000)"),
             arg("--shard-bytes", type=int, metavar="B", help="also close a shard once it reaches B bytes"),
             arg("--workers", type=int, metavar="N",
-                help="threads decoding images for verification (default: the usable cores, at most 8)"),
+                help="threads decoding images for verification (default: the usable cores, at most 8); with "
+                     "--engine, units at once (default: all cores for local and ray, 16 array tasks for slurm)"),
             Group(exclusive=True, args=(
                 arg("--tokenizer", metavar="PATH",
                     help="captions: copy this tokenizer.json or HF tokenizer directory as the caption tokenizer"),
@@ -346,7 +351,16 @@ VERBS: tuple[Verb, ...] = (
                 help="skip (and count as too_large) images over N pixels, read from the header before "
                      "decoding (default: 40000000)"),
             arg("--max-line-bytes", type=int, default=1 << 20, metavar="B",
-                help="skip (and count as line_too_long) image-list lines over B bytes (default: 1 MiB)")),
+                help="skip (and count as line_too_long) image-list lines over B bytes (default: 1 MiB)"),
+            Group(title="sharded preparation (work units on an engine; rerun the same command to resume)", args=(
+                arg("--engine", choices=("local", "ray", "slurm"),
+                    help="split the image records into work units and check them as processes on this machine "
+                         "(local), Ray tasks (ray) or a Slurm array job (slurm), then merge them into one "
+                         "directory (default: one process, no units)"),
+                arg("--unit-records", type=int, default=50_000, metavar="N",
+                    help="image records per work unit: consecutive records of the inputs (default: 50000)"),
+                *ENGINE_ARGS)),
+        ),
     ),
     Verb(
         "train", "fmforge.train.command:train_command",

@@ -1,5 +1,5 @@
 """Where the units of a sharded preparation run: processes on this machine, or Ray tasks on a cluster.
-(Slurm array jobs: ``slurm_prepare.py``.) Never a scheduler of our own: ``concurrent.futures`` and Ray do
+(Slurm array jobs: ``data_slurm.py``.) Never a scheduler of our own: ``concurrent.futures`` and Ray do
 the scheduling; fmforge only says which units are left and records what happened.
 
 Every engine runs ``execute(out, unit, task)``: the unit's task function, its log, its failure record.

@@ -19,7 +19,8 @@ formats Pillow reads (TIFF, BMP, GIF, ...) are re-encoded to PNG (first frame). 
 reproducible (fixed member metadata) and written atomically; ``index.json`` is written last, so a
 directory with an index is complete.
 
-The inputs are read by ``image_inputs.py``; the format and its reader are ``image_shards.py``.
+The inputs are read by ``image_inputs.py``; the format and its reader are ``image_shards.py``. With
+``--engine``, the same passes run as parallel work units merged into the same shards (``launch/data_images.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import stat
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -58,14 +59,14 @@ from fmforge.data.prepare import (
     format_reasons,
     write_json_atomic,
 )
-from fmforge.data.tokenizer import load_tokenizer, train_tokenizer
+from fmforge.data.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer
 from fmforge.errors import FmforgeError
 
 KEEP_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # what every image reader decodes
 LIST_EXTENSIONS = (".csv", ".jsonl")
 VERIFY_CHUNK = 512
 _NAMES = r"((train|val)_\d{6}\.tar|index\.json|tokenizer\.json|special_tokens_map\.json)"
-_OUR_OUTPUTS = re.compile(rf"^{_NAMES}$")
+OUR_OUTPUTS = re.compile(rf"^{_NAMES}$")
 _OUR_LEFTOVERS = re.compile(rf"^{_NAMES}\.tmp$")
 
 
@@ -140,7 +141,7 @@ def _check(record: Record, max_pixels: int) -> _Checked:
                     digest.hex())
 
 
-def _encoded(path: Path, ext: str, sha256: str) -> bytes:
+def encoded_image(path: Path, ext: str, sha256: str) -> bytes:
     """The bytes to store for an image pass 1 kept; a ValueError when the file changed since."""
     data = _read_image_file(path)
     if data is None or hashlib.sha256(data).hexdigest() != sha256:
@@ -219,8 +220,20 @@ class TarShardWriter:
 
 # --- prepare -------------------------------------------------------------------------------------------
 
-def _validate(inputs: list[Path], out: Path, val_fraction: float, shard_samples: int, shard_bytes: int | None,
-              overwrite: bool) -> None:
+@dataclass
+class Gathered:
+    """What the inputs hold, before any image is read (shared with the sharded path, ``image_units.py``)."""
+
+    mode: str  # "classification" or "captions"
+    fields: dict | None  # the list fields used; None for class folders
+    records: list[Record]  # in input order; records of unknown classes already dropped
+    sources: list[dict]
+    class_index: dict[str, int]
+    drops: Drops
+    read: int  # records read, dropped ones included
+
+
+def validate_inputs(inputs: list[Path], val_fraction: float, shard_samples: int, shard_bytes: int | None) -> None:
     if not inputs:
         raise FmforgeError("no inputs given: name class-folder trees or .csv/.jsonl image lists")
     for p in inputs:
@@ -234,10 +247,31 @@ def _validate(inputs: list[Path], out: Path, val_fraction: float, shard_samples:
         raise FmforgeError(f"val_fraction must be at least 0 and below 1, got {val_fraction}")
     if shard_samples < 1 or (shard_bytes is not None and shard_bytes < 1):
         raise FmforgeError(f"shard size must be positive, got {shard_samples} samples / {shard_bytes} bytes")
-    check_output_dir(out, INDEX, _OUR_OUTPUTS, "prepared images", overwrite)
 
 
-def _verify_all(records: list[Record], workers: int, max_pixels: int) -> list[_Checked]:
+def input_mode(inputs: list[Path], label_field: str | None, tokenizer: str | None, classes: list[str] | None) -> str:
+    mode = "classification" if inputs[0].is_dir() or label_field else "captions"
+    if tokenizer is not None and mode != "captions":
+        raise FmforgeError("--tokenizer applies to captioned images (a caption list without --label-field)")
+    if classes is not None and mode != "classification":
+        raise FmforgeError("classes apply to labelled images: class folders, or lists with --label-field")
+    return mode
+
+
+def gather_inputs(inputs: list[Path], mode: str, image_field: str, caption_field: str, label_field: str | None,
+                  classes: list[str] | None, max_line_bytes: int) -> Gathered:
+    folders = inputs[0].is_dir()
+    drops = Drops()
+    fields = None if folders else {"image": image_field, ("label" if label_field else "caption"):
+                                   label_field or caption_field}
+    records, sources = read_inputs(inputs, folders, fields, drops, max_line_bytes)
+    class_index = _class_index(records, classes, drops) if mode == "classification" else {}
+    records = [r for r in records if mode != "classification" or r.target in class_index]
+    return Gathered(mode, fields, records, sources, class_index, drops, len(records) + drops.counts.total())
+
+
+def verify_all(records: list[Record], workers: int, max_pixels: int) -> list[_Checked]:
+    """Pass 1 on a thread pool (Pillow decodes without the GIL), results in input order."""
     checked = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(records), VERIFY_CHUNK):  # bounded number of futures alive at once
@@ -245,19 +279,35 @@ def _verify_all(records: list[Record], workers: int, max_pixels: int) -> list[_C
     return checked
 
 
+def split_of(u: float, val_fraction: float) -> str:
+    return "val" if u < val_fraction else "train"
+
+
+def moved_image(splits: set[str], u_min: float, u_max: float, val_fraction: float) -> float | None:
+    """The position (``_Checked.u``) of the one image that changes split, or None: one moves when no image
+    went to train, or none to val although val is asked for and there are two or more distinct images."""
+    if "train" not in splits:
+        return u_max
+    if val_fraction > 0 and u_min != u_max and "val" not in splits:
+        return u_min
+    return None
+
+
 def _assign_splits(kept: list[_Checked], val_fraction: float) -> list[str]:
     """Split by image hash; then guarantee a train image, and a val image when val is asked for and there
     are two or more distinct images, by moving the image closest to the boundary — with all its samples,
     so one image never sits in both splits (still a function of the data)."""
-    splits = ["val" if c.u < val_fraction else "train" for c in kept]
-    images = {c.u for c in kept}
-    if "train" not in splits:
-        moved = max(images)
-    elif val_fraction > 0 and len(images) >= 2 and "val" not in splits:
-        moved = min(images)
-    else:
-        return splits
-    return [("train" if s == "val" else "val") if c.u == moved else s for c, s in zip(kept, splits)]
+    splits = [split_of(c.u, val_fraction) for c in kept]
+    moved = moved_image(set(splits), min(c.u for c in kept), max(c.u for c in kept), val_fraction)
+    return [OTHER_SPLIT[s] if c.u == moved else s for c, s in zip(kept, splits)]
+
+
+OTHER_SPLIT = {"train": "val", "val": "train"}
+
+
+def nothing_usable(read: int, drops: Drops) -> FmforgeError:
+    return FmforgeError(f"nothing usable in the inputs: read {read} records, all dropped "
+                        f"({format_reasons(drops.counts) or 'no images found'})")
 
 
 def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "image",
@@ -289,67 +339,71 @@ def prepare_images(inputs: list[str], out: str | Path, *, image_field: str = "im
     paths, out = [Path(i) for i in inputs], Path(out)
     check_limit(max_pixels, "max_pixels")
     check_limit(max_line_bytes, "max_line_bytes")
-    _validate(paths, out, val_fraction, shard_samples, shard_bytes, overwrite)
-    folders = paths[0].is_dir()
-    mode = "classification" if folders or label_field else "captions"
-    if tokenizer is not None and mode != "captions":
-        raise FmforgeError("--tokenizer applies to captioned images (a caption list without --label-field)")
-    if classes is not None and mode != "classification":
-        raise FmforgeError("classes apply to labelled images: class folders, or lists with --label-field")
+    validate_inputs(paths, val_fraction, shard_samples, shard_bytes)
+    check_output_dir(out, INDEX, OUR_OUTPUTS, "prepared images", overwrite)
+    mode = input_mode(paths, label_field, tokenizer, classes)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
-    drops = Drops()
-    fields = None if folders else {"image": image_field, ("label" if label_field else "caption"):
-                                   label_field or caption_field}
-    records, sources = read_inputs(paths, folders, fields, drops, max_line_bytes)
-    class_index = _class_index(records, classes, drops) if mode == "classification" else {}
-    records = [r for r in records if mode != "classification" or r.target in class_index]
-    read = len(records) + drops.counts.total()
+    g = gather_inputs(paths, mode, image_field, caption_field, label_field, classes, max_line_bytes)
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(8, cores) if workers is None else workers
-    say(f"verifying {len(records)} images on {workers} threads")
-    checked = _verify_all(records, workers, max_pixels)
+    say(f"verifying {len(g.records)} images on {workers} threads")
+    checked = verify_all(g.records, workers, max_pixels)
     for c in checked:
         if c.reason:
-            drops.add(c.reason, c.record.source)
+            g.drops.add(c.reason, c.record.source)
     kept = [c for c in checked if c.reason is None]
     if not kept:
-        raise FmforgeError(f"nothing usable in the inputs: read {read} records, all dropped "
-                           f"({format_reasons(drops.counts) or 'no images found'})")
+        raise nothing_usable(g.read, g.drops)
     splits = _assign_splits(kept, val_fraction)
-    written = _write_shards(out, kept, splits, mode, class_index, shard_samples, shard_bytes, drops)
-    n = written["samples"]
+    written = _write_shards(out, kept, splits, mode, g.class_index, shard_samples, shard_bytes, g.drops)
     tokenizer_entry = None
     if mode == "captions":
-        if tok is None:
-            tok = train_tokenizer((c.record.target for c, s in zip(kept, splits) if s == "train"), vocab_size)
-        tok.save(out / TOKENIZER_FILE)
-        write_json_atomic(out / SPECIAL_TOKENS_FILE, tok.special_tokens_map())
-        tokenizer_entry = {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                           "trained": tokenizer is None, "source": None if tokenizer is None else str(tokenizer)}
-    index = {
+        train_captions = (c.record.target for c, s in zip(kept, splits) if s == "train")
+        tokenizer_entry = save_caption_tokenizer(out, tok, tokenizer, train_captions, vocab_size)
+    index = build_index(g, written, tokenizer_entry, val_fraction, max_pixels, max_line_bytes)
+    write_json_atomic(out / INDEX, index)
+    summarize(say, out, index, time.perf_counter() - start)
+    return index
+
+
+def save_caption_tokenizer(out: Path, tok: TextTokenizer | None, source: str | None, train_captions: Iterable[str],
+                           vocab_size: int) -> dict:
+    """Write the caption tokenizer (``tok``, or one trained on ``train_captions``) beside the shards; returns
+    the index's entry for it."""
+    if tok is None:
+        tok = train_tokenizer(train_captions, vocab_size)
+    tok.save(out / TOKENIZER_FILE)
+    write_json_atomic(out / SPECIAL_TOKENS_FILE, tok.special_tokens_map())
+    return {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size, "trained": source is None,
+            "source": None if source is None else str(source)}
+
+
+def build_index(g: Gathered, written: dict, tokenizer_entry: dict | None, val_fraction: float, max_pixels: int,
+                max_line_bytes: int) -> dict:
+    """``index.json``: ``written`` is what the shard writing returns (shards, samples, class_counts, formats);
+    the drops are ``g.drops`` as they stand after every pass."""
+    n = written["samples"]
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fmforge_version": __version__,
-        "mode": mode,
-        "classes": list(class_index) if mode == "classification" else None,
-        "samples": {"read": read, "kept": n["train"] + n["val"], "train": n["train"], "val": n["val"]},
+        "mode": g.mode,
+        "classes": list(g.class_index) if g.mode == "classification" else None,
+        "samples": {"read": g.read, "kept": n["train"] + n["val"], "train": n["train"], "val": n["val"]},
         "class_counts": written["class_counts"],
-        "dropped": dict(sorted(drops.counts.items())),
-        "dropped_examples": dict(sorted(drops.examples.items())),
+        "dropped": dict(sorted(g.drops.counts.items())),
+        "dropped_examples": dict(sorted(g.drops.examples.items())),
         "formats": dict(sorted(written["formats"].items())),
         "shards": written["shards"],
         "tokenizer": tokenizer_entry,
-        "sources": sources,
-        "fields": fields,
+        "sources": g.sources,
+        "fields": g.fields,
         "val_fraction": val_fraction,
         "split_by": "sha256 of the image bytes",
         "limits": {"max_pixels": max_pixels, "max_line_bytes": max_line_bytes},
     }
-    write_json_atomic(out / INDEX, index)
-    _summarize(say, out, index, time.perf_counter() - start)
-    return index
 
 
 def _class_index(records: list[Record], classes: list[str] | None, drops: Drops) -> dict[str, int]:
@@ -365,16 +419,29 @@ def _class_index(records: list[Record], classes: list[str] | None, drops: Drops)
     return class_index
 
 
+def clear_outputs(out: Path) -> None:
+    """Remove fmforge's own files from ``out``, the index first: from then on the directory no longer claims
+    to be complete."""
+    (out / INDEX).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if p.is_file() and (OUR_OUTPUTS.match(p.name) or _OUR_LEFTOVERS.match(p.name)):
+            p.unlink()
+
+
+def target_bytes(record: Record, mode: str, class_index: dict[str, int]) -> bytes:
+    """What ``KEY.cls`` (the label index, ASCII) or ``KEY.txt`` (the caption, UTF-8) holds."""
+    if mode == "classification":
+        return str(class_index[record.target]).encode("ascii")
+    return record.target.encode("utf-8")
+
+
 def _write_shards(out: Path, kept: list[_Checked], splits: list[str], mode: str, class_index: dict[str, int],
                   shard_samples: int, shard_bytes: int | None, drops: Drops) -> dict:
     """Pass 2: append the kept images to their split's shards. Replaces only fmforge's own files in ``out``;
     on failure nothing half-written stays (and a directory this call created is removed again)."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    (out / INDEX).unlink(missing_ok=True)  # from here on the directory no longer claims to be complete
-    for p in out.iterdir():
-        if p.is_file() and (_OUR_OUTPUTS.match(p.name) or _OUR_LEFTOVERS.match(p.name)):
-            p.unlink()
+    clear_outputs(out)
     writers = {s: TarShardWriter(out, s, shard_samples, shard_bytes) for s in ("train", "val")}
     target_ext = "cls" if mode == "classification" else "txt"
     class_counts = {s: [0] * len(class_index) for s in writers} if mode == "classification" else None
@@ -383,17 +450,14 @@ def _write_shards(out: Path, kept: list[_Checked], splits: list[str], mode: str,
         for c, split in zip(kept, splits):
             r = c.record
             try:
-                image = _encoded(r.path, c.ext, c.sha256)
+                image = encoded_image(r.path, c.ext, c.sha256)
             except Exception:  # deleted or changed between the passes
                 drops.add("changed_during_prepare", r.source)
                 continue
             w = writers[split]
-            if mode == "classification":
-                label = class_index[r.target]
-                class_counts[split][label] += 1
-                target = str(label).encode("ascii")
-            else:
-                target = r.target.encode("utf-8")
+            target = target_bytes(r, mode, class_index)
+            if class_counts is not None:
+                class_counts[split][int(target)] += 1
             w.write(f"{w.samples:08d}", image, c.ext, target_ext, target, r.source)
             formats[c.ext] += 1
         shards = writers["train"].close() + writers["val"].close()
@@ -404,12 +468,16 @@ def _write_shards(out: Path, kept: list[_Checked], splits: list[str], mode: str,
             out.rmdir()
         raise
     samples = {s: writers[s].samples for s in writers}
-    if samples["train"] == 0:
-        raise FmforgeError(f"nothing usable in the inputs: no train images ({format_reasons(drops.counts)})")
+    check_some_train(samples, drops)
     return {"shards": shards, "samples": samples, "class_counts": class_counts, "formats": formats}
 
 
-def _summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float) -> None:
+def check_some_train(samples: dict[str, int], drops: Drops) -> None:
+    if samples["train"] == 0:
+        raise FmforgeError(f"nothing usable in the inputs: no train images ({format_reasons(drops.counts)})")
+
+
+def summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float) -> None:
     s = m["samples"]
     what = f"classification, {len(m['classes'])} classes" if m["mode"] == "classification" else "captions"
     say(f"prepared {out} in {elapsed:.1f}s ({what})")

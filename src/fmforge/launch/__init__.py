@@ -1,9 +1,5 @@
-"""Launch training on clusters: Slurm, Kubernetes (Kubeflow PyTorchJob), Amazon SageMaker, SkyPilot.
-
-Each target turns one job spec into the artifact its scheduler takes (``launch.cli.launch`` is the verb);
-all of them run the same ``torchrun ... -m fmforge train CONFIG --resume auto`` (``common.torchrun_argv``).
-"""
-
-from fmforge.launch.cli import launch, target_options
-
-__all__ = ["launch", "target_options"]
+"""Launch work on clusters: training (Slurm, Kubernetes (Kubeflow PyTorchJob), Amazon SageMaker, SkyPilot; the
+verb is ``launch.cli.launch``, every target runs the same ``torchrun ... -m fmforge train CONFIG --resume
+auto``, ``common.torchrun_argv``) and sharded data preparation (``data_prepare``: units on local processes,
+Ray or a Slurm array job, ``data_slurm``). Importing the package imports nothing else, so a Slurm data job
+does not pay for torch."""

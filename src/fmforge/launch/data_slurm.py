@@ -27,7 +27,7 @@ MAX_ARRAY_TASKS = 1000  # Slurm's default MaxArraySize is 1001
 OPTION_KEYS = ("partition", "account", "qos", "constraint", "time", "cpus_per_task", "mem", "python", "setup",
                "sbatch_args")
 TABLE = {key: slurm.OPTIONS[key] for key in OPTION_KEYS}
-WORKER = "fmforge.data.unit_worker"
+WORKER = "fmforge.launch.data_worker"
 
 
 def slurm_options(given: dict | None) -> dict:

@@ -1,4 +1,4 @@
-"""The command a Slurm job of a sharded preparation runs (``python -m fmforge.data.unit_worker``):
+"""The command a Slurm job of a sharded preparation runs (``python -m fmforge.launch.data_worker``):
 
     tokenizer OUT                                  train the tokenizer on the sample (once)
     units OUT --group I --groups G --retries R     the pending units I, I+G, ... (each tried 1 + R times)
@@ -13,9 +13,9 @@ import argparse
 import sys
 
 from fmforge.data.engines import execute
-from fmforge.data.slurm_prepare import pending_of_group
 from fmforge.data.workplan import UnitFailed, WorkDir
 from fmforge.errors import FmforgeError
+from fmforge.launch.data_slurm import pending_of_group
 from fmforge.lazy import resolve
 
 
@@ -39,7 +39,7 @@ def run_group(out: str, group: int, groups: int, retries: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fmforge.data.unit_worker")
+    parser = argparse.ArgumentParser(prog="python -m fmforge.launch.data_worker")
     parser.add_argument("step", choices=("tokenizer", "units", "merge"))
     parser.add_argument("out")
     parser.add_argument("--group", type=int, default=0)

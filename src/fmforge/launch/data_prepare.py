@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from fmforge.data import slurm_prepare, text_units
+from fmforge.data import text_units
 from fmforge.data.engines import ENGINES, cpu_count, import_ray, run_local, run_ray
 from fmforge.data.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LINE_BYTES
 from fmforge.data.prepare import (
@@ -34,6 +34,7 @@ from fmforge.data.textcut import DEFAULT_DOCUMENT_BYTES
 from fmforge.data.tokenizer import load_tokenizer
 from fmforge.data.workplan import PLAN_FORMAT, PLAN_VERSION, WorkDir, plan_units
 from fmforge.errors import FmforgeError, clip
+from fmforge.launch import data_slurm
 from fmforge.lazy import resolve
 
 DEFAULT_UNIT_BYTES = 256 << 20
@@ -51,12 +52,7 @@ def prepare_command(inputs: list[str], out: str, *, engine: str | None = None, w
         if workers is not None or slurm_option or ray_address or detach:
             raise FmforgeError("--workers, --ray-address, --slurm-option and --detach need --engine local|ray|slurm")
         return prepare_data(inputs, out, **settings)
-    options = {}
-    for item in slurm_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FmforgeError(f"bad --slurm-option {clip(item)}: expected key=value")
-        options[key] = value
+    options = parse_slurm_options(slurm_option)
     return prepare_sharded(inputs, out, engine=engine, workers=workers, unit_bytes=unit_bytes, retries=retries,
                            tokenizer_sample_bytes=tokenizer_sample_bytes, ray_address=ray_address,
                            slurm_options=options, detach=detach, **settings)
@@ -79,21 +75,10 @@ def prepare_sharded(inputs: list[str], out: str | Path, *, engine: str = "local"
     ``detach``: the Slurm jobs were submitted and run on)."""
     say = log or (lambda _msg: None)
     start = time.perf_counter()
-    if engine not in ENGINES:
-        raise FmforgeError(f"unknown engine {clip(engine)}; choose one of {', '.join(ENGINES)}")
-    if workers is not None and (isinstance(workers, bool) or workers < 1):
-        raise FmforgeError(f"--workers must be at least 1, got {workers}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise FmforgeError(f"--retries must be 0 or more, got {retries!r}")
+    check_engine_args(engine, workers, retries, detach, slurm_options)
     if tokenizer_sample_bytes < 1:
         raise FmforgeError(f"--tokenizer-sample-bytes must be positive, got {tokenizer_sample_bytes}")
-    if detach and engine != "slurm":
-        raise FmforgeError("--detach applies to --engine slurm only (the other engines run in this process)")
-    if engine == "ray":
-        import_ray()  # before any work
-    if engine == "slurm":
-        slurm_prepare.slurm_options(slurm_options)  # bad options fail before any work
-    workers = workers or _default_workers(engine)
+    workers = workers or default_workers(engine)
     out = Path(out)
     work = WorkDir(out)
     if overwrite:
@@ -157,18 +142,18 @@ def run_plan(work: WorkDir, *, engine: str, workers: int, retries: int, ray_addr
     out = str(work.out)
     progress = Progress(work, say)
     if engine == "slurm":
-        jobs = slurm_prepare.submit(out, work, workers=workers, retries=retries, options=slurm_options,
+        jobs = data_slurm.submit(out, work, workers=workers, retries=retries, options=slurm_options,
                                     need_tokenizer=first is not None, echo=say)
         if detach:
             say(f"detached: follow it with `fmforge data status {out}`")
             return None
-        slurm_prepare.wait(work, jobs, progress.tick)
+        data_slurm.wait(work, jobs, progress.tick)
         result = work.merged()
         if result is None:
             if first is not None and not work.tokenizer_path.is_file():
-                raise FmforgeError(f"the tokenizer job failed: {slurm_prepare.last_error(work, 'tok')}")
+                raise FmforgeError(f"the tokenizer job failed: {data_slurm.last_error(work, 'tok')}")
             _raise_failures(work)
-            raise FmforgeError(f"the merge job failed: {slurm_prepare.last_error(work, 'merge')}")
+            raise FmforgeError(f"the merge job failed: {data_slurm.last_error(work, 'merge')}")
         return result
     pending = work.pending()
     work.clear_staging()
@@ -185,7 +170,34 @@ def run_plan(work: WorkDir, *, engine: str, workers: int, retries: int, ray_addr
     return resolve(plan["merge"])(out, log=say)
 
 
-def _default_workers(engine: str) -> int:
+def parse_slurm_options(items: list[str]) -> dict[str, str]:
+    """``--slurm-option KEY=VALUE`` words as a dict (checked later against launch slurm's table)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FmforgeError(f"bad --slurm-option {clip(item)}: expected key=value")
+        options[key] = value
+    return options
+
+
+def check_engine_args(engine: str, workers: int | None, retries: int, detach: bool, slurm_options: dict | None) -> None:
+    """The engine settings every sharded preparation takes, checked before any work."""
+    if engine not in ENGINES:
+        raise FmforgeError(f"unknown engine {clip(engine)}; choose one of {', '.join(ENGINES)}")
+    if workers is not None and (isinstance(workers, bool) or workers < 1):
+        raise FmforgeError(f"--workers must be at least 1, got {workers}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise FmforgeError(f"--retries must be 0 or more, got {retries!r}")
+    if detach and engine != "slurm":
+        raise FmforgeError("--detach applies to --engine slurm only (the other engines run in this process)")
+    if engine == "ray":
+        import_ray()
+    if engine == "slurm":
+        data_slurm.slurm_options(slurm_options)
+
+
+def default_workers(engine: str) -> int:
     return cpu_count() if engine != "slurm" else 16
 
 
@@ -236,13 +248,13 @@ class Progress:
     def line(self) -> str:
         done = self.already | set(self.done_here)
         elapsed = time.perf_counter() - self.start
-        tokens = sum(st.get("tokens", 0) for st in self.done_here.values())
+        amount, what = produced(self.done_here.values(), self.work.plan()["kind"])
         done_bytes = sum(self.units[u] for u in self.done_here)
         left = sum(b for u, b in self.units.items() if u not in done)
         eta = left * elapsed / done_bytes if done_bytes else None
         eta_text = f"ETA {_clock(eta)}" if eta is not None else "ETA -"
         failed = f", {len(self.failed_units)} failed" if self.failed_units else ""
-        return (f"units {len(done)}/{len(self.units)}{failed} · {tokens / max(elapsed, 1e-9):,.0f} tokens/s · "
+        return (f"units {len(done)}/{len(self.units)}{failed} · {amount / max(elapsed, 1e-9):,.0f} {what}/s · "
                 f"{_clock(elapsed)} elapsed · {eta_text}")
 
     def done(self, unit: str, stats: dict) -> None:
@@ -265,6 +277,13 @@ class Progress:
                 self.done(u, self.work.done_stats(u))
 
 
+def produced(stats, kind: str) -> tuple[int, str]:
+    """What finished units produced: tokens (text) or written samples (images)."""
+    if kind == "text":
+        return sum(st.get("tokens", 0) for st in stats), "tokens"
+    return sum(sum(st.get("written", {}).values()) for st in stats), "samples"
+
+
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -275,8 +294,8 @@ def status(data_dir: str, log: Callable[[str], None] | None = print) -> dict:
     say = log or (lambda _msg: None)
     out = Path(data_dir)
     work = WorkDir(out)
-    complete = (out / MANIFEST).is_file()
     if not work.exists():
+        complete = (out / MANIFEST).is_file()
         if not complete:
             raise FmforgeError(f"{out} holds neither prepared data nor a sharded preparation")
         m = load_manifest(out)
@@ -284,16 +303,17 @@ def status(data_dir: str, log: Callable[[str], None] | None = print) -> dict:
             f"tokens in {len(m['shards'])} shards")
         return {"complete": True, "units": None}
     plan = work.plan()
+    complete = work.merged() is not None
     units = work.units()
     done = [u.id for u in units if work.is_done(u.id)]
     failures = work.failures()
-    tokens = sum(work.done_stats(u).get("tokens", 0) for u in done)
+    tokens, what = produced([work.done_stats(u) for u in done], plan["kind"])
     state = "complete" if complete else ("units done, merge pending" if len(done) == len(units) else "in progress")
     say(f"{out}: {state} · engine {plan['engine']} · units {len(done)}/{len(units)} done, {len(failures)} failed, "
-        f"{len(units) - len(done) - len(failures)} to run · {tokens:,} tokens so far")
+        f"{len(units) - len(done) - len(failures)} to run · {tokens:,} {what} so far")
     for unit, error in failures.items():
         say(f"  FAILED {error if error.startswith(unit) else f'{unit}: {error}'} (log {work.log_path(unit)})")
-    jobs = slurm_prepare.recorded_jobs(work)
+    jobs = data_slurm.recorded_jobs(work)
     if jobs:
         say(f"  slurm jobs: {', '.join(f'{k} {v}' for k, v in jobs.items() if k in ('tokenizer', 'units', 'merge'))}")
     return {"complete": complete, "units": len(units), "done": done, "failed": failures, "tokens": tokens,
