@@ -149,6 +149,9 @@ GROUPS = {
              "Prepare datasets for training.", "ACTION"),
     "import": ("convert a model from another format into an fmforge run directory", None, "FORMAT"),
     "export": ("write a trained model or checkpoint in another format", None, "FORMAT"),
+    "human": ("human evaluation: blinded generations, a rating page, the report (also `fmforge eval human`)",
+              "Human evaluation: export blinded generations of one or more models, serve a local rating page, "
+              "report scores, win rates, Bradley-Terry strengths and inter-rater agreement.", "STEP"),
 }
 
 VERBS: tuple[Verb, ...] = (
@@ -431,6 +434,57 @@ VERBS: tuple[Verb, ...] = (
                 help="also probe a randomly initialized model of the same shape (what pretraining added)")),
     ),
     Verb(
+        "human export", "fmforge.eval.human.export:export_human_tasks",
+        help="generations of one or more models per prompt, shuffled and blinded (key kept apart)",
+        description="Generate with each decoder run for every prompt of a JSONL file ({\"prompt\", \"id\"}), "
+                    "seeded (prompt i with seed S+i), then shuffle items and the order of their outputs with "
+                    "the seed: TASKS.jsonl holds labelled outputs only, TASKS.key.json which model is which.",
+        parents=(DEVICE,),
+        args=(arg("--runs", required=True, type=_split_commas, metavar="A_RUN[,B_RUN...]",
+                  help="decoder run directories (at most 8)"),
+              arg("--prompts", required=True, metavar="FILE.jsonl"),
+              arg("--out", required=True, metavar="TASKS.jsonl"),
+              arg("--seed", type=int, default=0, help="sampling and shuffling seed (default: 0)"),
+              arg("--max-new-tokens", type=int, default=128, metavar="N"),
+              arg("--temperature", type=float, default=0.7, metavar="T", help="0 = greedy (default: 0.7)"),
+              arg("--top-k", type=int, metavar="K"), arg("--top-p", type=float, metavar="P")),
+    ),
+    Verb(
+        "human serve", "fmforge.eval.human.server:serve_human",
+        help="a local rating page: thumbs, 1-5 Likert, pairwise choice or ranking, with keyboard shortcuts",
+        description="Serve TASKS.jsonl to raters (identified by name) one item at a time; every answer is "
+                    "appended to the ratings file (fsynced) as it is given, so a killed server loses nothing "
+                    "and a rater resumes where they stopped. Binds 127.0.0.1 unless --host says otherwise.",
+        args=(arg("tasks", metavar="TASKS.jsonl"),
+              arg("--ratings", metavar="FILE", help="answers file (default: TASKS.ratings.jsonl)"),
+              arg("--host", default="127.0.0.1"), arg("--port", type=int, default=8000)),
+    ),
+    Verb(
+        "human report", "fmforge.eval.human.report:human_report",
+        help="per-model scores and win rates with bootstrap intervals, Bradley-Terry, Cohen/Fleiss kappa, "
+             "Krippendorff alpha",
+        parents=(JSON_OUT,),
+        args=(arg("ratings", metavar="RATINGS.jsonl"),
+              arg("--key", required=True, metavar="TASKS.key.json"),
+              arg("--bootstrap", dest="n_boot", type=int, default=2000, metavar="N",
+                  help="bootstrap resamples for the intervals (default: 2000)"),
+              arg("--seed", type=int, default=0),
+              arg("--no-save", dest="save", action="store_false",
+                  help="do not write the result into each run directory's eval/human.json")),
+    ),
+    Verb(
+        "report", "fmforge.eval.report:report_command",
+        help="one self-contained HTML page on run directories: config, curves, eval results",
+        description="Write one self-contained HTML page (plots embedded, no scripts) about one or more run "
+                    "directories: the config (and, for several runs, the keys that differ), loss / validation / "
+                    "learning-rate / throughput / MFU curves overlaid per run, and every evaluation result kept "
+                    "in RUN_DIR/eval (benchmarks with stderr and chance, perplexity, vision, lm-eval, "
+                    "generation, human evaluation) side by side.",
+        args=(arg("run_dirs", nargs="+", metavar="RUN_DIR"),
+              arg("--out", required=True, metavar="FILE.html", help="the page to write"),
+              arg("--title", default=None, help="page title (default: fmforge report: RUN / N runs)")),
+    ),
+    Verb(
         "import hf", "fmforge.interop.hf.convert:import_hf",
         help="a local Hugging Face model directory → fmforge run directory",
         description="Convert a local Hugging Face directory (config.json + safetensors or pytorch_model.bin + "
@@ -543,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "human"]:  # `fmforge eval human STEP` is `fmforge human STEP`
+        argv = argv[1:]
     # `train CFG --out DIR a.b=c`: argparse stops filling the overrides positional at the first option, so
     # key=value words after options arrive as extras; only verbs that take overrides accept them.
     args, extra = parser.parse_known_args(argv)

@@ -42,9 +42,10 @@ def save_result(run_dir: str | Path, name: str, kind: str, metrics: dict, **extr
 def load_results(run_dir: str | Path) -> list[dict]:
     """Every result in ``RUN_DIR/eval`` (sorted by name); unreadable or foreign files are skipped."""
     found = []
+    root = (Path(run_dir) / EVAL_DIR).resolve()
     for path in sorted((Path(run_dir) / EVAL_DIR).glob("*.json")):
         try:
-            if path.stat().st_size > MAX_RESULT_BYTES:
+            if path.resolve().parent != root or path.stat().st_size > MAX_RESULT_BYTES:  # no symlink out
                 continue
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
