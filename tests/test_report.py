@@ -21,8 +21,8 @@ from fmforge.config import build_config
 from fmforge.errors import FmforgeError
 from fmforge.eval.perplexity import evaluate
 from fmforge.eval.report import load_run, write_report
-from fmforge.eval.report_plots import wants_log
 from fmforge.eval.results import save_result
+from fmforge.io.plots import wants_log
 from fmforge.train.loop import train
 
 PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')

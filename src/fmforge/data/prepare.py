@@ -32,6 +32,7 @@ from fmforge import __version__
 from fmforge.data.clean import ExactDeduper, MinHashDeduper, normalize, text_digest
 from fmforge.data.compression import ZSTANDARD_HINT
 from fmforge.data.limits import MAX_DESCRIPTION_BYTES, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LINE_BYTES
+from fmforge.data.pii import redact, redacted_counts
 from fmforge.data.shards import ShardWriter, shard_dtype
 from fmforge.data.sources import DocumentReader, format_counts, resolve_inputs
 from fmforge.data.splits import RULE, check_split, choose_val, shares
@@ -65,6 +66,7 @@ class _Kept:
     dropped: Counter = field(default_factory=Counter)
     u: array = field(default_factory=lambda: array("d"))
     n_bytes: array = field(default_factory=lambda: array("q"))
+    pii: Counter = field(default_factory=Counter)  # personal data redacted (--redact-pii), by kind
 
 
 def validate_request(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: float, shard_tokens: int,
@@ -102,13 +104,17 @@ def remove_our_files(out: Path) -> None:
             p.unlink()
 
 
-def _clean_and_stage(reader: DocumentReader, staging: Path, drop_near: bool) -> _Kept:
-    """Pass 1: normalize, drop exact duplicates, detect near-duplicates, stage kept documents."""
+def _clean_and_stage(reader: DocumentReader, staging: Path, drop_near: bool, redact_pii: bool = False) -> _Kept:
+    """Pass 1: normalize (and redact personal data), drop exact duplicates, detect near-duplicates, stage kept
+    documents."""
     kept = _Kept()
     exact, near = ExactDeduper(), MinHashDeduper()
     with open(staging, "w", encoding="utf-8") as f:
         for doc in reader:
             text = normalize(doc.text)
+            if redact_pii:  # before hashing: documents differing only in personal data become duplicates
+                text, found = redact(text)
+                kept.pii.update(found)
             digest = text_digest(text)
             if exact.is_duplicate(digest):
                 kept.exact_duplicates += 1
@@ -185,7 +191,8 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
                  overwrite: bool = False, drop_near_duplicates: bool = False,
                  max_document_bytes: int = MAX_DOCUMENT_BYTES, max_line_bytes: int = MAX_DOCUMENT_LINE_BYTES,
                  document_bytes: int = DEFAULT_DOCUMENT_BYTES, encoding_errors: str = "drop-line",
-                 allow_uneven_split: bool = False, log: Callable[[str], None] | None = print) -> dict:
+                 allow_uneven_split: bool = False, redact_pii: bool = False,
+                 log: Callable[[str], None] | None = print) -> dict:
     """Turn raw text files into a prepared data directory: ``manifest.json``, ``tokenizer.json`` and
     ``train_*.bin`` / ``val_*.bin`` token shards. Returns the manifest.
 
@@ -206,6 +213,9 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
         or ``latin-1-fallback`` (the line is decoded as Latin-1); affected lines are counted, files are kept.
     allow_uneven_split: accept a validation split whose token share is more than 2x off val_fraction, or
         empty when val_fraction > 0 (otherwise a one-line error).
+    redact_pii: replace e-mail addresses, phone numbers, IP addresses, credit-card numbers and IBANs with
+        ``<EMAIL>``, ``<PHONE>``, ``<IP>``, ``<CREDIT_CARD>``, ``<IBAN>`` (``pii.py``) before deduplication;
+        the counts by kind go into the manifest as ``pii_redacted``.
     Bad records (invalid UTF-8, binary, empty, malformed JSON/CSV, missing field, too large) are counted and
     skipped. Each shard's sha256 is recorded in the manifest (checked by staging and ``verify_prepared_data``).
     """
@@ -225,7 +235,7 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
     wrote = False
     try:
         say(f"reading {len(reader.files)} files" + (f" (skipped {format_counts(skipped)})" if skipped else ""))
-        kept = _clean_and_stage(reader, staging, drop_near_duplicates)
+        kept = _clean_and_stage(reader, staging, drop_near_duplicates, redact_pii)
         dropped = reader.dropped + kept.dropped
         if kept.count == 0:
             hint = f"; {ZSTANDARD_HINT}" if dropped["needs_zstandard"] else ""
@@ -283,8 +293,12 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
                 "document_bytes": document_bytes, "encoding_errors": encoding_errors}
     manifest = build_manifest(totals, {"train": n_train, "val": n_val}, tokens, n_bytes, tok, tokenizer, dtype,
                               shards, settings, reader.target_bytes, reader.hard_bytes)
+    if redact_pii:
+        manifest["pii_redacted"] = redacted_counts(kept.pii)
     write_json_atomic(out / MANIFEST, manifest)
     summarize(say, out, manifest, time.perf_counter() - start, encode_s, drop_near_duplicates)
+    if redact_pii:
+        say(f"  personal data redacted: {format_reasons(kept.pii) or 'none found'}")
     return manifest
 
 

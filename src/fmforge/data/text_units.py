@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fmforge.data.clean import NUM_PERM, ExactDeduper, MinHashDeduper, normalize, text_digest
+from fmforge.data.pii import redact, redacted_counts
 from fmforge.data.prepare import (
     ENCODE_BATCH_CHARS,
     ENCODE_BATCH_DOCS,
@@ -80,6 +81,8 @@ def sample_texts(files: list[str], s: dict, sample_bytes: int):
         taken = 0
         for doc in _reader([f], s):
             text = normalize(doc.text)
+            if s.get("redact_pii"):  # the tokenizer learns from what the shards will hold
+                text = redact(text)[0]
             if _position(text_digest(text)) < s["val_fraction"]:
                 continue
             n = len(text.encode("utf-8"))
@@ -137,6 +140,7 @@ def _encode_unit(files: list[str], s: dict, tok, staged: Path) -> dict:
     sources: dict[str, int] = {}
     batch: list[tuple[str, bytes, int]] = []
     chars = tokens_total = 0
+    pii: Counter = Counter()
     with open(staged / "tokens.bin", "wb") as tokens_file, open(staged / REMOVED, "w", encoding="utf-8") as removed:
         def flush() -> None:
             nonlocal tokens_total
@@ -156,6 +160,9 @@ def _encode_unit(files: list[str], s: dict, tok, staged: Path) -> dict:
 
         for doc in reader:
             text = normalize(doc.text)
+            if s.get("redact_pii"):  # as data prepare's pass 1 does: before hashing
+                text, found = redact(text)
+                pii.update(found)
             digest = text_digest(text)
             src = sources.setdefault(doc.source, len(sources))
             if exact.is_duplicate(digest):
@@ -182,6 +189,7 @@ def _encode_unit(files: list[str], s: dict, tok, staged: Path) -> dict:
         "source_names": sorted(sources, key=sources.get), "tokens": tokens_total,
         "text_bytes": int(table["n_bytes"].sum()) if len(table) else 0, "dtype": dtype.name,
         "seconds": time.perf_counter() - start, "started": started, "finished": time.time(), "target_bytes": reader.target_bytes, "hard_bytes": reader.hard_bytes,
+        "pii_redacted": dict(pii),
     }
 
 
@@ -238,6 +246,9 @@ def merge(out: str, log=print) -> dict:
                           "units_wall_seconds": max(st["finished"] for st in stats) - min(st["started"] for st in stats)}
     if s["tokenizer"] is None:
         manifest["tokenizer"]["sample_bytes"] = s["tokenizer_sample_bytes"]
+    if s.get("redact_pii"):
+        found = sum((Counter(st.get("pii_redacted", {})) for st in stats), Counter())
+        manifest["pii_redacted"] = redacted_counts(found)
     write_json_atomic(Path(out) / MANIFEST, manifest)
     for u in units:  # the per-unit tokens and signatures are in the shards now; unit.json stays for status
         for name in ("tokens.bin", "sigs.npy", "docs.npy"):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from fmforge.errors import FmforgeError
+from fmforge.eval.benchmarks import run_benchmarks
+from fmforge.eval.generation import evaluate_prompts
+from fmforge.eval.harness import run_lm_eval
 from fmforge.eval.perplexity import evaluate
 from fmforge.eval.results import save_result
 from fmforge.eval.runs import evaluate_run
@@ -12,8 +17,25 @@ from fmforge.runs import family_of, read_model_config
 def eval_command(run_dir: str, *, data: str | None = None, max_batches: int | None = None,
                  batch_size: int | None = None, zero_shot: str | None = None, class_names: list[str] | None = None,
                  templates: list[str] | None = None, probe_samples: int = 10000, random_baseline: bool = False,
-                 device: str = "auto", json_out: bool = False) -> None:
-    """``fmforge eval``: perplexity for decoders, the family's own metrics and probes for everything else."""
+                 device: str = "auto", json_out: bool = False, tasks: list[str] | None = None,
+                 num_fewshot: int | None = None, limit: int | None = None, seed: int | None = None,
+                 include_path: list[str] | None = None, lm_eval: list[str] | None = None,
+                 apply_chat_template: bool = False, prompts: str | None = None, generations_out: str | None = None,
+                 max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, stop: list[str] | None = None) -> None:
+    """``fmforge eval``: benchmark tasks (``tasks``), lm-evaluation-harness tasks (``lm_eval``) and generation
+    scoring (``prompts``) when asked; otherwise perplexity for decoders, the family's own metrics and probes
+    for everything else. Every result is also kept in RUN_DIR/eval/."""
+    if tasks or lm_eval or prompts:
+        _asked(run_dir, tasks=tasks, lm_eval=lm_eval, prompts=prompts, batch_size=batch_size or 16, device=device,
+               json_out=json_out, num_fewshot=num_fewshot, limit=limit, seed=seed, include_path=include_path or [],
+               apply_chat_template=apply_chat_template, generations_out=generations_out,
+               sampling={"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+                         "top_p": top_p, "stop": stop or None})
+        return
+    if num_fewshot is not None or limit is not None or include_path or generations_out or stop:
+        raise FmforgeError("--num-fewshot, --limit, --include-path, --generations-out and --stop apply with "
+                           "--tasks, --lm-eval or --prompts")
     if family_of(read_model_config(run_dir)) == "decoder":
         if zero_shot or class_names or templates or random_baseline:
             raise FmforgeError("--zero-shot, --class-names, --template and --random-baseline apply to image runs")
@@ -26,6 +48,33 @@ def eval_command(run_dir: str, *, data: str | None = None, max_batches: int | No
                           probe_samples=probe_samples, random_baseline=random_baseline, device=device,
                           json_out=json_out)
     _save(run_dir, "vision" if result.get("family") != "bert" else "mlm", result)
+
+
+def _asked(run_dir: str, *, tasks, lm_eval, prompts, batch_size: int, device: str, json_out: bool, num_fewshot,
+          limit, seed, include_path: list[str], apply_chat_template: bool, generations_out, sampling: dict) -> None:
+    """The evaluations named on the command line, in order: benchmark tasks, lm-eval tasks, generations."""
+    if tasks:
+        run_benchmarks(run_dir, tasks, num_fewshot=num_fewshot or 0, limit=limit, batch_size=batch_size,
+                       device=device, seed=1234 if seed is None else seed, include=include_path, json_out=json_out)
+    if lm_eval:
+        if len(include_path) > 1:
+            raise FmforgeError("--lm-eval takes one --include-path (a directory of task YAMLs)")
+        results = run_lm_eval(run_dir, lm_eval, include_path=include_path[0] if include_path else None,
+                              num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
+                              apply_chat_template=apply_chat_template)
+        print(json.dumps(results, indent=1) if json_out else _lm_eval_table(results))
+    if prompts:
+        evaluate_prompts(run_dir, prompts, out=generations_out, seed=seed or 0, batch_size=batch_size,
+                         device=device, json_out=json_out, **sampling)
+
+
+def _lm_eval_table(results: dict) -> str:
+    lines = [f"{'lm-eval task':28} {'metric':18} {'value':>9}"]
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)):
+                lines.append(f"{task:28} {name:18} {value:>9.4f}")
+    return "\n".join(lines)
 
 
 def _save(run_dir: str, kind: str, result: dict) -> None:

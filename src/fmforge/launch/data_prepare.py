@@ -66,7 +66,8 @@ def prepare_sharded(inputs: list[str], out: str | Path, *, engine: str = "local"
                     shard_tokens: int = 50_000_000, overwrite: bool = False, drop_near_duplicates: bool = False,
                     max_document_bytes: int = MAX_DOCUMENT_BYTES, max_line_bytes: int = MAX_DOCUMENT_LINE_BYTES,
                     document_bytes: int = DEFAULT_DOCUMENT_BYTES, encoding_errors: str = "drop-line",
-                    allow_uneven_split: bool = False, log: Callable[[str], None] | None = print) -> dict | None:
+                    allow_uneven_split: bool = False, redact_pii: bool = False,
+                    log: Callable[[str], None] | None = print) -> dict | None:
     """Prepare ``inputs`` into ``out`` as work units on ``engine`` (``local``: ``workers`` processes on this
     machine, default all cores; ``ray``: Ray tasks on the cluster at ``ray_address``, or a local Ray with
     ``workers`` CPUs; ``slurm``: an array job of at most ``workers`` concurrent tasks, with ``slurm_options``
@@ -95,7 +96,7 @@ def prepare_sharded(inputs: list[str], out: str | Path, *, engine: str = "local"
                 "encoding_errors": encoding_errors, "allow_uneven_split": allow_uneven_split,
                 "drop_near_duplicates": drop_near_duplicates, "shard_tokens": shard_tokens,
                 "vocab_size": vocab_size, "tokenizer": None if tokenizer is None else str(tokenizer),
-                "tokenizer_sample_bytes": tokenizer_sample_bytes, "unit_bytes": unit_bytes}
+                "tokenizer_sample_bytes": tokenizer_sample_bytes, "unit_bytes": unit_bytes, "redact_pii": redact_pii}
     DocumentReader([], text_field, max_document_bytes=max_document_bytes, max_line_bytes=max_line_bytes,
                    document_bytes=document_bytes, encoding_errors=encoding_errors)  # checks the settings
     skipped: Counter = Counter()

@@ -1,0 +1,216 @@
+"""Text statistics for ``data profile``: per-chunk analysis (run in worker processes) and its merge.
+
+A chunk of documents (raw texts, or token-id arrays of a prepared directory, decoded here) becomes a
+``TextStats``: sizes, character classes and scripts, words and n-grams, bad lines, personal data, and each
+document's content hash and MinHash signature. Deduplication happens at the merge, in document order, with
+the same detectors as ``data prepare`` (``clean.py``), so the rates it reports are what preparing would drop.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fmforge.data.clean import ExactDeduper, MinHashDeduper, normalize, text_digest
+from fmforge.data.pii import PiiScan
+from fmforge.data.tokenizer import TextTokenizer
+
+TOP_K = 30
+MAX_NGRAM_KEYS = 1_000_000  # a counter past this is pruned to its most common half (bounded memory)
+WORD = re.compile(r"\w+")
+# A line with a control character (tab aside), a NUL or DEL: binary that got into the text.
+BINARY_LINE = re.compile(r"^.*[\x00-\x08\x0b\x0c\x0e-\x1f\x7f].*$", re.MULTILINE)
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# A line with U+FFFD (undecodable bytes replaced) or UTF-8 read as Latin-1/cp1252 (mojibake: "Ã©", "â€™").
+GARBLED_LINE = re.compile(r"^.*(?:\ufffd|[\u00c2\u00c3][\u0080-\u00bf]|\u00e2\u20ac).*$", re.MULTILINE)
+CLASS_NAMES = {"L": "letter", "N": "digit", "Z": "space", "P": "punctuation", "S": "symbol", "C": "control",
+               "M": "mark"}
+_ASCII_CLASS = np.array([CLASS_NAMES.get(unicodedata.category(chr(i))[0], "other") if chr(i) not in "\t\n\r"
+                         else "space" for i in range(128)], dtype=object)
+
+
+@dataclass
+class TextStats:
+    """Mergeable statistics of a run of documents (in order)."""
+
+    documents: int = 0
+    chars: int = 0
+    bytes: int = 0
+    tokens: int = 0
+    lines: int = 0
+    binary_lines: int = 0
+    garbled_lines: int = 0
+    doc_chars: list[int] = field(default_factory=list)
+    doc_tokens: list[int] = field(default_factory=list)
+    char_classes: Counter = field(default_factory=Counter)
+    scripts: Counter = field(default_factory=Counter)
+    words: Counter = field(default_factory=Counter)
+    bigrams: Counter = field(default_factory=Counter)
+    pii: PiiScan = field(default_factory=PiiScan)
+    digests: list[bytes] = field(default_factory=list)
+    sigs: list[np.ndarray | None] = field(default_factory=list)
+    token_counts: np.ndarray | None = None
+
+    def merge(self, o: TextStats) -> None:
+        for name in ("documents", "chars", "bytes", "tokens", "lines", "binary_lines", "garbled_lines"):
+            setattr(self, name, getattr(self, name) + getattr(o, name))
+        for name in ("doc_chars", "doc_tokens", "digests", "sigs"):
+            getattr(self, name).extend(getattr(o, name))
+        for name in ("char_classes", "scripts", "words", "bigrams"):
+            getattr(self, name).update(getattr(o, name))
+        self.pii.merge(o.pii)
+        self.token_counts = add_counts(self.token_counts, o.token_counts)
+        for name in ("bigrams", "words"):
+            prune(getattr(self, name))
+
+
+def add_counts(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    if a is None or b is None:
+        return b if a is None else a
+    n = max(len(a), len(b))
+    out = np.zeros(n, dtype=np.int64)
+    out[:len(a)] += a
+    out[:len(b)] += b
+    return out
+
+
+def prune(counter: Counter) -> None:
+    """Keep a counter bounded: past MAX_NGRAM_KEYS keys, only its most common half stays (approximate tail)."""
+    if len(counter) > MAX_NGRAM_KEYS:
+        kept = counter.most_common(MAX_NGRAM_KEYS // 2)
+        counter.clear()
+        counter.update(dict(kept))
+
+
+def script_of(ch: str) -> str:
+    """A character's script, from the first word of its Unicode name (LATIN, CYRILLIC, CJK, ...)."""
+    try:
+        name = unicodedata.name(ch)
+    except ValueError:
+        return "UNKNOWN"
+    first = name.split(" ", 1)[0]
+    return "CJK" if first in ("CJK", "HIRAGANA", "KATAKANA", "HANGUL") else first
+
+
+def _characters(text: str, stats: TextStats) -> None:
+    """Character classes (Unicode general category) and scripts of letters, counted by code point in numpy."""
+    if text.isascii():
+        counts = np.bincount(np.frombuffer(text.encode("ascii"), dtype=np.uint8), minlength=128)
+        nz = np.flatnonzero(counts)
+        for i in nz:
+            stats.char_classes[_ASCII_CLASS[i]] += int(counts[i])
+        letters = int(counts[65:91].sum() + counts[97:123].sum())
+        if letters:
+            stats.scripts["LATIN"] += letters
+        return
+    points, counts = np.unique(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), return_counts=True)
+    for cp, n in zip(points.tolist(), counts.tolist()):
+        ch = chr(cp)
+        cat = unicodedata.category(ch)
+        stats.char_classes["space" if ch in "\t\n\r" else CLASS_NAMES.get(cat[0], "other")] += n
+        if cat[0] == "L":
+            stats.scripts[script_of(ch)] += n
+
+
+def _words(text: str, stats: TextStats) -> None:
+    words = WORD.findall(text.lower())
+    stats.words.update(words)
+    if len(words) > 1:
+        stats.bigrams.update(map(" ".join, zip(words, words[1:])))
+
+
+def analyze_document(text: str, stats: TextStats, near: MinHashDeduper | None) -> None:
+    """Everything one document contributes (``text`` already normalized as ``data prepare`` does)."""
+    n_bytes = len(text.encode("utf-8"))
+    stats.documents += 1
+    stats.chars += len(text)
+    stats.bytes += n_bytes
+    stats.doc_chars.append(len(text))
+    stats.lines += text.count("\n") + (not text.endswith("\n"))
+    if CONTROL.search(text):
+        stats.binary_lines += len(BINARY_LINE.findall(text))
+    if not text.isascii():
+        stats.garbled_lines += len(GARBLED_LINE.findall(text))
+    _characters(text, stats)
+    _words(text, stats)
+    stats.pii.add(text)
+    stats.digests.append(text_digest(text))
+    stats.sigs.append(near.signature(text) if near is not None else None)
+
+
+def analyze_chunk(items: list, tok: TextTokenizer | None, near_duplicates: bool) -> TextStats:
+    """Statistics of a chunk: raw texts (tokenized with ``tok`` when given) or token-id arrays (decoded)."""
+    stats = TextStats()
+    near = MinHashDeduper() if near_duplicates else None
+    texts = [it if isinstance(it, str) else tok.decode(it.tolist()) for it in items]
+    texts = [normalize(t) for t in texts]
+    ids: list = [it for it in items if not isinstance(it, str)]
+    if tok is not None and not ids:
+        ids = tok.encode_batch(texts)
+    for text in texts:
+        analyze_document(text, stats, near)
+    if ids:
+        lengths = [len(x) for x in ids]
+        stats.doc_tokens = lengths
+        stats.tokens = sum(lengths)
+        flat = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]) if stats.tokens else np.zeros(0, int)
+        stats.token_counts = np.bincount(flat, minlength=tok.vocab_size)
+    return stats
+
+
+def duplicates(stats: TextStats, near_duplicates: bool) -> dict:
+    """Exact and near-duplicate counts over the documents in order, as ``data prepare`` would find them."""
+    exact, near = ExactDeduper(), MinHashDeduper()
+    n_exact = n_near = 0
+    for digest, sig in zip(stats.digests, stats.sigs):
+        if exact.is_duplicate(digest):
+            n_exact += 1
+        elif near_duplicates and near.is_near_duplicate_signature(sig):
+            n_near += 1
+    docs = max(1, stats.documents)
+    return {"exact": n_exact, "exact_rate": n_exact / docs,
+            "near": n_near if near_duplicates else None,
+            "near_rate": n_near / docs if near_duplicates else None}
+
+
+def histogram(values: list[int], bins: int = 30) -> dict:
+    """Log-spaced histogram of positive lengths, plus percentiles: what the JSON keeps and the page plots."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"edges": [], "counts": [], "percentiles": {}}
+    hi = max(2.0, float(v.max()) + 1)
+    edges = np.unique(np.round(np.geomspace(1, hi, bins + 1)))
+    counts, _ = np.histogram(np.clip(v, 1, None), bins=edges)
+    pct = {f"p{p}": float(np.percentile(v, p)) for p in (1, 10, 50, 90, 99)}
+    return {"edges": edges.tolist(), "counts": counts.tolist(), "mean": float(v.mean()), "max": int(v.max()),
+            "percentiles": pct}
+
+
+def _shares(counter: Counter) -> dict:
+    total = max(1, sum(counter.values()))
+    return {k: {"count": n, "share": n / total} for k, n in counter.most_common()}
+
+
+def summarize(stats: TextStats, near_duplicates: bool, tokenizer: dict | None) -> dict:
+    """The ``text`` section of profile.json."""
+    doc = {
+        "documents": stats.documents, "characters": stats.chars, "bytes": stats.bytes,
+        "tokens": stats.tokens if stats.doc_tokens else None,
+        "bytes_per_token": stats.bytes / stats.tokens if stats.tokens else None,
+        "tokenizer": tokenizer,
+        "document_chars": histogram(stats.doc_chars),
+        "document_tokens": histogram(stats.doc_tokens) if stats.doc_tokens else None,
+        "character_classes": _shares(stats.char_classes),
+        "scripts": _shares(stats.scripts),
+        "duplicates": duplicates(stats, near_duplicates),
+        "lines": {"total": stats.lines, "binary": stats.binary_lines, "garbled": stats.garbled_lines,
+                  "bad_share": (stats.binary_lines + stats.garbled_lines) / max(1, stats.lines)},
+        "top_words": stats.words.most_common(TOP_K),
+        "top_bigrams": stats.bigrams.most_common(TOP_K),
+        "pii": stats.pii.to_dict(),
+    }
+    return doc
