@@ -617,7 +617,7 @@ VERBS: tuple[Verb, ...] = (
               arg("--overwrite", action="store_true", help="replace files already in --out that the export writes")),
     ),
     Verb(
-        "generate", "fmforge.deploy.generate:generate_command",
+        "generate", "fmforge.deploy.chat:generate_verb",
         help="sample text from a trained decoder (gpt2/llama: trained, fine-tuned or imported)",
         description="Print --prompt followed by a continuation sampled from RUN_DIR's decoder with a KV cache, "
                     "stopping at the tokenizer's end of text. --temperature 0 is greedy; --top-k and --top-p "
@@ -630,7 +630,44 @@ VERBS: tuple[Verb, ...] = (
             arg("--temperature", type=float, default=0.8, metavar="T"),
             arg("--top-k", type=int, default=None, metavar="K"),
             arg("--top-p", type=float, default=None, metavar="P"),
-            arg("--seed", type=int, default=None, metavar="S", help="fix the sampling RNG (reproducible output)")),
+            arg("--seed", type=int, default=None, metavar="S", help="fix the sampling RNG (reproducible output)"),
+            arg("--chat", action="store_true",
+                help="send --prompt as one chat message in the run's chat template and print the reply"),
+            arg("--system", metavar="TEXT", help="with --chat: a system prompt")),
+    ),
+    Verb(
+        "chat", "fmforge.deploy.chat:chat",
+        help="talk to a chat model in the terminal: template applied, tokens streamed, /reset, /exit",
+        description="An interactive session with RUN_DIR's decoder: each message goes through the run's chat "
+                    "template, the reply streams as it is sampled, history is trimmed to the context window; "
+                    "/reset starts over, /exit (or end of input) leaves, Ctrl-C stops the current reply only.",
+        parents=(DEVICE,),
+        args=(arg("run_dir", metavar="RUN_DIR"),
+              arg("--system", metavar="TEXT", help="a system prompt"),
+              arg("--max-new-tokens", type=int, default=256, metavar="N"),
+              arg("--temperature", type=float, default=0.7, metavar="T"),
+              arg("--top-k", type=int, metavar="K"), arg("--top-p", type=float, default=0.9, metavar="P"),
+              arg("--seed", type=int, metavar="S")),
+    ),
+    Verb(
+        "serve", "fmforge.deploy.serve:serve",
+        help="an OpenAI-compatible server with continuous batching (+ SageMaker /ping /invocations, /metrics)",
+        description="Serve one or more run directories (model name = directory name): /v1/completions, "
+                    "/v1/chat/completions (the run's chat template), /v1/embeddings (BERT-family and CLIP text "
+                    "towers), /v1/models, streaming as server-sent events, SageMaker's GET /ping and POST "
+                    "/invocations, /health and Prometheus /metrics. Requests are batched continuously (new ones "
+                    "join between decode steps); a full queue answers 429. Needs pip install 'fmforge[serve]'.",
+        parents=(DEVICE,),
+        args=(arg("run_dirs", nargs="+", metavar="RUN_DIR"),
+              arg("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"),
+              arg("--port", type=int, default=8000),
+              arg("--api-key-file", metavar="FILE", help="one API key per line; requests then need Bearer KEY"),
+              arg("--max-running", type=int, default=32, metavar="N", help="sequences decoded together"),
+              arg("--token-budget", type=int, default=32768, metavar="T",
+                  help="prompt + requested tokens admitted at once"),
+              arg("--max-waiting", type=int, default=256, metavar="N", help="queued requests before 429"),
+              arg("--max-body-bytes", type=int, default=1 << 20, metavar="B"),
+              arg("--request-timeout", type=float, default=600.0, metavar="S")),
     ),
     Verb(
         "launch", "fmforge.launch.cli:launch_command",
