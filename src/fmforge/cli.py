@@ -426,6 +426,18 @@ VERBS: tuple[Verb, ...] = (
         args=(arg("--base", metavar="RUN_DIR", help="the model to start from (sets finetune.base)"),),
     ),
     Verb(
+        "distill", "fmforge.train.distill:distill_command",
+        help="train a student on a teacher's distribution: forward KL (temperature T, mixing alpha), reverse "
+             "KL or generalized JSD(beta)",
+        description="Train CONFIG's model (the student) on --data with the loss alpha * T^2 * D(teacher, student) "
+                    "+ (1 - alpha) * the hard-label loss, where D is distill.kind: fkl, rkl or jsd (distill.beta). "
+                    "The teacher (--teacher RUN_DIR, same tokenizer) runs frozen in inference mode and is never "
+                    "checkpointed. Decoders (token level, LM or SFT data) and BERT-family text classifiers. "
+                    "Everything else is `fmforge train`: checkpoints, exact resume, DDP/FSDP.",
+        parents=(run_config("RUN_DIR", "run directory (sets train.out_dir)"), TORCHRUN),
+        args=(arg("--teacher", metavar="RUN_DIR", help="the teacher run directory (sets distill.teacher)"),),
+    ),
+    Verb(
         "merge", "fmforge.finetune.base:merge",
         help="fold LoRA adapters into their base model",
         description="Load the base model named in ADAPTER_DIR/adapter_config.json (or --base), add the adapters, "

@@ -134,6 +134,20 @@ class FinetuneConfig(Section):
     init_text: str | None = None
 
 
+class DistillConfig(Section):
+    """Knowledge distillation (``fmforge distill``): the student (this run's model, trained by its own
+    objective: causal LM, SFT or text classification) also matches a frozen ``teacher`` run directory's
+    output distribution. ``kind``: forward KL(teacher || student) (Hinton et al. 2015), reverse
+    KL(student || teacher), or the generalized Jensen-Shannon divergence JSD(beta) of Agarwal et al. 2024
+    (GKD). Both distributions are softened by ``temperature`` and the divergence is scaled by its square."""
+
+    teacher: str | None = None  # a run directory (model.safetensors + model.json + tokenizer.json)
+    kind: Literal["fkl", "rkl", "jsd"] = "fkl"
+    temperature: PositiveFloat = 1.0
+    alpha: Fraction = 0.5  # weight of the divergence; 1 - alpha goes to the hard-label cross-entropy
+    beta: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5  # jsd: -> 0 behaves as forward KL, -> 1 as reverse
+
+
 class LogConfig(Section):
     tensorboard: bool = True
     progress: Literal["auto", "rich", "plain", "none"] = "auto"  # auto: rich bar on a TTY, plain lines otherwise
@@ -150,6 +164,7 @@ class Config(Section):
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    distill: DistillConfig = DistillConfig()
     log: LogConfig = LogConfig()
 
 

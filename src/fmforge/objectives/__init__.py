@@ -22,6 +22,7 @@ OBJECTIVES: dict[str, str] = {
     "sft": "fmforge.objectives.sft:SFTTask",  # fine-tuning objectives, named by finetune.task
     "dpo": "fmforge.objectives.dpo:DPOTask",
     "text_classify": "fmforge.objectives.text_classify:TextClassificationTask",
+    "distill": "fmforge.objectives.distill:DistillTask",  # wraps the student's own objective (distill.teacher)
 }
 
 # finetune.task -> (objective per family, what the task is for)
@@ -46,5 +47,5 @@ def objective_name(cfg: Config) -> str:
 
 def make_task(cfg: Config, data_dir: Path, echo) -> Task:
     """The Task for this run, resolved against the data in ``data_dir`` (the config is not changed)."""
-    task_class: type[Task] = resolve(OBJECTIVES[objective_name(cfg)])
+    task_class: type[Task] = resolve(OBJECTIVES["distill" if cfg.distill.teacher else objective_name(cfg)])
     return task_class(cfg, data_dir, echo)
