@@ -438,6 +438,23 @@ VERBS: tuple[Verb, ...] = (
         args=(arg("--teacher", metavar="RUN_DIR", help="the teacher run directory (sets distill.teacher)"),),
     ),
     Verb(
+        "quantize", "fmforge.deploy.quantize:quantize",
+        help="int8 per-channel or int4 group-wise weight-only quantization (fmforge or torchao) into a run dir",
+        description="Write a quantized copy of RUN_DIR that generate, eval, serve and chat load as is: fmforge's "
+                    "own per-channel symmetric int8 or group-wise int4 weight-only formats (safetensors with "
+                    "scales; quantization.json), or torchao (int8 dynamic activation + int8 weight, int4 weight "
+                    "only; quantized at load). `fmforge eval` on it reports the perplexity change against the "
+                    "source run.",
+        args=(arg("run_dir", metavar="RUN_DIR"),
+              arg("--out", required=True, metavar="RUN_DIR"),
+              arg("--method", choices=("int8", "int4"), default="int8"),
+              arg("--group-size", type=int, metavar="G", help="int4: weights per scale (default: 32)"),
+              arg("--backend", choices=("fmforge", "torchao"), default="fmforge"),
+              arg("--include-head", action="store_true",
+                  help="also quantize the Linears outside the blocks (an untied lm_head, classifier heads)"),
+              arg("--overwrite", action="store_true", help="replace an existing output run directory")),
+    ),
+    Verb(
         "merge", "fmforge.finetune.base:merge",
         help="fold LoRA adapters into their base model",
         description="Load the base model named in ADAPTER_DIR/adapter_config.json (or --base), add the adapters, "
@@ -607,6 +624,17 @@ VERBS: tuple[Verb, ...] = (
                     "downloaded: fetch the directory first (e.g. huggingface-cli download).",
         args=(arg("hf_dir", metavar="HF_DIR"), arg("--out", required=True, metavar="RUN_DIR"),
               arg("--overwrite", action="store_true", help="replace files already in --out that the import writes")),
+    ),
+    Verb(
+        "export onnx", "fmforge.deploy.onnx_export:export_onnx",
+        help="ONNX through torch's dynamo exporter: decoders (logits), BERT, ViT; checked against onnxruntime",
+        description="Export RUN_DIR's model to DIR/model.onnx with dynamic batch and sequence length: decoders "
+                    "input_ids -> logits, BERT input_ids/attention_mask/token_type_ids -> last_hidden_state "
+                    "(+ logits), ViT pixel_values -> logits. The export is checked with onnxruntime against "
+                    "PyTorch (1e-4) before it is written. Needs pip install 'fmforge[onnx]'.",
+        args=(arg("run_dir", metavar="RUN_DIR"), arg("--out", required=True, metavar="DIR"),
+              arg("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's)"),
+              arg("--overwrite", action="store_true", help="replace an existing export in DIR")),
     ),
     Verb(
         "export safetensors", "fmforge.train.command:export_safetensors_command",

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from fmforge.data.tokenizer import load_tokenizer
 from fmforge.errors import FmforgeError
 from fmforge.io.paths import confined, relative_name
+from fmforge.models.qlinear import QUANT_FILE, finish_quantized, swap_quantized
 from fmforge.models.registry import FAMILIES, build_model, family_of, parse_model_config
 
 MODEL_FORMAT_VERSION = 1
@@ -266,6 +267,8 @@ def checked_run_model(run_dir: str | Path, cfg) -> tuple[nn.Module, Path]:
     header = tie_stored_names(weights_header(weights), tied)
     source = f"{weights} does not match model.json"
     model = meta_model(cfg, header, source)
+    if os.path.lexists(quant := Path(run_dir) / QUANT_FILE):  # a quantized run: its Linears become QuantLinears
+        swap_quantized(model, read_small_json(quant), str(quant))
     check_weights_fit(model, header, source, tied)
     return model, weights
 
@@ -293,7 +296,7 @@ def load_pretrained(run_dir: str | Path, device: str | torch.device = "cpu", fam
     if missing or unexpected:
         raise FmforgeError(f"{weights} does not match model.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.reset_buffers()
-    model.eval()
+    finish_quantized(model).eval()
     tokenizer = None
     if family_of(cfg) in ("decoder", "clip", "bert") or (run_dir / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")

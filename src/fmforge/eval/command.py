@@ -9,6 +9,7 @@ from fmforge.eval.benchmarks import run_benchmarks
 from fmforge.eval.generation import evaluate_prompts
 from fmforge.eval.harness import run_lm_eval
 from fmforge.eval.perplexity import evaluate
+from fmforge.eval.quantization import format_report, quantization_report
 from fmforge.eval.results import save_result
 from fmforge.eval.runs import evaluate_run
 from fmforge.runs import family_of, read_model_config
@@ -42,6 +43,13 @@ def eval_command(run_dir: str, *, data: str | None = None, max_batches: int | No
         result = evaluate(run_dir, data_dir=data, max_batches=max_batches, batch_size=batch_size or 8, device=device,
                           json_out=json_out)
         _save(run_dir, "perplexity", result)
+        report = quantization_report(run_dir, result=result, data_dir=data, max_batches=max_batches,
+                                     batch_size=batch_size or 8, device=device)
+        if report is not None:
+            print(format_report(report))
+            save_result(run_dir, "quantization", "quantization",
+                        {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                        method=report["method"], backend=report["backend"], source=report["source"])
         return
     result = evaluate_run(run_dir, data_dir=data, zero_shot=zero_shot, class_names=class_names,
                           templates=templates, batch_size=batch_size or 64, max_batches=max_batches,
