@@ -32,11 +32,13 @@ from fmforge.device import pick_device
 from fmforge.errors import FmforgeError
 from fmforge.runs import load_pretrained
 
-# What one forward call costs beyond its tokens, per transformer block, in FLOPs of the device's pace:
-# ~0.5 ms of Python and kernel launches at ~40 GFLOP/s on a CPU core, ~0.1 ms at ~100 TFLOP/s on a GPU.
-# Divided by a token's FLOPs it says how many tokens of work a saved call is worth: on small models many
-# (fewer, larger batches win), on large ones almost none (sharing the context's work wins).
-CALL_FLOPS_PER_BLOCK = {"cpu": 2e7, "cuda": 1e10}
+# What one extra forward call costs, in tokens of work, so the planner weighs a shared context's saved
+# tokens against the extra, smaller forwards sharing needs. On a CPU small matmuls lose much of their speed:
+# on a 4-layer d_model 128 Llama, sharing paid off only where it saved over ~1,000 tokens per extra call
+# (PIQA: 2 long answers, no gain; few-shot contexts: large gains). On a GPU it is kernel launches, ~0.1 ms
+# per block at ~100 TFLOP/s, divided by one token's FLOPs.
+CPU_CALL_TOKENS = 1024
+GPU_CALL_FLOPS_PER_BLOCK = 1e10
 DEFAULT_MAX_GEN_TOKS = 256
 
 
@@ -63,9 +65,11 @@ class LMScorer:
         # What an empty context conditions on (lm-eval's prefix_token_id): bos, or eos when there is none.
         self.prefix_id = self.bos_id if self.bos_id is not None else self.eos_id
         self._prefix = [self.bos_id] if self.bos_id is not None else []
-        token_flops = 2 * sum(p.numel() for p in model.parameters())  # an upper bound: embeddings are gathers
-        call_flops = CALL_FLOPS_PER_BLOCK.get(self.device.type, CALL_FLOPS_PER_BLOCK["cuda"])
-        self.call_tokens = call_flops * model.cfg.n_layer / max(1, token_flops)
+        if self.device.type == "cpu":
+            self.call_tokens = float(CPU_CALL_TOKENS)
+        else:
+            token_flops = 2 * sum(p.numel() for p in model.parameters())  # an upper bound: embeddings are gathers
+            self.call_tokens = GPU_CALL_FLOPS_PER_BLOCK * model.cfg.n_layer / max(1, token_flops)
         # Chat transcripts (``harness.py``'s template) close each assistant turn with the eos token's text,
         # which then stands for the eos id; off by default, so a literal "<|eos|>" in benchmark text is text.
         self.eos_in_text = False

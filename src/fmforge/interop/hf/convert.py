@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tokenizers.processors import TemplateProcessing
+from tokenizers.processors import ByteLevel, Sequence, TemplateProcessing
 
 from fmforge.config import build_config, save_config
 from fmforge.data.image_loader import IMAGENET_MEAN, IMAGENET_STD
@@ -263,6 +263,27 @@ def _tokenizer_config(run_dir: Path, max_len: int | None):
     return tok, out
 
 
+def _bos_adding(tok_cfg: dict) -> dict:
+    """``tokenizer_config.json`` for a decoder that prompts with [bos] + text: transformers 5 rebuilds the
+    post-processor from ``add_bos_token``; older versions read the one ``_save_bos_tokenizer`` writes."""
+    return {**tok_cfg, "add_bos_token": True, "add_eos_token": False}
+
+
+def _save_bos_tokenizer(tok, path: Path) -> None:
+    """fmforge trains on and prompts with [bos] + text (``deploy.generate``, ``eval.scorer``); the exported
+    tokenizer prepends bos too, so ``AutoTokenizer(text)`` gives exactly the ids fmforge feeds the model
+    and transformers' ``generate`` continues a prompt as ``fmforge generate`` does. A byte-level
+    post-processor (offset trimming) is kept in front of the template."""
+    bos = tok.tokenizer.id_to_token(tok.bos_id)
+    template = TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                  special_tokens=[(bos, tok.bos_id)])
+    existing = tok.tokenizer.post_processor
+    tok.tokenizer.post_processor = Sequence([existing, template]) if isinstance(existing, ByteLevel) else template
+    tmp = temporary_beside(path)
+    tok.save(tmp)
+    tmp.replace(path)
+
+
 def export_hf(run_dir: str | Path, out: str | Path, echo=print, overwrite: bool = False) -> Path:
     """Write a finished fmforge run as a Hugging Face directory that ``AutoModel*.from_pretrained`` and
     ``AutoTokenizer.from_pretrained`` load: config.json, model.safetensors, tokenizer files and, for image
@@ -308,6 +329,9 @@ def export_hf(run_dir: str | Path, out: str | Path, echo=print, overwrite: bool 
     if tokenizer is not None:
         if family_of(cfg) == "clip":
             _save_caption_tokenizer(tok, out / "tokenizer.json")
+        elif family_of(cfg) == "decoder" and tok.bos_id is not None:
+            _save_bos_tokenizer(tok, out / "tokenizer.json")
+            tok_cfg = _bos_adding(tok_cfg)
         else:
             copy_side_file(run_dir, "tokenizer.json", out)
         _write_json(out / "tokenizer_config.json", tok_cfg)
