@@ -258,13 +258,7 @@ def merge(out: str, log: Callable[[str], None] | None = print) -> dict:
     work = WorkDir(out)
     plan = work.plan()
     s = plan["settings"]
-    missing = work.pending()
-    if missing:
-        failures = work.failures()
-        named = ", ".join(f"{u} ({failures[u]})" if u in failures else u for u in missing[:5])
-        raise FmforgeError(f"{len(missing)} of {len(plan['units'])} units are not done: {named}"
-                           f"{' ...' if len(missing) > 5 else ''}; run the same `fmforge data prepare-images` again "
-                           f"to retry them (logs: {work.logs_dir})")
+    work.require_done("data prepare-images")
     units = work.units()
     stats = [work.done_stats(u.id) for u in units]
     drops = Drops()

@@ -199,13 +199,7 @@ def merge(out: str, log=print) -> dict:
     work = WorkDir(out)
     plan = work.plan()
     s = plan["settings"]
-    missing = work.pending()
-    if missing:
-        failures = work.failures()
-        named = ", ".join(f"{u} ({failures[u]})" if u in failures else u for u in missing[:5])
-        raise FmforgeError(f"{len(missing)} of {len(plan['units'])} units are not done: {named}"
-                           f"{' ...' if len(missing) > 5 else ''}; run the same `fmforge data prepare` again to "
-                           f"retry them (logs: {work.logs_dir})")
+    work.require_done("data prepare")
     tok = load_tokenizer(work.tokenizer_path)
     dtype = shard_dtype(tok.vocab_size)
     units = work.units()

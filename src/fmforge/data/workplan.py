@@ -169,6 +169,16 @@ class WorkDir:
                     out[u.id] = "failed (its failure record is unreadable)"
         return out
 
+    def require_done(self, verb: str) -> None:
+        """Before a merge: every unit finished, else one error naming the first missing ones and their errors."""
+        missing = self.pending()
+        if missing:
+            failures = self.failures()
+            named = ", ".join(f"{u} ({failures[u]})" if u in failures else u for u in missing[:5])
+            raise FmforgeError(f"{len(missing)} of {len(self.units())} units are not done: {named}"
+                               f"{' ...' if len(missing) > 5 else ''}; run the same `fmforge {verb}` again to "
+                               f"retry them (logs: {self.logs_dir})")
+
     def staging_dir(self, unit_id: str) -> Path:
         """A fresh private directory to build ``unit_id`` in before ``commit``."""
         d = self.units_dir / f".{unit_id}.tmp-{os.getpid()}-{time.monotonic_ns()}"
