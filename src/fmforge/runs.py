@@ -120,6 +120,23 @@ def copy_side_file(src_dir: str | Path, name: str, dst_dir: str | Path, dst_name
 # ---------------------------------------------------------------------------------------------------- reading
 
 
+def claim_outputs(out: Path, src: Path, names: tuple[str, ...], what: str, overwrite: bool) -> list[Path]:
+    """The files of ``names`` already in ``out``, which ``overwrite`` replaces; without it any is a one-line
+    error (as for ``fmforge export hf``). ``out`` may not be the source run ``src`` (``what``: "exported")."""
+    if out.exists() and not out.is_dir():
+        raise FmforgeError(f"output {out} exists and is not a directory")
+    if out.exists() and out.resolve() == src.resolve():
+        raise FmforgeError(f"--out {out} is the run being {what}; choose another --out")
+    present = [out / name for name in names if os.path.lexists(out / name)]
+    for path in present:
+        if path.is_dir() and not path.is_symlink():
+            raise FmforgeError(f"{path} is a directory; fmforge will not replace it")
+    if present and not overwrite:
+        raise FmforgeError(f"{out} already holds {', '.join(p.name for p in present[:3])}; pass --overwrite to "
+                           "replace them, or choose another --out")
+    return present
+
+
 def read_small_json(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
     """A JSON object from a file of at most ``max_bytes``; anything else is a one-line error naming it."""
     try:

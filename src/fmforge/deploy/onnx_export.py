@@ -19,7 +19,6 @@ before the files are moved into place.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch.nn as nn
 
 from fmforge.errors import FmforgeError
 from fmforge.models.registry import family_of
-from fmforge.runs import TOKENIZER_FILES, copy_side_file, load_pretrained, read_model_config
+from fmforge.runs import TOKENIZER_FILES, claim_outputs, copy_side_file, load_pretrained, read_model_config
 
 ONNX_HINT = "pip install onnx onnxscript onnxruntime (or fmforge[onnx])"
 ONNX_OUTPUTS = ("model.onnx", "model.onnx.data", "model.json", *TOKENIZER_FILES)
@@ -107,20 +106,7 @@ def export_spec(model: nn.Module, cfg):
 
 
 def _claim_outputs(out: Path, src: Path, overwrite: bool) -> list[Path]:
-    """The files of ``ONNX_OUTPUTS`` already in ``out``, which ``overwrite`` replaces; without it any is a
-    one-line error (as for ``fmforge export hf``)."""
-    if out.exists() and not out.is_dir():
-        raise FmforgeError(f"output {out} exists and is not a directory")
-    if out.exists() and out.resolve() == src.resolve():
-        raise FmforgeError(f"--out {out} is the run being exported; choose another --out")
-    present = [out / name for name in ONNX_OUTPUTS if os.path.lexists(out / name)]
-    for path in present:
-        if path.is_dir() and not path.is_symlink():
-            raise FmforgeError(f"{path} is a directory; fmforge will not replace it")
-    if present and not overwrite:
-        raise FmforgeError(f"{out} already holds {', '.join(p.name for p in present[:3])}; pass --overwrite to "
-                           "replace them, or choose another --out")
-    return present
+    return claim_outputs(out, src, ONNX_OUTPUTS, "exported", overwrite)
 
 
 def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor]) -> list:

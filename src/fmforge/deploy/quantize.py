@@ -42,6 +42,7 @@ from fmforge.models.qlinear import (
 from fmforge.models.registry import block_stacks
 from fmforge.runs import (
     TOKENIZER_FILES,
+    claim_outputs,
     copy_side_file,
     load_pretrained,
     read_model_config,
@@ -84,20 +85,7 @@ def _check_args(method: str, backend: str, group_size: int | None) -> int | None
 
 
 def _claim_outputs(out: Path, src: Path, overwrite: bool) -> list[Path]:
-    """The files of ``QUANTIZE_OUTPUTS`` already in ``out``, which ``overwrite`` replaces; without it any is
-    a one-line error, as for ``fmforge export``. ``out`` may not be the source run."""
-    if out.exists() and not out.is_dir():
-        raise FmforgeError(f"output {out} exists and is not a directory")
-    if out.exists() and out.resolve() == src.resolve():
-        raise FmforgeError(f"--out {out} is the run being quantized; choose another --out")
-    present = [out / name for name in QUANTIZE_OUTPUTS if os.path.lexists(out / name)]
-    for path in present:
-        if path.is_dir() and not path.is_symlink():
-            raise FmforgeError(f"{path} is a directory; fmforge will not replace it")
-    if present and not overwrite:
-        raise FmforgeError(f"{out} already holds {', '.join(p.name for p in present[:3])}; pass --overwrite to "
-                           "replace them, or choose another --out")
-    return present
+    return claim_outputs(out, src, QUANTIZE_OUTPUTS, "quantized", overwrite)
 
 
 def quantize(run_dir: str | Path, out: str | Path, method: str = "int8", group_size: int | None = None,
