@@ -4,8 +4,10 @@
 function it calls with typed keyword arguments: the argument names are the function's parameter names.
 A ``*_command`` function, beside its stage's library code (``train/command.py``, ``eval/command.py``, ...), is
 what a verb adds to the library call (printing a result, re-running under torchrun), so each verb imports only
-its own stage. The tables live in ``verbs_build.py`` (plan, data, train, ...) and ``verbs_use.py`` (eval, bias,
-serve, ...), written with ``cli_args.py``. ``main`` parses, calls, and prints a user error as one line.
+its own stage. The tables live in ``verbs_build.py`` (plan, data, train, ...), ``verbs_use.py`` (eval, bias,
+serve, ...) and one ``verbs_<stage>.py`` per later stage (``TABLES``), written with ``cli_args.py``; each holds
+``VERBS`` and the ``GROUPS`` its grouped verbs (``pipeline run``) belong to. ``main`` parses, calls, and prints a
+user error as one line.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from typing import Any
 # The stages are imported when their verb runs (``resolve``), so `fmforge --help` and a mistyped flag answer
 # at once instead of after importing torch and every stage library. Nothing imports this module, so the late
 # imports cannot hide a cycle.
-from fmforge import __version__
+from fmforge import __version__, verbs_build, verbs_deploy, verbs_pipeline, verbs_prompt, verbs_use
 from fmforge.cli_args import LAUNCH_TARGETS, Verb, _add  # noqa: F401 (LAUNCH_TARGETS: tests check it)
 from fmforge.errors import FmforgeError
 from fmforge.lazy import resolve
-from fmforge.verbs_build import BUILD_VERBS, GROUPS
-from fmforge.verbs_use import USE_VERBS
 
-VERBS: tuple[Verb, ...] = BUILD_VERBS + USE_VERBS
+TABLES = (verbs_build, verbs_use, verbs_deploy, verbs_pipeline, verbs_prompt)
+VERBS: tuple[Verb, ...] = tuple(verb for table in TABLES for verb in table.VERBS)
+GROUPS: dict[str, tuple[str, str | None, str]] = {name: group for table in TABLES for name, group in table.GROUPS.items()}
 
 
 # Parse and call

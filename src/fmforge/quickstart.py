@@ -29,6 +29,7 @@ from fmforge.device import autocast_for, pick_device
 from fmforge.errors import FmforgeError
 from fmforge.eval.perplexity import evaluate
 from fmforge.eval.runs import evaluate_run
+from fmforge.lazy import resolve
 from fmforge.models.gpt import GPT
 from fmforge.objectives import make_task
 from fmforge.objectives.clm import clm_loss
@@ -119,10 +120,11 @@ def _remove_own_outputs(out: Path) -> None:
 def quickstart(out: str | Path = "runs/quickstart", minutes: float = 6.0, echo=print, task: str = "language") -> dict:
     """Run the embedded end-to-end demo into ``out`` and return its evaluation. ``task``: language or vision."""
 
-    if task == "vision":
-        return quickstart_vision(out, minutes, echo)
     if task != "language":
-        raise FmforgeError(f"unknown quickstart task {task!r}: language or vision")
+        target = QUICKSTART_TASKS.get(task, (None,))[0]
+        if target is None:
+            raise FmforgeError(f"unknown quickstart task {task!r}: {', '.join(QUICKSTART_TASKS)}")
+        return resolve(target)(out=out, minutes=minutes, echo=echo)
     out = Path(out)
     _fresh_output(out, minutes)
     t_start = time.perf_counter()
@@ -256,8 +258,18 @@ def quickstart_vision(out: str | Path = "runs/quickstart-vision", minutes: float
     return results
 
 
+# Each demo: (the function that runs it, its default output directory, its default minutes). The later stages'
+# demos are named as lazy targets, so `fmforge quickstart` imports only the demo it runs and those stages never
+# import this module back.
+QUICKSTART_TASKS: dict[str, tuple[str, str, float]] = {
+    "language": ("fmforge.quickstart:quickstart", "runs/quickstart", 6.0),
+    "vision": ("fmforge.quickstart:quickstart_vision", "runs/quickstart-vision", 3.0),
+}
+
+
 def quickstart_command(*, task: str = "language", out: str | None = None, minutes: float | None = None) -> None:
     """``fmforge quickstart``: the output directory and time budget default per demo."""
-    language = task == "language"
-    quickstart(out=out or ("runs/quickstart" if language else "runs/quickstart-vision"),
-               minutes=minutes if minutes is not None else (6.0 if language else 3.0), task=task)
+    if task not in QUICKSTART_TASKS:
+        raise FmforgeError(f"unknown quickstart task {task!r}: {', '.join(QUICKSTART_TASKS)}")
+    target, default_out, default_minutes = QUICKSTART_TASKS[task]
+    resolve(target)(out=out or default_out, minutes=minutes if minutes is not None else default_minutes)

@@ -32,7 +32,7 @@ GROUPS = {
               "Human evaluation: export blinded generations of one or more models, serve a local rating page, "
               "report scores, win rates, Bradley-Terry strengths and inter-rater agreement.", "STEP"),
 }
-BUILD_VERBS: tuple[Verb, ...] = (
+VERBS: tuple[Verb, ...] = (
     Verb(
         "plan", "fmforge.plan.planner:plan_command",
         help="size model, data, time and cost from a budget with published scaling laws",

@@ -16,7 +16,8 @@ from fmforge.cli_args import (
     run_config,
 )
 
-USE_VERBS: tuple[Verb, ...] = (
+GROUPS: dict = {}
+VERBS: tuple[Verb, ...] = (
     Verb(
         "eval", "fmforge.eval.command:eval_command",
         help="evaluate a trained model: loss/perplexity/bits per byte, accuracy, probes, zero-shot, retrieval",
@@ -291,7 +292,8 @@ USE_VERBS: tuple[Verb, ...] = (
                     "random-init encoder, train a small CLIP on digit captions and classify held-out digits "
                     "zero-shot.",
         args=(
-            arg("--task", choices=["language", "vision"], default="language", help="which demo (default: language)"),
+            arg("--task", default="language", metavar="TASK",
+                help="which demo: language (default), vision, or a later stage's (see docs/README.md)"),
             arg("--out", metavar="DIR", help="output directory (default: runs/quickstart or runs/quickstart-vision)"),
             arg("--minutes", type=float, metavar="M", help="training time budget (default: 6 language, 3 vision)")),
     ),
