@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from aws_model import input_shape, model_violations, stubbed_client
 from conftest import slurm_cmd
 
 from fmforge.errors import FmforgeError
@@ -315,6 +316,13 @@ def test_crd_schema_rejects_broken_pytorchjobs():
         assert list(validator.iter_errors(broken)), f"schema accepted a job with {name}"
 
 
+def test_k8s_resource_sizes_must_be_kubernetes_quantities(tmp_path):
+    for key, value in (("memory", "480 GB"), ("cpu", "64 cores"), ("shm_size", "lots")):
+        with pytest.raises(FmforgeError, match=rf"^launch k8s: option {key} must be a Kubernetes quantity"):
+            make("k8s", options={**TARGET_OPTIONS["k8s"], key: value}, out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_k8s_paths_must_be_visible_inside_the_container():
     with pytest.raises(FmforgeError, match="--data must be a path inside the container"):
         make("k8s", data="data/corpus")
@@ -323,17 +331,11 @@ def test_k8s_paths_must_be_visible_inside_the_container():
 # ---------------------------------------------------------------------------------------------- SageMaker
 
 
-def _stubbed_client(service: str):
-    botocore_session = pytest.importorskip("botocore.session")
-    return botocore_session.get_session().create_client(
-        service, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
-
-
 def test_sagemaker_request_passes_botocore_validation_against_the_real_service_model():
     from botocore.stub import Stubber
 
     request = json.loads(make("sagemaker").read_text())
-    client = _stubbed_client("sagemaker")
+    client = stubbed_client("sagemaker")
     arn = "arn:aws:sagemaker:us-east-1:123456789012:training-job/" + request["TrainingJobName"]
     with Stubber(client) as stub:
         stub.add_response("create_training_job", {"TrainingJobArn": arn}, expected_params=request)
@@ -358,65 +360,23 @@ def test_sagemaker_request_passes_botocore_validation_against_the_real_service_m
                             "--data", "/opt/ml/input/data/data", "--out", "/opt/ml/checkpoints"])
 
 
-def _fullmatch(pattern: str, value: str) -> bool:
-    try:
-        import regex
-    except ImportError:
-        if "\\p{" in pattern:
-            return True  # cannot check this one without `regex`
-        return re.fullmatch(pattern, value) is not None
-    return regex.fullmatch(pattern, value) is not None
-
-
-def _model_violations(shape, value, where: str = "") -> list[str]:
-    """The constraints in the service model that botocore's client-side validator does not check (it checks
-    required members, types and minimums): maximum lengths/values, patterns, enums."""
-    meta, kind, out = shape.metadata, shape.type_name, []
-    if kind == "structure":
-        for key, item in value.items():
-            out += _model_violations(shape.members[key], item, f"{where}.{key}")
-    elif kind == "list":
-        if len(value) > meta.get("max", len(value)):
-            out.append(f"{where}: {len(value)} items > {meta['max']}")
-        for i, item in enumerate(value):
-            out += _model_violations(shape.member, item, f"{where}[{i}]")
-    elif kind == "map":
-        if len(value) > meta.get("max", len(value)):
-            out.append(f"{where}: {len(value)} entries > {meta['max']}")
-        for key, item in value.items():
-            out += _model_violations(shape.key, key, f"{where} key")
-            out += _model_violations(shape.value, item, f"{where}.{key}")
-    elif kind == "string":
-        if len(value) > meta.get("max", len(value)):
-            out.append(f"{where}: {len(value)} chars > {meta['max']}")
-        # fullmatch is stricter than the service for unanchored patterns, which is the safe side; `regex`
-        # (a transformers dependency) understands the \p{L} classes some patterns use, `re` does not
-        if "pattern" in meta and not _fullmatch(meta["pattern"], value):
-            out.append(f"{where}: {value!r} does not match {meta['pattern']}")
-        if shape.enum and value not in shape.enum:
-            out.append(f"{where}: {value!r} not in enum")
-    elif kind in ("integer", "long") and value > meta.get("max", value):
-        out.append(f"{where}: {value} > {meta['max']}")
-    return out
-
-
 def test_sagemaker_request_meets_the_service_model_limits_botocore_leaves_to_the_server():
-    model = _stubbed_client("sagemaker").meta.service_model.operation_model("CreateTrainingJob").input_shape
+    model = input_shape("sagemaker", "CreateTrainingJob")
     request = json.loads(make("sagemaker").read_text())
-    assert _model_violations(model, request) == []
-    assert _model_violations(model, {**request, "TrainingJobName": "x" * 64})  # the check has teeth
+    assert model_violations(model, request) == []
+    assert model_violations(model, {**request, "TrainingJobName": "x" * 64})  # the check has teeth
 
 
 def test_botocore_rejects_a_request_without_role_arn():
     from botocore.exceptions import ParamValidationError
     from botocore.validate import ParamValidator
 
-    model = _stubbed_client("sagemaker").meta.service_model.operation_model("CreateTrainingJob").input_shape
+    model = input_shape("sagemaker", "CreateTrainingJob")
     request = json.loads(make("sagemaker").read_text())
     assert not ParamValidator().validate(request, model).has_errors()
     report = ParamValidator().validate({k: v for k, v in request.items() if k != "RoleArn"}, model)
     assert report.has_errors() and "RoleArn" in report.generate_report()
-    client = _stubbed_client("sagemaker")
+    client = stubbed_client("sagemaker")
     with pytest.raises(ParamValidationError, match="RoleArn"):
         client.create_training_job(**{k: v for k, v in request.items() if k != "RoleArn"})
 
@@ -426,13 +386,13 @@ def test_sagemaker_submit_uploads_the_config_and_creates_the_job_through_boto3(m
 
     monkeypatch.setattr(sagemaker_target.time, "strftime", lambda *a: "20250101-000000")  # fixed job name
     request = json.loads(make("sagemaker", out="preview").read_text())
-    s3, sm = _stubbed_client("s3"), _stubbed_client("sagemaker")
+    s3, sm = stubbed_client("s3"), stubbed_client("sagemaker")
 
-    class Session:  # what sagemaker._session returns once boto3, credentials and region are present
+    class Session:  # what sagemaker.aws_session returns once boto3, credentials and region are present
         def client(self, name):
             return {"s3": s3, "sagemaker": sm}[name]
 
-    monkeypatch.setattr(sagemaker_target, "_session", lambda region: Session())
+    monkeypatch.setattr(sagemaker_target, "aws_session", lambda region: Session())
     arn = "arn:aws:sagemaker:us-east-1:123456789012:training-job/fmforge-tiny-20250101-000000"
     with Stubber(s3) as s3_stub, Stubber(sm) as sm_stub:
         key = "fmforge/fmforge-tiny/config/config.yaml"
@@ -444,6 +404,15 @@ def test_sagemaker_submit_uploads_the_config_and_creates_the_job_through_boto3(m
         s3_stub.assert_no_pending_responses()
         sm_stub.assert_no_pending_responses()
     assert arn in lines[-1]
+
+
+@pytest.mark.parametrize("data", ["data/corpus", "/mnt/shared/corpus", "gs://bucket/corpus"])
+def test_sagemaker_refuses_a_data_path_its_instances_cannot_see(data, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(FmforgeError, match=r"^launch sagemaker: --data must be an s3:// URI") as err:
+        make("sagemaker", data=data, out=str(out))
+    assert "\n" not in str(err.value) and data in str(err.value)
+    assert not out.exists()  # refused before anything was written
 
 
 def test_sagemaker_rejects_gpu_count_that_does_not_match_the_instance_type():

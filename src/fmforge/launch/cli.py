@@ -15,9 +15,10 @@ from fmforge.launch.common import (
     check_job_text,
     default_job_name,
     local_path,
+    option_words,
     resolve_options,
     secret_warning,
-    write_artifact,
+    write_artifacts,
 )
 
 TARGETS: dict[str, ModuleType] = {
@@ -73,14 +74,9 @@ def launch(target: str, config: str, *, nodes: int = 1, gpus_per_node: int = 8, 
                    job_name=job_name, max_restarts=opts["max_restarts"], rdzv_port=opts["rdzv_port"],
                    env=opts["env"])
     text = module.render(spec, opts, out_dir)  # may still reject option combinations: nothing written yet
-    path = out_dir / module.FILENAME
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for sub in getattr(module, "SUBDIRS", ()):
-            (out_dir / sub).mkdir(exist_ok=True)
-        write_artifact(path, text, executable=getattr(module, "EXECUTABLE", False))
-    except OSError as err:
-        raise FmforgeError(f"launch {target}: cannot write {path}: {err.strerror or err}") from None
+    [path] = write_artifacts(target, out_dir, {module.FILENAME: text},
+                             executable=getattr(module, "EXECUTABLE", False),
+                             subdirs=getattr(module, "SUBDIRS", ()))
     warning = secret_warning(target, spec.env, module.SECRETS)
     if warning:
         print(warning, file=sys.stderr)
@@ -97,11 +93,6 @@ def launch_command(target: str, config: str, overrides: list[str], *, nodes: int
                    data: str | None = None, run_dir: str | None = None, out: str | None = None,
                    options: list[str] = (), submit: bool = False) -> None:
     """``fmforge launch``: ``options`` are the scheduler settings as ``key=value`` words."""
-    settings = {}
-    for item in options:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FmforgeError(f"bad --option {clip(item)}: expected key=value")
-        settings[key] = value
+    settings = option_words(options)
     launch(target, config, nodes=nodes, gpus_per_node=gpus_per_node, out=out, submit=submit, data=data,
            run_dir=run_dir, overrides=overrides, options=settings)

@@ -56,6 +56,12 @@ class LaunchValueError(FmforgeError):
     structure: a new line, a new shell command, a new #SBATCH word)."""
 
 
+def who(target: str) -> str:
+    """The verb that names ``target`` in messages: a launch target (``slurm``) is ``launch slurm``; another
+    verb that reuses these checks passes its own full name (``deploy k8s``)."""
+    return target if " " in target else f"launch {target}"
+
+
 # Options every target accepts; each target module adds its own table (``OPTIONS``).
 COMMON_OPTIONS: dict[str, Option] = {
     "job_name": Option(None, str, "job / cluster / pod-name prefix (default: fmforge-<config file stem>); "
@@ -95,23 +101,23 @@ def check_text(target: str, what: str, value: str, rule: str = LINE) -> str:
     LaunchValueError naming ``what`` ("option partition", "--data")."""
     limit = MAX_SCRIPT_CHARS if rule == SCRIPT else MAX_TEXT_CHARS
     if len(value) > limit:
-        raise LaunchValueError(f"launch {target}: {what} is {len(value)} characters long; at most {limit}")
+        raise LaunchValueError(f"{who(target)}: {what} is {len(value)} characters long; at most {limit}")
     bad = _banned_char(value, "\n\t" if rule == SCRIPT else "")
     if bad is not None:
         pos, ch = bad
         kind = "control character other than newline and tab" if rule == SCRIPT else "control character"
-        raise LaunchValueError(f"launch {target}: {what} contains a {kind} (U+{ord(ch):04X}) at position "
+        raise LaunchValueError(f"{who(target)}: {what} contains a {kind} (U+{ord(ch):04X}) at position "
                                f"{pos}; values written into a job artifact must be printable text")
     if rule == WORD:
         if not value:
-            raise LaunchValueError(f"launch {target}: {what} is empty")
+            raise LaunchValueError(f"{who(target)}: {what} is empty")
         special = next((ch for ch in value if ch.isspace() or ch in _SBATCH_SPECIAL), None)
         if special is not None:
-            raise LaunchValueError(f"launch {target}: {what} must be one word for an #SBATCH line, without "
+            raise LaunchValueError(f"{who(target)}: {what} must be one word for an #SBATCH line, without "
                                    f"whitespace, quotes, '#' or '\\' (sbatch splits or cuts there); "
                                    f"got {clip(value)}")
     if rule == NAME and not JOB_NAME.fullmatch(value):
-        raise LaunchValueError(f"launch {target}: {what} {clip(value)} must be 1-40 lowercase letters, "
+        raise LaunchValueError(f"{who(target)}: {what} {clip(value)} must be 1-40 lowercase letters, "
                                f"digits or '-', starting and ending with a letter or digit (it names pods, "
                                f"clusters and jobs)")
     return value
@@ -120,7 +126,7 @@ def check_text(target: str, what: str, value: str, rule: str = LINE) -> str:
 def _check_nested(target: str, what: str, value: Any, depth: int = 0) -> None:
     """Every string in a dict/list option value (keys too) must be one LINE."""
     if depth > MAX_DEPTH:
-        raise LaunchValueError(f"launch {target}: {what} is nested more than {MAX_DEPTH} levels deep")
+        raise LaunchValueError(f"{who(target)}: {what} is nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, str):
         check_text(target, what, value)
     elif isinstance(value, dict):
@@ -131,17 +137,17 @@ def _check_nested(target: str, what: str, value: Any, depth: int = 0) -> None:
         for i, item in enumerate(value):
             _check_nested(target, f"{what}[{i}]", item, depth + 1)
     elif isinstance(value, int) and not -MAX_INT <= value < MAX_INT:
-        raise LaunchValueError(f"launch {target}: {what} is out of range")
+        raise LaunchValueError(f"{who(target)}: {what} is out of range")
 
 
 def _check_env(target: str, env: dict) -> dict[str, str]:
     checked = {}
     for name, value in env.items():
         if not (isinstance(name, str) and ENV_NAME.fullmatch(name)):
-            raise LaunchValueError(f"launch {target}: option env: variable name {clip(name)} must match "
+            raise LaunchValueError(f"{who(target)}: option env: variable name {clip(name)} must match "
                                    f"{ENV_NAME.pattern}")
         if isinstance(value, (dict, list)):
-            raise LaunchValueError(f"launch {target}: option env[{name}] must be a plain value, "
+            raise LaunchValueError(f"{who(target)}: option env[{name}] must be a plain value, "
                                    f"got {clip(value)}")
         _check_nested(target, f"option env[{name}]", value)  # an int too large to print, say
         checked[name] = check_text(target, f"option env[{name}]", str(value))
@@ -153,12 +159,12 @@ def _check_args(target: str, key: str, items: list) -> list[str]:
     for i, item in enumerate(items):
         what = f"option {key}[{i}]"
         if not isinstance(item, str):
-            raise LaunchValueError(f"launch {target}: {what} must be a string such as '--mail-type=END', "
+            raise LaunchValueError(f"{who(target)}: {what} must be a string such as '--mail-type=END', "
                                    f"got {clip(item)}")
         for word in check_text(target, what, item).split():
             check_text(target, what, word, WORD)
             if not word.startswith("-"):
-                raise LaunchValueError(f"launch {target}: {what}: {clip(word)} is not an option "
+                raise LaunchValueError(f"{who(target)}: {what}: {clip(word)} is not an option "
                                        f"(options start with '-')")
             words.append(word)
     return words
@@ -189,7 +195,7 @@ def _coerce(target: str, key: str, value: Any, opt: Option) -> Any:
     scalars the way config overrides are parsed, then check the type."""
     if isinstance(value, str) and opt.type is not str:
         if len(value) > MAX_TEXT_CHARS:  # before parsing: YAML takes quadratic time on some long inputs
-            raise LaunchValueError(f"launch {target}: option {key} is {len(value)} characters long; "
+            raise LaunchValueError(f"{who(target)}: option {key} is {len(value)} characters long; "
                                    f"at most {MAX_TEXT_CHARS}")
         value = _parse_scalar(value)
         if opt.text == ARGS and isinstance(value, str):
@@ -200,24 +206,25 @@ def _coerce(target: str, key: str, value: Any, opt: Option) -> Any:
     if value is None and opt.default is None:
         ok = True
     if not ok:
-        raise LaunchValueError(f"launch {target}: option {key} must be {opt.type.__name__}, "
+        raise LaunchValueError(f"{who(target)}: option {key} must be {opt.type.__name__}, "
                                f"got {clip(value)}")
     if opt.type is int and value is not None and not -MAX_INT <= value < MAX_INT:
-        raise LaunchValueError(f"launch {target}: option {key} is out of range: {clip(value)}")
+        raise LaunchValueError(f"{who(target)}: option {key} is out of range: {clip(value)}")
     if opt.type is float and value is not None and not math.isfinite(value):
-        raise LaunchValueError(f"launch {target}: option {key} must be a finite number, got {value}")
+        raise LaunchValueError(f"{who(target)}: option {key} must be a finite number, got {value}")
     return value
 
 
-def resolve_options(target: str, table: dict[str, Option], given: dict | None) -> dict[str, Any]:
-    """Merge ``given`` over the defaults of COMMON_OPTIONS + ``table``, type-checked and validated (each
-    option's ``text`` rule). Unknown keys, missing required options and values that would change an
-    artifact's structure fail naming the key, before anything is written."""
-    table = {**COMMON_OPTIONS, **table}
+def resolve_options(target: str, table: dict[str, Option], given: dict | None,
+                    base: dict[str, Option] = COMMON_OPTIONS) -> dict[str, Any]:
+    """Merge ``given`` over the defaults of ``base`` (the launch targets' COMMON_OPTIONS) + ``table``,
+    type-checked and validated (each option's ``text`` rule). Unknown keys, missing required options and
+    values that would change an artifact's structure fail naming the key, before anything is written."""
+    table = {**base, **table}
     given = dict(given or {})
     for key in given:
         if key not in table:
-            raise LaunchValueError(f"launch {target}: unknown option {clip(key)}; "
+            raise LaunchValueError(f"{who(target)}: unknown option {clip(key)}; "
                                    f"known: {', '.join(sorted(table))}")
     resolved = {}
     for key, opt in table.items():
@@ -225,12 +232,23 @@ def resolve_options(target: str, table: dict[str, Option], given: dict | None) -
             value = _coerce(target, key, given[key], opt)
             resolved[key] = value if value is None else _check_value(target, key, value, opt)
         elif opt.default is REQUIRED:
-            raise LaunchValueError(f"launch {target}: option {key} is required ({opt.help})")
+            raise LaunchValueError(f"{who(target)}: option {key} is required ({opt.help})")
         elif isinstance(opt.default, (dict, list)):
             resolved[key] = type(opt.default)(opt.default)  # a copy: one launch cannot leak into the next
         else:
             resolved[key] = opt.default
     return resolved
+
+
+def option_words(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``--option key=value`` words as {key: value} (the values still text: ``resolve_options`` parses them)."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FmforgeError(f"bad --option {clip(item)}: expected key=value")
+        settings[key] = value
+    return settings
 
 
 def check_job_text(target: str, *, config: str, data: str | None, run_dir: str | None, out: str,
@@ -269,6 +287,23 @@ def write_artifact(path: Path, text: str, *, executable: bool = False) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_artifacts(target: str, out_dir: Path, files: dict[str, str], *, executable: bool = False,
+                    subdirs: tuple[str, ...] = ()) -> list[Path]:
+    """Create ``out_dir`` (and ``subdirs`` in it) and write each ``{file name: text}`` there with
+    ``write_artifact``; a filesystem error is one line naming the path. Returns the paths, in order."""
+    paths = [out_dir / name for name in files]
+    path = out_dir
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for sub in subdirs:
+            (out_dir / sub).mkdir(exist_ok=True)
+        for path, text in zip(paths, files.values(), strict=True):
+            write_artifact(path, text, executable=executable)
+    except OSError as err:
+        raise FmforgeError(f"{who(target)}: cannot write {path}: {err.strerror or err}") from None
+    return paths
 
 
 @dataclass

@@ -19,10 +19,11 @@ Shape and why:
 from __future__ import annotations
 
 import posixpath
+import re
 import shlex
 from pathlib import Path
 
-from fmforge.errors import FmforgeError
+from fmforge.errors import FmforgeError, clip
 from fmforge.launch.common import (
     REQUIRED,
     JobSpec,
@@ -33,6 +34,7 @@ from fmforge.launch.common import (
     run_tool,
     torchrun_argv,
     train_args,
+    who,
 )
 
 FILENAME = "pytorchjob.yaml"
@@ -41,6 +43,11 @@ CONFIG_DIR = "/etc/fmforge"
 DEFAULT_RDZV_PORT = 29400  # torchrun's own default c10d port
 SECRETS = ("put secrets in a Kubernetes Secret instead and reference it from the container "
            "(env valueFrom.secretKeyRef)")
+
+# resource.Quantity as the API server parses it (the pattern in every CRD's openAPIV3Schema): '64', '500m',
+# '480Gi', '1e3'. A value outside it is rejected by kubectl apply, after the artifact was written.
+QUANTITY = re.compile(r"[+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+                      r"([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?")
 
 OPTIONS: dict[str, Option] = {
     "image": Option(REQUIRED, str, "container image with fmforge installed"),
@@ -66,6 +73,20 @@ OPTIONS: dict[str, Option] = {
 }
 
 
+def check_quantity(target: str, key: str, value: str | None) -> str | None:
+    """``value`` if it is a Kubernetes resource quantity ('64', '500m', '480Gi'), else a one-line error."""
+    if value is not None and not QUANTITY.fullmatch(value):
+        raise FmforgeError(f"{who(target)}: option {key} must be a Kubernetes quantity such as '8', '500m' or "
+                           f"'32Gi', got {clip(value)}")
+    return value
+
+
+def kubectl_apply(path: Path) -> None:
+    """``kubectl apply -f path``; a missing kubectl or a refused manifest is one line."""
+    kubectl = require_tool("kubectl", "install kubectl and point it at your cluster")
+    run_tool([kubectl, "apply", "-f", str(path)])
+
+
 def _container_path(kind: str, path: str) -> str:
     if not (is_uri(path) or posixpath.isabs(path)):
         raise FmforgeError(f"launch k8s: {kind} must be a path inside the container (absolute, e.g. on the "
@@ -81,6 +102,8 @@ def build(spec: JobSpec, opts: dict) -> list[dict]:
     if not 1 <= min_nodes <= spec.nodes:
         raise FmforgeError(f"launch k8s: min_nodes must be between 1 and nodes ({spec.nodes}), "
                            f"got {min_nodes}")
+    for key in ("cpu", "memory", "shm_size"):
+        check_quantity("k8s", key, opts[key])
     run_dir = _container_path("the run directory", spec.run_dir or posixpath.join(opts["mount_path"], name))
     data = _container_path("--data", spec.data) if spec.data is not None else None
     labels = {"app.kubernetes.io/name": "fmforge", "app.kubernetes.io/instance": name}
@@ -184,8 +207,6 @@ def how_to_submit(path: Path, spec: JobSpec, opts: dict) -> list[str]:
 
 
 def submit(path: Path, spec: JobSpec, opts: dict, echo=print) -> str:
-    kubectl = require_tool("kubectl", "install kubectl and point it at a cluster with the Kubeflow training "
-                                      "operator")
-    run_tool([kubectl, "apply", "-f", str(path)])
+    kubectl_apply(path)
     echo(f"submitted PyTorchJob {opts['namespace']}/{spec.job_name}")
     return spec.job_name

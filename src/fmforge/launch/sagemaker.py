@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fmforge.errors import FmforgeError
@@ -89,10 +91,13 @@ def build(spec: JobSpec, opts: dict, now: float | None = None) -> dict:
         raise FmforgeError(f"launch sagemaker: {opts['instance_type']} has {gpus} GPU(s), but gpus_per_node "
                            f"is {spec.gpus_per_node}")
 
+    data = spec.data
+    if data is not None and not data.startswith("s3://"):
+        raise FmforgeError(f"launch sagemaker: --data must be an s3:// URI: SageMaker instances see their "
+                           f"data only through S3 input channels, not a path on this machine, got {data!r}")
     job_prefix = _s3_join(s3, spec.job_name)
     channels = [_channel("config", _s3_join(job_prefix, "config") + "/", opts["input_mode"])]
-    data = spec.data
-    if data is not None and data.startswith("s3://"):
+    if data is not None:
         channels.append(_channel("data", data.rstrip("/") + "/", opts["input_mode"]))
         data = f"{CHANNELS}/data"
 
@@ -170,7 +175,7 @@ def how_to_submit(path: Path, spec: JobSpec, opts: dict) -> list[str]:
             f"watch:   aws sagemaker describe-training-job --training-job-name {name}"]
 
 
-def _session(region: str | None):
+def aws_session(region: str | None):
     """A boto3 session that can submit, or a one-line error naming what is missing."""
     try:
         import boto3
@@ -185,16 +190,24 @@ def _session(region: str | None):
     return session
 
 
-def submit(path: Path, spec: JobSpec, opts: dict, echo=print) -> str:
-    session = _session(opts["region"])
-    from botocore.exceptions import BotoCoreError, ClientError
+@contextmanager
+def aws_errors(what: str) -> Iterator[None]:
+    """A botocore error (refused request, unreachable endpoint, expired credentials) as one line."""
+    from botocore.exceptions import BotoCoreError, ClientError  # aws_session has checked boto3 is there
 
+    try:
+        yield
+    except (BotoCoreError, ClientError) as err:
+        lines = str(err).splitlines() or [type(err).__name__]
+        raise FmforgeError(f"{what} failed: {lines[0]}") from None
+
+
+def submit(path: Path, spec: JobSpec, opts: dict, echo=print) -> str:
+    session = aws_session(opts["region"])
     request = json.loads(path.read_text(encoding="utf-8"))
     bucket, _, key = config_s3_uri(request).removeprefix("s3://").partition("/")
-    try:
+    with aws_errors("sagemaker submit"):
         session.client("s3").put_object(Bucket=bucket, Key=key, Body=spec.config_text.encode())
         response = session.client("sagemaker").create_training_job(**request)
-    except (BotoCoreError, ClientError) as err:
-        raise FmforgeError(f"sagemaker submit failed: {str(err).splitlines()[0]}") from None
     echo(f"submitted SageMaker training job {request['TrainingJobName']} ({response['TrainingJobArn']})")
     return request["TrainingJobName"]
