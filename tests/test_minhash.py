@@ -1,0 +1,70 @@
+"""MinHash signatures (``clean.py``, shared by ``data prepare`` and ``data profile``) checked against a plain
+Python reference with big integers: the vectorised arithmetic, the rare exact path and the shingle split."""
+
+import pydoc_data.topics
+import sysconfig
+import zlib
+from pathlib import Path
+
+from fmforge.data.clean import MERSENNE, NGRAM, MinHashDeduper, _permute_redundant, shingles
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+MASK64 = 2**64 - 1
+
+
+def reference_shingles(text: str, n: int = NGRAM) -> list[int]:
+    """The shingle definition in plain Python: crc32 of each ``str.split()`` word, n consecutive ones combined
+    FNV-style in 64-bit arithmetic, folded to 32 bits, distinct and sorted."""
+    h = [zlib.crc32(w.encode("utf-8")) for w in text.split()]
+    if not h:
+        return []
+    n = min(n, len(h))
+    out = set()
+    for i in range(len(h) - n + 1):
+        s = h[i]
+        for k in range(1, n):
+            s = ((s * 0x100000001B3) & MASK64) ^ h[i + k]
+        out.add((s >> 32) ^ (s & 0xFFFFFFFF))
+    return sorted(out)
+
+
+def reference_signature(d: MinHashDeduper, xs: list[int]) -> list[int]:
+    return [min((int(a) * x + int(b)) % MERSENNE for x in xs) & 0xFFFFFFFF for a, b in zip(d.a, d.b)]
+
+
+def test_signature_is_the_exact_minimum_of_a_x_plus_b_mod_p_per_permutation():
+    d = MinHashDeduper()
+    text = pydoc_data.topics.topics["assignment"][:6000]
+    xs = reference_shingles(text)
+    assert len(xs) > 300  # several 128-shingle blocks
+    assert d.signature(text).tolist() == reference_signature(d, xs)
+
+
+def test_residues_below_four_take_the_exact_path_and_stay_exact():
+    d = MinHashDeduper()
+    x = shingles((STDLIB / "textwrap.py").read_text(encoding="utf-8"))
+    a, b = d.a.copy(), d.b.copy()
+    # permutations 0-3 map the 10th shingle to residues 0-3: the fast path's "r + p" form for each of them
+    for i in range(4):
+        b[i] = (i - int(a[i]) * int(x[10])) % MERSENNE
+    d.set_permutations(a, b)
+    assert _permute_redundant(d._a, d._a_over_p, d._b_plus_p, x[None, :128]).max() >= MERSENNE
+    sig = d.signature_of(x)
+    assert sig[:4].tolist() == [0, 1, 2, 3]
+    assert sig.tolist() == reference_signature(d, x.tolist())
+
+
+def test_shingles_split_words_exactly_as_str_split_does_for_ascii_and_unicode_whitespace():
+    texts = ["one two three", "a b c d e f g", "", " \t\n ", "word", "x\x1cy\x1dz\x1ew\x1fv u t s",
+             "tab\tvt\x0bff\x0ccr\rnl\nsp end of the line", "caf\u00e9 na\u00efve co\u00f6p r\u00e9sum\u00e9 x y",
+             "nb\u00a0sp em\u2003sp nel\x85x ideographic\u3000space one two three",
+             (STDLIB / "textwrap.py").read_text(encoding="utf-8")]
+    for text in texts:
+        assert shingles(text).tolist() == reference_shingles(text), repr(text[:40])
+
+
+def test_signatures_of_real_source_files_equal_the_reference():
+    d = MinHashDeduper()
+    for name in ("textwrap.py", "shlex.py", "colorsys.py"):
+        text = (STDLIB / name).read_text(encoding="utf-8")
+        assert d.signature(text).tolist() == reference_signature(d, reference_shingles(text)), name
