@@ -32,6 +32,20 @@ GROUPS = {
               "Human evaluation: export blinded generations of one or more models, serve a local rating page, "
               "report scores, win rates, Bradley-Terry strengths and inter-rater agreement.", "STEP"),
 }
+# Counterfactual data augmentation (data/augment.py), shared by `data prepare` and `data augment`.
+AUGMENT_MODE_ARGS = (
+    arg("--augment-mode", choices=("two-sided", "substitute"), default="two-sided",
+        help="two-sided: keep each document and add its counterfactual copy; substitute: replace it by its "
+             "counterfactual (default: two-sided)"),
+    arg("--augment-p", type=float, metavar="P",
+        help="share of documents augmented, drawn from a hash of the seed and the text (default: 1 for "
+             "two-sided, 0.5 for substitute)"),
+    arg("--augment-seed", type=int, default=0, metavar="S", help="seed of that draw (default: 0)"),
+    arg("--augment-names", action="store_true",
+        help="also swap capitalized first names (the shipped name pairs; default: off)"))
+AUGMENT_HELP = ("counterfactual data augmentation: swap gendered words (the shipped pair list, sources in "
+                "docs/bias.md) or the pairs of PAIRS_FILE (WORD<TAB>COUNTERPART lines), whole words, keeping "
+                "case; her/his resolved by the next word")
 VERBS: tuple[Verb, ...] = (
     Verb(
         "plan", "fmforge.plan.planner:plan_command",
@@ -167,6 +181,9 @@ VERBS: tuple[Verb, ...] = (
                 help="replace e-mail addresses, phone numbers, IP addresses, Luhn-valid card numbers and "
                      "checksum-valid IBANs with <EMAIL>, <PHONE>, <IP>, <CREDIT_CARD>, <IBAN> (counts in the "
                      "manifest)"),
+            Group(title="counterfactual data augmentation (settings and counts in the manifest)", args=(
+                arg("--augment", metavar="cda[=PAIRS_FILE]", help=AUGMENT_HELP + " (default: none)"),
+                *AUGMENT_MODE_ARGS)),
             Group(title="sharded preparation (work units on an engine; rerun the same command to resume)", args=(
                 arg("--engine", choices=("local", "ray", "slurm"),
                     help="split the inputs into work units and run them as processes on this machine (local), "
@@ -181,6 +198,24 @@ VERBS: tuple[Verb, ...] = (
                          "deterministically (default: 1 GiB)"),
                 *ENGINE_ARGS)),
         ),
+    ),
+    Verb(
+        "data augment", "fmforge.data.augment_rows:augment_command",
+        help="counterfactual data augmentation of chat / SFT / preference / classification JSONL",
+        description="Rewrite the text fields of fine-tuning JSONL rows with counterfactual data augmentation: "
+                    "gendered words (or your pair file's) swapped whole-word with their case kept, the row added "
+                    "as a copy (two-sided) or substituted, with probability --augment-p per row. Chat "
+                    "`messages` (each message's content), `prompt`/`response`/`completion`, `chosen`/"
+                    "`rejected` and `text` by default; labels and other fields are copied. Lines that are not "
+                    "JSON objects are counted and skipped.",
+        parents=(JSON_OUT,),
+        args=(arg("input", metavar="IN.jsonl"),
+              arg("--out", required=True, metavar="OUT.jsonl"),
+              arg("--augment", default="cda", metavar="cda[=PAIRS_FILE]", help=AUGMENT_HELP + " (default: cda)"),
+              *AUGMENT_MODE_ARGS,
+              arg("--fields", type=_name_list, metavar="A,B,...",
+                  help="text fields to rewrite (default: text,prompt,response,completion,chosen,rejected,messages)"),
+              arg("--overwrite", action="store_true", help="replace an existing OUT.jsonl")),
     ),
     Verb(
         "data status", "fmforge.launch.data_prepare:status",

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from fmforge import __version__
+from fmforge.data.augment import Augmenter, augment_manifest, describe, make_augmenter
 from fmforge.data.clean import ExactDeduper, MinHashDeduper, normalize, text_digest
 from fmforge.data.compression import ZSTANDARD_HINT
 from fmforge.data.limits import MAX_DESCRIPTION_BYTES, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LINE_BYTES
@@ -67,6 +68,7 @@ class _Kept:
     u: array = field(default_factory=lambda: array("d"))
     n_bytes: array = field(default_factory=lambda: array("q"))
     pii: Counter = field(default_factory=Counter)  # personal data redacted (--redact-pii), by kind
+    near_checked: int = 0  # documents that reached the near-duplicate check (added counterfactuals do not)
 
 
 def validate_request(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: float, shard_tokens: int,
@@ -104,9 +106,38 @@ def remove_our_files(out: Path) -> None:
             p.unlink()
 
 
-def _clean_and_stage(reader: DocumentReader, staging: Path, drop_near: bool, redact_pii: bool = False) -> _Kept:
-    """Pass 1: normalize (and redact personal data), drop exact duplicates, detect near-duplicates, stage kept
-    documents."""
+def position(digest: bytes) -> float:
+    """A document's place in [0, 1), a pure function of its content hash: the split's ordering (splits.py)."""
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def augmented(augmenter: Augmenter | None, text: str) -> Iterator[tuple[str, bytes, float | None]]:
+    """The documents ``text`` becomes under ``--augment`` (itself without), each with its content hash and,
+    for an added counterfactual copy, its original's split position (a pair stays on one side of the split)."""
+    if augmenter is None:
+        yield text, text_digest(text), None
+        return
+    original = None
+    for doc, is_copy in augmenter.expand(text):
+        digest = text_digest(doc)
+        yield doc, digest, original if is_copy else None
+        original = position(digest)
+
+
+def choose_val_whole(u: array, n_bytes: array, val_fraction: float) -> np.ndarray:
+    """``splits.choose_val``, moving a counterfactual copy (same position as its original) that the cut
+    separated from its original into validation with it: a pair is never split."""
+    is_val = choose_val(u, n_bytes, val_fraction)
+    if is_val.any():
+        pos = np.frombuffer(u, dtype=np.float64)
+        is_val |= pos == pos[is_val].max()
+    return is_val
+
+
+def _clean_and_stage(reader: DocumentReader, staging: Path, drop_near: bool, redact_pii: bool = False,
+                     augmenter: Augmenter | None = None) -> _Kept:
+    """Pass 1: normalize (and redact personal data, and augment), drop exact duplicates, detect
+    near-duplicates, stage kept documents."""
     kept = _Kept()
     exact, near = ExactDeduper(), MinHashDeduper()
     with open(staging, "w", encoding="utf-8") as f:
@@ -115,21 +146,23 @@ def _clean_and_stage(reader: DocumentReader, staging: Path, drop_near: bool, red
             if redact_pii:  # before hashing: documents differing only in personal data become duplicates
                 text, found = redact(text)
                 kept.pii.update(found)
-            digest = text_digest(text)
-            if exact.is_duplicate(digest):
-                kept.exact_duplicates += 1
-                kept.dropped["exact_duplicate"] += 1
-                continue
-            if near.is_near_duplicate(text):
-                kept.near_duplicates += 1
-                if drop_near:
-                    kept.dropped["near_duplicate"] += 1
+            for doc_text, digest, copy_of in augmented(augmenter, text):
+                if exact.is_duplicate(digest):
+                    kept.exact_duplicates += 1
+                    kept.dropped["exact_duplicate"] += 1
                     continue
-            # uniform in [0, 1), a pure function of the content: the split's ordering (splits.py)
-            kept.u.append(int.from_bytes(digest[:8], "little") / 2**64)
-            kept.n_bytes.append(len(text.encode("utf-8")))
-            f.write(json.dumps(text, ensure_ascii=False) + "\n")
-            kept.count += 1
+                # a counterfactual copy is a near-duplicate of its original by design: never checked
+                if copy_of is None:
+                    kept.near_checked += 1
+                    if near.is_near_duplicate(doc_text):
+                        kept.near_duplicates += 1
+                        if drop_near:
+                            kept.dropped["near_duplicate"] += 1
+                            continue
+                kept.u.append(position(digest) if copy_of is None else copy_of)
+                kept.n_bytes.append(len(doc_text.encode("utf-8")))
+                f.write(json.dumps(doc_text, ensure_ascii=False) + "\n")
+                kept.count += 1
     return kept
 
 
@@ -191,8 +224,9 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
                  overwrite: bool = False, drop_near_duplicates: bool = False,
                  max_document_bytes: int = MAX_DOCUMENT_BYTES, max_line_bytes: int = MAX_DOCUMENT_LINE_BYTES,
                  document_bytes: int = DEFAULT_DOCUMENT_BYTES, encoding_errors: str = "drop-line",
-                 allow_uneven_split: bool = False, redact_pii: bool = False,
-                 log: Callable[[str], None] | None = print) -> dict:
+                 allow_uneven_split: bool = False, redact_pii: bool = False, augment: str | None = None,
+                 augment_mode: str = "two-sided", augment_p: float | None = None, augment_seed: int = 0,
+                 augment_names: bool = False, log: Callable[[str], None] | None = print) -> dict:
     """Turn raw text files into a prepared data directory: ``manifest.json``, ``tokenizer.json`` and
     ``train_*.bin`` / ``val_*.bin`` token shards. Returns the manifest.
 
@@ -216,6 +250,8 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
     redact_pii: replace e-mail addresses, phone numbers, IP addresses, credit-card numbers and IBANs with
         ``<EMAIL>``, ``<PHONE>``, ``<IP>``, ``<CREDIT_CARD>``, ``<IBAN>`` (``pii.py``) before deduplication;
         the counts by kind go into the manifest as ``pii_redacted``.
+    augment (``cda`` or ``cda=PAIRS_FILE``), augment_mode, augment_p, augment_seed, augment_names:
+        counterfactual data augmentation before deduplication (``augment.py``); manifest entry ``augment``.
     Bad records (invalid UTF-8, binary, empty, malformed JSON/CSV, missing field, too large) are counted and
     skipped. Each shard's sha256 is recorded in the manifest (checked by staging and ``verify_prepared_data``).
     """
@@ -224,6 +260,7 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
     out = Path(out)
     validate_request(out, tokenizer, vocab_size, val_fraction, shard_tokens, overwrite)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None  # a bad path fails before any work
+    augmenter = make_augmenter(augment, augment_mode, augment_p, augment_seed, augment_names)  # checks first
     skipped: Counter = Counter()
     reader = DocumentReader(resolve_inputs(inputs, skipped), text_field, max_document_bytes=max_document_bytes,
                             max_line_bytes=max_line_bytes, document_bytes=document_bytes,
@@ -235,13 +272,13 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
     wrote = False
     try:
         say(f"reading {len(reader.files)} files" + (f" (skipped {format_counts(skipped)})" if skipped else ""))
-        kept = _clean_and_stage(reader, staging, drop_near_duplicates, redact_pii)
+        kept = _clean_and_stage(reader, staging, drop_near_duplicates, redact_pii, augmenter)
         dropped = reader.dropped + kept.dropped
         if kept.count == 0:
             hint = f"; {ZSTANDARD_HINT}" if dropped["needs_zstandard"] else ""
             raise FmforgeError(f"nothing usable in the inputs: read {reader.read} documents, all dropped "
                                f"({format_reasons(dropped) or 'no records found'}){hint}")
-        is_val = choose_val(kept.u, kept.n_bytes, val_fraction)
+        is_val = choose_val_whole(kept.u, kept.n_bytes, val_fraction)
         n_val = int(is_val.sum())
         n_train = kept.count - n_val
         val_bytes = int(np.frombuffer(kept.n_bytes, dtype=np.int64)[is_val].sum())
@@ -286,7 +323,7 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
     totals = Totals(sources=[{"path": s.path, "bytes": s.bytes, "sha256": s.sha256} for s in reader.sources],
                     read=reader.read, kept=kept.count, exact_duplicates=kept.exact_duplicates,
                     near_duplicates=kept.near_duplicates,
-                    near_checked=reader.read - reader.dropped.total() - kept.exact_duplicates, dropped=dropped,
+                    near_checked=kept.near_checked, dropped=dropped,
                     dropped_lines=reader.dropped_lines, repaired_lines=reader.repaired_lines, skipped=skipped)
     settings = {"text_field": text_field, "val_fraction": val_fraction, "max_document_bytes": max_document_bytes,
                 "max_line_bytes": max_line_bytes, "allow_uneven_split": allow_uneven_split,
@@ -295,6 +332,8 @@ def prepare_data(inputs: list[str], out: str | Path, *, tokenizer: str | None = 
                               shards, settings, reader.target_bytes, reader.hard_bytes)
     if redact_pii:
         manifest["pii_redacted"] = redacted_counts(kept.pii)
+    if augmenter is not None:
+        manifest["augment"] = augment_manifest(augmenter.settings, [augmenter.stats()])
     write_json_atomic(out / MANIFEST, manifest)
     summarize(say, out, manifest, time.perf_counter() - start, encode_s, drop_near_duplicates)
     if redact_pii:
@@ -377,6 +416,8 @@ def summarize(say: Callable[[str], None], out: Path, m: dict, elapsed: float, en
     say(f"  near-duplicates: {docs['near_duplicates']} ({m['near_duplicate_rate']:.2%}, {action})")
     say(f"  tokens: train {tokens['train']:,}, val {tokens['val']:,} in {len(m['shards'])} {m['dtype']} shards "
         f"({rate:,.0f} tokens/s)")
+    if "augment" in m:
+        say(f"  {describe(m['augment'])}")
     real = m["split"]["realized"]
     say(f"  validation share: asked {m['val_fraction']:.2%}; got documents {real['documents']:.2%}, "
         f"tokens {real['tokens']:.2%}, bytes {real['bytes']:.2%}")

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fmforge.data.clean import NUM_PERM, ExactDeduper, MinHashDeduper, normalize, text_digest
+from fmforge.data.augment import Augmenter, augment_manifest
+from fmforge.data.clean import NUM_PERM, ExactDeduper, MinHashDeduper, normalize
 from fmforge.data.pii import redact, redacted_counts
 from fmforge.data.prepare import (
     ENCODE_BATCH_CHARS,
@@ -38,14 +39,17 @@ from fmforge.data.prepare import (
     SPECIAL_TOKENS_FILE,
     TOKENIZER_FILE,
     Totals,
+    augmented,
     build_manifest,
+    choose_val_whole,
     format_reasons,
+    position,
     remove_our_files,
     write_json_atomic,
 )
 from fmforge.data.shards import ShardWriter, shard_dtype
 from fmforge.data.sources import DocumentReader
-from fmforge.data.splits import check_split, choose_val
+from fmforge.data.splits import check_split
 from fmforge.data.tokenizer import load_tokenizer, train_tokenizer
 from fmforge.data.workplan import DONE, WorkDir, write_json
 from fmforge.errors import FmforgeError
@@ -53,8 +57,10 @@ from fmforge.errors import FmforgeError
 TASK = "fmforge.data.text_units:run_unit"
 MERGE = "fmforge.data.text_units:merge"
 TOKENIZER_TASK = "fmforge.data.text_units:train_sample_tokenizer"
+# u: the split position (the content hash's, or an added counterfactual copy's original's); copy: an added
+# counterfactual copy (--augment two-sided), which the near-duplicate check skips as data prepare does.
 DOCS = np.dtype([("digest", "V16"), ("n_bytes", "<i8"), ("n_tokens", "<i8"), ("source", "<i4"),
-                 ("has_sig", "?")])
+                 ("has_sig", "?"), ("u", "<f8"), ("copy", "?")])
 REMOVED = "removed.jsonl"
 SAMPLE_FILE_SHARE = 16  # one file gives at most 1/16 of the tokenizer sample
 
@@ -65,9 +71,8 @@ def _reader(files: list[str], s: dict) -> DocumentReader:
                           encoding_errors=s["encoding_errors"])
 
 
-def _position(digest: bytes) -> float:
-    """A document's place in [0, 1) from its content hash: the split's ordering (as in prepare.py)."""
-    return int.from_bytes(digest[:8], "little") / 2**64
+def _augmenter(s: dict) -> Augmenter | None:
+    return Augmenter(s["augment"]) if s.get("augment") else None
 
 
 def sample_texts(files: list[str], s: dict, sample_bytes: int):
@@ -77,17 +82,19 @@ def sample_texts(files: list[str], s: dict, sample_bytes: int):
     validation split is drawn from, are left out."""
     order = sorted(files, key=lambda f: hashlib.blake2b(f.encode(), digest_size=8).digest())
     per_file, total = max(1, sample_bytes // SAMPLE_FILE_SHARE), 0
+    augmenter = _augmenter(s)
     for f in order:
         taken = 0
         for doc in _reader([f], s):
             text = normalize(doc.text)
             if s.get("redact_pii"):  # the tokenizer learns from what the shards will hold
                 text = redact(text)[0]
-            if _position(text_digest(text)) < s["val_fraction"]:
-                continue
-            n = len(text.encode("utf-8"))
-            yield text
-            taken, total = taken + n, total + n
+            for doc_text, digest, copy_of in augmented(augmenter, text):
+                if (position(digest) if copy_of is None else copy_of) < s["val_fraction"]:
+                    continue
+                n = len(doc_text.encode("utf-8"))
+                yield doc_text
+                taken, total = taken + n, total + n
             if taken >= per_file or total >= sample_bytes:
                 break
         if total >= sample_bytes:
@@ -138,22 +145,24 @@ def _encode_unit(files: list[str], s: dict, tok, staged: Path) -> dict:
     sigs: list[np.ndarray] = []
     first_source: dict[bytes, str] = {}
     sources: dict[str, int] = {}
-    batch: list[tuple[str, bytes, int]] = []
-    chars = tokens_total = 0
+    batch: list[tuple[str, bytes, int, float | None]] = []
+    chars = tokens_total = produced = 0  # produced: documents after augmentation, before deduplication
     pii: Counter = Counter()
+    augmenter = _augmenter(s)
     with open(staged / "tokens.bin", "wb") as tokens_file, open(staged / REMOVED, "w", encoding="utf-8") as removed:
         def flush() -> None:
             nonlocal tokens_total
-            ids = tok.encode_batch([text for text, _, _ in batch])
+            ids = tok.encode_batch([text for text, _, _, _ in batch])
             out = []
-            for (text, digest, src), doc_ids in zip(batch, ids):
+            for (text, digest, src, copy_of), doc_ids in zip(batch, ids):
                 n = len(prefix) + len(doc_ids) + 1
                 out += prefix
                 out += doc_ids
                 out.append(tok.eos_id)
-                sig = near.signature(text)
+                sig = near.signature(text) if copy_of is None else None
                 sigs.append(sig if sig is not None else np.zeros(NUM_PERM, dtype=np.uint32))
-                docs.append((digest, len(text.encode("utf-8")), n, src, sig is not None))
+                docs.append((digest, len(text.encode("utf-8")), n, src, sig is not None,
+                             position(digest) if copy_of is None else copy_of, copy_of is not None))
                 tokens_total += n
             np.asarray(out, dtype=dtype).tofile(tokens_file)
             batch.clear()
@@ -163,24 +172,25 @@ def _encode_unit(files: list[str], s: dict, tok, staged: Path) -> dict:
             if s.get("redact_pii"):  # as data prepare's pass 1 does: before hashing
                 text, found = redact(text)
                 pii.update(found)
-            digest = text_digest(text)
             src = sources.setdefault(doc.source, len(sources))
-            if exact.is_duplicate(digest):
-                removed.write(json.dumps({"reason": "exact_duplicate", "source": doc.source,
-                                          "duplicate_of": first_source[digest], "sha": digest.hex()}) + "\n")
-                continue
-            first_source[digest] = doc.source
-            batch.append((text, digest, src))
-            chars += len(text)
-            if len(batch) >= ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
-                flush()
-                chars = 0
+            for doc_text, digest, copy_of in augmented(augmenter, text):
+                produced += 1
+                if exact.is_duplicate(digest):
+                    removed.write(json.dumps({"reason": "exact_duplicate", "source": doc.source,
+                                              "duplicate_of": first_source[digest], "sha": digest.hex()}) + "\n")
+                    continue
+                first_source[digest] = doc.source
+                batch.append((doc_text, digest, src, copy_of))
+                chars += len(doc_text)
+                if len(batch) >= ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
+                    flush()
+                    chars = 0
         if batch:
             flush()
     table = np.array(docs, dtype=DOCS) if docs else np.empty(0, dtype=DOCS)
     np.save(staged / "docs.npy", table)
     np.save(staged / "sigs.npy", np.stack(sigs) if sigs else np.empty((0, NUM_PERM), dtype=np.uint32))
-    exact_dups = reader.read - reader.dropped.total() - len(docs)
+    exact_dups = produced - len(docs)
     return {
         "read": reader.read, "kept": len(docs), "exact_duplicates": exact_dups,
         "dropped": dict(reader.dropped), "dropped_lines": dict(reader.dropped_lines),
@@ -189,7 +199,7 @@ def _encode_unit(files: list[str], s: dict, tok, staged: Path) -> dict:
         "source_names": sorted(sources, key=sources.get), "tokens": tokens_total,
         "text_bytes": int(table["n_bytes"].sum()) if len(table) else 0, "dtype": dtype.name,
         "seconds": time.perf_counter() - start, "started": started, "finished": time.time(), "target_bytes": reader.target_bytes, "hard_bytes": reader.hard_bytes,
-        "pii_redacted": dict(pii),
+        "pii_redacted": dict(pii), "augment": augmenter.stats() if augmenter else None,
     }
 
 
@@ -206,7 +216,7 @@ def merge(out: str, log=print) -> dict:
     stats = [work.done_stats(u.id) for u in units]
     remove_our_files(Path(out))  # shards of an interrupted merge: ours, no manifest claims them
     labels, u_all, nb_all, t = _dedup(work, units, stats, s, Path(out) / REMOVED)
-    is_val = choose_val(u_all, nb_all, s["val_fraction"])
+    is_val = choose_val_whole(u_all, nb_all, s["val_fraction"])
     n_val = int(is_val.sum())
     n_kept = len(u_all)
     if n_kept == 0:
@@ -243,11 +253,25 @@ def merge(out: str, log=print) -> dict:
     if s.get("redact_pii"):
         found = sum((Counter(st.get("pii_redacted", {})) for st in stats), Counter())
         manifest["pii_redacted"] = redacted_counts(found)
+    if s.get("augment"):
+        manifest["augment"] = augment_manifest(s["augment"], [st["augment"] for st in stats])
     write_json_atomic(Path(out) / MANIFEST, manifest)
     for u in units:  # the per-unit tokens and signatures are in the shards now; unit.json stays for status
         for name in ("tokens.bin", "sigs.npy", "docs.npy"):
             (work.unit_dir(u.id) / name).unlink(missing_ok=True)
     return manifest
+
+
+def _current(docs: np.ndarray) -> np.ndarray:
+    """A unit's document table in today's ``DOCS`` layout: a unit finished before ``u`` and ``copy`` existed
+    (a preparation resumed across an upgrade) gets them from its hashes (no copies then)."""
+    if docs.dtype.names is None or "u" in docs.dtype.names:
+        return docs
+    out = np.zeros(len(docs), dtype=DOCS)
+    for name in docs.dtype.names:
+        out[name] = docs[name]
+    out["u"] = [position(bytes(d)) for d in docs["digest"]]
+    return out
 
 
 def _dedup(work: WorkDir, units, stats: list[dict], s: dict, removed_path: Path):
@@ -270,7 +294,7 @@ def _dedup(work: WorkDir, units, stats: list[dict], s: dict, removed_path: Path)
                 for line in f:
                     removed.write(line)
             exact_dups += st["exact_duplicates"]
-            docs = np.load(unit_dir / "docs.npy", allow_pickle=False)
+            docs = _current(np.load(unit_dir / "docs.npy", allow_pickle=False))
             sigs = np.load(unit_dir / "sigs.npy", allow_pickle=False, mmap_mode="r")
             if len(docs) != st["kept"] or sigs.shape != (len(docs), NUM_PERM):
                 raise FmforgeError(f"{unit_dir} is damaged: {len(docs)} documents, {sigs.shape} signatures, "
@@ -287,6 +311,10 @@ def _dedup(work: WorkDir, units, stats: list[dict], s: dict, removed_path: Path)
                                               "duplicate_of": seen[digest], "sha": digest.hex()}) + "\n")
                     continue
                 seen[digest] = source
+                if d["copy"]:  # an added counterfactual copy: not near-duplicate checked (as in prepare.py)
+                    u_all.append(float(d["u"]))
+                    nb_all.append(int(d["n_bytes"]))
+                    continue
                 near_checked += 1
                 if near.is_near_duplicate_signature(np.asarray(sigs[i]) if d["has_sig"] else None):
                     near_dups += 1
@@ -295,7 +323,7 @@ def _dedup(work: WorkDir, units, stats: list[dict], s: dict, removed_path: Path)
                         removed.write(json.dumps({"reason": "near_duplicate", "source": source,
                                                   "sha": digest.hex()}) + "\n")
                         continue
-                u_all.append(_position(digest))
+                u_all.append(float(d["u"]))
                 nb_all.append(int(d["n_bytes"]))
             labels.append(keep)
     dropped["exact_duplicate"] += exact_dups

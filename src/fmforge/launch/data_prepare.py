@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fmforge.data import text_units
+from fmforge.data.augment import augment_settings
 from fmforge.data.engines import ENGINES, cpu_count, import_ray, run_local, run_ray
 from fmforge.data.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LINE_BYTES
 from fmforge.data.prepare import (
@@ -66,8 +67,9 @@ def prepare_sharded(inputs: list[str], out: str | Path, *, engine: str = "local"
                     shard_tokens: int = 50_000_000, overwrite: bool = False, drop_near_duplicates: bool = False,
                     max_document_bytes: int = MAX_DOCUMENT_BYTES, max_line_bytes: int = MAX_DOCUMENT_LINE_BYTES,
                     document_bytes: int = DEFAULT_DOCUMENT_BYTES, encoding_errors: str = "drop-line",
-                    allow_uneven_split: bool = False, redact_pii: bool = False,
-                    log: Callable[[str], None] | None = print) -> dict | None:
+                    allow_uneven_split: bool = False, redact_pii: bool = False, augment: str | None = None,
+                    augment_mode: str = "two-sided", augment_p: float | None = None, augment_seed: int = 0,
+                    augment_names: bool = False, log: Callable[[str], None] | None = print) -> dict | None:
     """Prepare ``inputs`` into ``out`` as work units on ``engine`` (``local``: ``workers`` processes on this
     machine, default all cores; ``ray``: Ray tasks on the cluster at ``ray_address``, or a local Ray with
     ``workers`` CPUs; ``slurm``: an array job of at most ``workers`` concurrent tasks, with ``slurm_options``
@@ -97,6 +99,8 @@ def prepare_sharded(inputs: list[str], out: str | Path, *, engine: str = "local"
                 "drop_near_duplicates": drop_near_duplicates, "shard_tokens": shard_tokens,
                 "vocab_size": vocab_size, "tokenizer": None if tokenizer is None else str(tokenizer),
                 "tokenizer_sample_bytes": tokenizer_sample_bytes, "unit_bytes": unit_bytes, "redact_pii": redact_pii}
+    if augment is not None:  # only when asked, so plans written before --augment existed still resume
+        settings["augment"] = augment_settings(augment, augment_mode, augment_p, augment_seed, augment_names)
     DocumentReader([], text_field, max_document_bytes=max_document_bytes, max_line_bytes=max_line_bytes,
                    document_bytes=document_bytes, encoding_errors=encoding_errors)  # checks the settings
     skipped: Counter = Counter()
