@@ -2,16 +2,17 @@
 
 A server subprocess on loopback serves one decoder; an asyncio client sends the same greedy completion
 requests (streamed, with usage) at concurrency 1, 8 and 32 and reports output tokens/s (all tokens over
-wall time), p50/p99 time to first token and p50/p99 end-to-end latency. The baseline runs the same
-requests one after another through ``fmforge.deploy.generate.sample`` (what ``fmforge generate`` calls) in
-this process, with the same model on the same device: greedy decoding gives the same tokens, so the token
-counts of both sides match. ``--load N`` adds a load test of N requests at 32 concurrent: status codes and
+wall time), p50/p99 time to first token and p50/p99 end-to-end latency. Two baselines run the same
+requests one after another in this process, with the same model on the same device: through
+``fmforge.deploy.generate.sample`` (what ``fmforge generate`` calls), and through transformers'
+``generate`` on the model ``fmforge export hf`` writes (greedy, KV cache). Greedy decoding gives the same
+tokens, so the token counts of all sides match (up to floating-point ties). ``--load N`` adds a load test of N requests at 32 concurrent: status codes and
 p50/p99 latency (the issue's 1,000 x 32 run: ``--load 1000``).
 
 Without ``--run`` a quickstart-shaped model (Llama micro: 4 layers, d_model 128, context 256, a 4,096-token
 BPE trained on pydoc's topics) is built with random weights: throughput does not depend on what it learned.
 
-    python benchmarks/serve_throughput.py                      # 64 requests x 32 tokens per level
+    python benchmarks/serve_throughput.py                      # 64 requests x 32 tokens per level (~2 min)
     python benchmarks/serve_throughput.py --requests 128 --max-tokens 64 --load 1000
     python benchmarks/serve_throughput.py --run runs/quickstart/run
 """
@@ -33,9 +34,11 @@ from pathlib import Path
 
 import httpx
 import torch
+from transformers import AutoModelForCausalLM
 
 from fmforge.data.tokenizer import train_tokenizer
 from fmforge.deploy.generate import sample
+from fmforge.interop.hf.convert import export_hf
 from fmforge.models.config import ModelConfig
 from fmforge.models.gpt import GPT
 from fmforge.runs import load_pretrained, save_pretrained
@@ -119,17 +122,18 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def baseline(run: Path, texts: list[str], max_tokens: int, threads: int | None) -> dict:
-    """The same requests one by one through ``generate``'s sampler, in a worker thread as the server's engine
-    runs (on a loaded machine PyTorch's CPU thread pool behaves very differently in the main thread)."""
+def in_worker(fn, *args) -> dict:
+    """``fn(*args)`` in a worker thread, as the server's engine runs (on a loaded machine PyTorch's CPU thread
+    pool behaves very differently in the main thread)."""
     result = {}
-    worker = threading.Thread(target=lambda: result.update(_baseline(run, texts, max_tokens, threads)))
+    worker = threading.Thread(target=lambda: result.update(fn(*args)))
     worker.start()
     worker.join()
     return result
 
 
 def _baseline(run: Path, texts: list[str], max_tokens: int, threads: int | None) -> dict:
+    """The same requests one by one through ``generate``'s sampler."""
     if threads:
         torch.set_num_threads(threads)
     model, tok = load_pretrained(run, "cpu", family="decoder")
@@ -149,6 +153,34 @@ def _baseline(run: Path, texts: list[str], max_tokens: int, threads: int | None)
             "ttft_p50_ms": pct(ttfts, 0.5) * 1e3, "ttft_p99_ms": pct(ttfts, 0.99) * 1e3}
 
 
+def _hf_baseline(run: Path, texts: list[str], max_tokens: int, threads: int | None) -> dict:
+    """The same requests one by one through transformers' ``generate`` (greedy, KV cache) on the model
+    ``fmforge export hf`` writes."""
+    if threads:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(run, Path(tmp) / "hf", echo=lambda _msg: None)
+        model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf").eval()
+    _, tok = load_pretrained(run, "cpu", family="decoder")
+    ids = [torch.tensor([[tok.bos_id] + tok.encode(t)]) for t in texts]
+    opts = {"do_sample": False, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id}
+    with torch.inference_mode():
+        model.generate(ids[0], max_new_tokens=4, **opts)  # warm-up
+        t0 = time.perf_counter()
+        tokens = 0
+        for row in ids:
+            out = model.generate(row, max_new_tokens=max_tokens, **opts)[0, row.size(1):].tolist()
+            tokens += out.index(tok.eos_id) if tok.eos_id in out else len(out)
+        wall = time.perf_counter() - t0
+        ttfts = []
+        for row in ids[:16]:
+            t = time.perf_counter()
+            model.generate(row, max_new_tokens=1, **opts)
+            ttfts.append(time.perf_counter() - t)
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50_ms": pct(ttfts, 0.5) * 1e3, "ttft_p99_ms": pct(ttfts, 0.99) * 1e3}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, help="a decoder run directory (default: a quickstart-shaped random model)")
@@ -163,18 +195,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or build_run(Path(tmp))
         texts = prompts(args.requests)
-        base = baseline(run, texts, args.max_tokens, args.threads)
+        base = in_worker(_baseline, run, texts, args.max_tokens, args.threads)
         print(f"one by one (generate): {base['tokens_per_s']:.1f} tok/s, TTFT p50 {base['ttft_p50_ms']:.1f} ms "
               f"p99 {base['ttft_p99_ms']:.1f} ms ({base['tokens']} tokens in {base['wall_s']:.1f} s)")
+        hf = in_worker(_hf_baseline, run, texts, args.max_tokens, args.threads)
+        print(f"one by one (transformers generate): {hf['tokens_per_s']:.1f} tok/s, TTFT p50 "
+              f"{hf['ttft_p50_ms']:.1f} ms p99 {hf['ttft_p99_ms']:.1f} ms ({hf['tokens']} tokens in "
+              f"{hf['wall_s']:.1f} s)")
         port = free_port()
         proc = start_server(run, port, args.threads)
-        report = {"baseline": base, "levels": {}}
+        report = {"baseline": base, "transformers": hf, "levels": {}}
         try:
             asyncio.run(run_level(port, texts[:4], 4, 4))  # warm-up
             for c in (int(x) for x in args.levels.split(",")):
                 results, wall = asyncio.run(run_level(port, texts, c, args.max_tokens))
                 tokens = sum(r["tokens"] for r in results)
                 level = {"tokens_per_s": tokens / wall, "speedup": tokens / wall / base["tokens_per_s"],
+                         "speedup_vs_transformers": tokens / wall / hf["tokens_per_s"],
                          "ttft_p50_ms": pct([r["ttft"] for r in results], 0.5) * 1e3,
                          "ttft_p99_ms": pct([r["ttft"] for r in results], 0.99) * 1e3,
                          "e2e_p50_ms": pct([r["e2e"] for r in results], 0.5) * 1e3,
@@ -182,7 +219,7 @@ def main() -> None:
                          "tokens": tokens, "non_200": sum(r["status"] != 200 for r in results)}
                 report["levels"][c] = level
                 print(f"serve, concurrency {c:>2}: {level['tokens_per_s']:.1f} tok/s ({level['speedup']:.2f}x one by "
-                      f"one), TTFT p50 {level['ttft_p50_ms']:.0f} ms p99 {level['ttft_p99_ms']:.0f} ms, "
+                      f"one, {level['speedup_vs_transformers']:.2f}x transformers one by one), TTFT p50 {level['ttft_p50_ms']:.0f} ms p99 {level['ttft_p99_ms']:.0f} ms, "
                       f"e2e p50 {level['e2e_p50_ms']:.0f} ms p99 {level['e2e_p99_ms']:.0f} ms, "
                       f"{tokens} tokens, {level['non_200']} non-200")
             if args.load:

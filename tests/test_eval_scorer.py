@@ -53,15 +53,28 @@ def test_loglikelihood_equals_one_full_forward_per_request(scorer):
 def test_results_do_not_depend_on_batch_size_or_on_sharing_the_context(scorer):
     reqs = requests()
     reference = scorer.loglikelihood(reqs)
-    calls, size = scorer.call_tokens, scorer.batch_size
+    share, size = scorer.share, scorer.batch_size
+    assert share  # a plain GPT packs each context once with all its continuations
     try:
-        for batch_size, call_tokens in ((1, calls), (16, 0.0), (16, 1e9), (3, 0.0)):
-            scorer.batch_size, scorer.call_tokens = batch_size, call_tokens  # 0: always share, 1e9: never
+        for batch_size, packed in ((1, True), (16, True), (16, False), (3, False)):
+            scorer.batch_size, scorer.share = batch_size, packed  # False: one request per row, lm-eval's way
             for (lp, greedy), (ref_lp, ref_greedy) in zip(scorer.loglikelihood(reqs), reference):
                 assert lp == pytest.approx(ref_lp, abs=1e-5)
                 assert greedy == ref_greedy
     finally:
-        scorer.batch_size, scorer.call_tokens = size, calls
+        scorer.batch_size, scorer.share = size, share
+
+
+def test_packing_puts_several_questions_in_one_row_and_each_context_once(scorer):
+    pairs = scorer.encode_pairs(requests())
+    groups: dict = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        groups.setdefault(tuple(ctx), []).append((i, cont))
+    rows = [row for batch in scorer._plan(groups) for row in batch]
+    contexts = [ctx for row in rows for ctx, _ in row]
+    assert sorted(contexts) == sorted(groups)  # every context once: the tiny requests all fit one row each
+    assert len(rows) < len(groups)
+    assert sorted(i for row in rows for _, conts in row for i, _ in conts) == list(range(len(pairs)))
 
 
 def test_context_and_continuation_are_split_as_lm_eval_splits_them(scorer):
@@ -145,6 +158,16 @@ def test_greedy_generation_matches_fmforge_sampling_and_stops_before_the_stop_st
             stop = text[2:4]
             (cut,) = scorer.generate_until([(prompts[expected.index(text)], {"until": [stop], "max_gen_toks": 12})])
             assert cut == text.split(stop)[0]
+
+
+def test_prompts_of_different_lengths_and_budgets_generate_together_as_each_alone(scorer):
+    """One batch of right-padded prompts, each row decoding at its own position up to its own budget; the
+    long one is left-truncated to leave room for its answer."""
+    reqs = [("def parse(text):\n", {"max_gen_toks": 12}), ("The", {"max_gen_toks": 3}),
+            ("word " * 400, {"max_gen_toks": 6}), ("import", {"max_gen_toks": 9, "until": ["\n"]})]
+    together = scorer.generate_until(reqs)
+    assert together == [scorer.generate_until([r])[0] for r in reqs]
+    assert any(together)
 
 
 def test_sampled_generation_is_seeded_per_request(scorer):

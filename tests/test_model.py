@@ -133,12 +133,53 @@ def test_kv_cache_chunked_prefill_matches_full_forward(arch):
     torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_at_different_positions_prefill_and_decode_as_each_sequence_alone(arch):
+    """Right-padded prompts of different lengths in one cached forward (per-token ``positions``), then one
+    decode step with each row at its own position: every row's logits equal its own unbatched forward."""
+    model = tiny_model(arch)
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 128, (n,)) for n in (11, 4, 7)]
+    cache = model.new_cache(3, 16)
+    ids = torch.zeros(3, 11, dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, :len(seq)] = seq
+    with torch.no_grad():
+        prefill = model(ids, cache=cache, positions=torch.arange(11).expand(3, -1))
+        nxt = torch.tensor([[5], [9], [3]])
+        step = model(nxt, cache=cache, positions=torch.tensor([[len(s)] for s in seqs]))[:, 0]
+        for r, seq in enumerate(seqs):
+            alone = model(torch.cat([seq, nxt[r]])[None])[0]
+            torch.testing.assert_close(prefill[r, :len(seq)], alone[:-1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step[r], alone[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_row_holds_a_context_and_its_continuations_side_by_side(arch):
+    """A context once, then two continuations at the same positions after it, masked from each other: each
+    continuation's logits equal a plain forward of context + that continuation."""
+    model = tiny_model(arch)
+    torch.manual_seed(2)
+    ctx, a, b = torch.randint(0, 128, (6,)), torch.randint(0, 128, (5,)), torch.randint(0, 128, (3,))
+    row = torch.cat([ctx, a, b])[None]
+    positions = torch.cat([torch.arange(6), torch.arange(6, 11), torch.arange(6, 9)])[None]
+    branch = torch.tensor([0] * 6 + [1] * 5 + [2] * 3)
+    mask = ((branch[None, :] == 0) | (branch[:, None] == branch[None, :]))[None]
+    with torch.no_grad():
+        packed = model(row, positions=positions, attn_mask=mask)[0]
+        with_a, with_b = model(torch.cat([ctx, a])[None])[0], model(torch.cat([ctx, b])[None])[0]
+    torch.testing.assert_close(packed[:11], with_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[11:], with_b[6:], atol=1e-5, rtol=1e-5)
+
+
 def test_positions_past_max_seq_len_are_refused():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match="max_seq_len"):
         model.new_cache(1, 33)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.tensor([[31, 32]]))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,6 +1,7 @@
 """``fmforge serve``: the real OpenAI client against a server on 127.0.0.1 — completions, chat, streaming,
 embeddings, models, errors — continuous batching exact against one-by-one greedy decoding, a bounded load
-test, refusals that name the field, API keys, SageMaker's contract and Prometheus metrics."""
+test, refusals that name the field, API keys, SageMaker's contract and Prometheus metrics; quantized,
+merged-LoRA and imported-HF run directories served alike."""
 
 import concurrent.futures as futures
 import json
@@ -14,11 +15,20 @@ import pytest
 import torch
 from conftest import free_port
 
+from fmforge.data.tokenizer import train_tokenizer
 from fmforge.deploy.batching import Engine, SamplingParams, Sequence, TextStream
 from fmforge.deploy.chat import chat_prompt_ids
 from fmforge.deploy.generate import generate, sample
+from fmforge.deploy.quantize import quantize
 from fmforge.deploy.serve import build_app, load_models, start_in_thread
-from fmforge.runs import load_pretrained
+from fmforge.errors import FmforgeError
+from fmforge.finetune.base import merge
+from fmforge.finetune.lora import apply_lora, lora_modules, save_adapters
+from fmforge.interop.hf.convert import export_hf, import_hf
+from fmforge.models.config import ModelConfig
+from fmforge.models.gpt import GPT
+from fmforge.models.qlinear import QuantLinear
+from fmforge.runs import load_pretrained, save_pretrained
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow  # a uvicorn server on loopback (in a thread) and a trained nano Llama
@@ -319,3 +329,80 @@ def test_graceful_shutdown_finishes_the_running_request(chat_base):
     assert not thread.is_alive() and not engine.alive
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+# ---------------------------------------------------------------------------------------------------- run kinds
+
+
+@pytest.fixture(scope="module")
+def run_kinds(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random Llama as three kinds of run directory: quantized (int8), with merged LoRA adapters, and
+    imported from a transformers checkpoint. Weights drawn wide (std 0.2) so greedy choices are clear-cut."""
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("kinds")
+    tok = train_tokenizer([Path(__file__).read_text()] * 2, 320)
+    (root / "tok").mkdir()
+    tok.save(root / "tok" / "tokenizer.json")
+    cfg = ModelConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, init_std=0.2,
+                      vocab_size=tok.vocab_size, max_seq_len=64).resolved()
+    torch.manual_seed(0)
+    save_pretrained(GPT(cfg).state_dict(), cfg, root / "base", root / "tok")
+    quantize(root / "base", root / "quantized", method="int8", echo=lambda _m: None)
+
+    model, _ = load_pretrained(root / "base", "cpu", family="decoder")
+    apply_lora(model, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            module.lora_B.normal_(std=0.5)  # a fresh adapter is a no-op: give it something to merge
+    save_adapters(model, root / "adapters", base=str(root / "base"))
+    merge(root / "adapters", root / "merged", echo=lambda _m: None)
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=False)
+    hf = root / "hf"
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(hf)
+    tok.save(hf / "tokenizer.json")
+    (hf / "special_tokens_map.json").write_text(json.dumps(tok.special_tokens_map()))
+    import_hf(hf, root / "imported", echo=lambda _m: None)
+    return {name: root / name for name in ("base", "quantized", "merged", "imported")}
+
+
+@pytest.fixture(scope="module")
+def kinds_server(run_kinds):
+    models = load_models([run_kinds[k] for k in ("quantized", "merged", "imported")], "cpu", max_running=8)
+    port = free_port()
+    srv, thread = start_in_thread(build_app(models), "127.0.0.1", port)
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60), models
+    srv.should_exit = True
+    thread.join(30)
+
+
+@pytest.mark.parametrize("kind", ["quantized", "merged", "imported"])
+def test_serve_answers_quantized_merged_lora_and_imported_runs_as_generate_does(kind, kinds_server, run_kinds):
+    client, models = kinds_server
+    served = models[kind].model
+    if kind == "quantized":
+        assert isinstance(served.blocks[0].attn.qkv, QuantLinear)  # served as quantized, not dequantized
+    for prompt in ("def ", "import os\n"):
+        out = client.completions.create(model=kind, prompt=prompt, max_tokens=12, temperature=0)
+        expected = generate(run_kinds[kind], prompt, max_new_tokens=12, temperature=0, device="cpu")
+        assert prompt + out.choices[0].text == expected
+        assert out.usage.completion_tokens > 0
+
+
+def test_a_merged_lora_run_serves_other_text_than_its_base(kinds_server, run_kinds):
+    """The merge is real: without it the test above could pass on the base weights."""
+    client, _ = kinds_server
+    prompt = "def "
+    merged = client.completions.create(model="merged", prompt=prompt, max_tokens=12, temperature=0)
+    base = generate(run_kinds["base"], prompt, max_new_tokens=12, temperature=0, device="cpu")
+    assert prompt + merged.choices[0].text != base
+
+
+def test_exporting_a_quantized_run_to_hf_is_refused_in_one_line(run_kinds, tmp_path):
+    with pytest.raises(FmforgeError) as err:
+        export_hf(run_kinds["quantized"], tmp_path / "hf", echo=lambda _m: None)
+    message = str(err.value)
+    assert "quantized" in message and "\n" not in message
+    assert not (tmp_path / "hf").exists()  # refused before anything is written

@@ -2,11 +2,14 @@
 
 One engine per served decoder runs in its own thread. Each loop iteration (1) drops sequences whose client
 went away, (2) admits waiting requests while the running set stays under ``max_running`` sequences and
-``token_budget`` tokens (prompt + tokens it may still generate), prefilling each with its own KV cache, and
-(3) runs ONE batched decode step for all running sequences: embeddings, q/k/v, output projections, MLPs and
-the head run as one batch of B tokens; attention runs per sequence over its own cache (the sequences have
-different lengths, and this keeps each one's arithmetic that of ``generate.sample``). New requests
-therefore join between decode steps, and a long generation never blocks a short one.
+``token_budget`` tokens (prompt + tokens it may still generate), prefilling all admitted prompts in one
+right-padded forward, and (3) runs ONE batched decode step for all running sequences. Every running sequence
+owns a row ("slot") of one shared KV cache, and the model takes each row's own position (``GPT.forward``'s
+``positions``), so sequences of different lengths decode in one forward, attention included; slots stay
+packed at the front of the cache (a finished sequence's slot is refilled by the last one), so a step reads a
+view of the first B rows, never a copy. New requests therefore join between decode steps, and a long
+generation never blocks a short one. Models that take no per-row positions (virtual-token wrappers) step each
+sequence through their own forward and cache.
 
 The waiting queue is bounded: a full queue refuses at once (``QueueFull``), which the server turns into a
 429 with Retry-After. Results go back through each sequence's ``emit`` callback (called from the engine
@@ -22,10 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from fmforge.deploy.generate import filter_logits
+from fmforge.models.blocks import KVCache
 from fmforge.models.gpt import GPT
+
+# Prompts prefill in one forward while each is at most this many tokens, or a quarter, shorter than the
+# longest: the padding a longer batch computes for nothing against the fixed cost of one more forward call.
+PREFILL_SLACK = 16
 
 
 class QueueFull(Exception):
@@ -64,7 +71,8 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     # set by the engine
     n_new: int = 0
-    cache: list | None = None
+    cache: list | None = None  # its own cache (wrapper models); batched models use ``slot`` of the engine's
+    slot: int = -1
     last_token: int = 0
     generator: torch.Generator | None = None
 
@@ -88,6 +96,7 @@ class Engine:
         self.max_len = model.cfg.max_seq_len - getattr(model, "virtual", 0)
         self.device = next(model.parameters()).device
         self.batched = type(model) is GPT  # a wrapper (virtual tokens) steps each sequence through its forward
+        self.slots = SlotCache(model, self.device, max_running)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._cond = threading.Condition()
@@ -158,88 +167,100 @@ class Engine:
             seq.emit(TokenEvent(finish="cancelled"))
 
     def _admit(self) -> None:
+        admitted: list[Sequence] = []
         while True:
             with self._cond:
-                if not self.waiting or len(self.running) >= self.max_running:
-                    return
+                if not self.waiting or len(self.running) + len(admitted) >= self.max_running:
+                    break
                 seq = self.waiting[0]
                 seq.n_new = min(seq.params.max_tokens, self.max_len - len(seq.prompt_ids) + 1)
-                used = sum(s.footprint for s in self.running)
-                if self.running and used + seq.footprint > self.token_budget:
-                    return  # admitted once enough finishes; an oversize request still runs alone
+                used = sum(s.footprint for s in self.running + admitted)
+                if (self.running or admitted) and used + seq.footprint > self.token_budget:
+                    break  # admitted once enough finishes; an oversize request still runs alone
                 self.waiting.popleft()
-            self._prefill(seq)
+            admitted.append(seq)
+        if admitted:
+            self._prefill(admitted)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq in self.running:
             self.running.remove(seq)
         seq.cache = None
+        seq.slot = -1
         seq.emit(TokenEvent(finish=reason))
 
     # ------------------------------------------------------------------------------------------ model
 
-    def _prefill(self, seq: Sequence) -> None:
-        seq.generator = torch.Generator(device=self.device)
-        if seq.params.seed is None:
-            seq.generator.seed()
-        else:
-            seq.generator.manual_seed(seq.params.seed)
-        seq.cache = self.model.new_cache(1, min(self.max_len, len(seq.prompt_ids) + seq.n_new - 1))
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        logits = self.model(ids, 0, seq.cache)[0, -1:]
-        self.running.append(seq)
-        self._sample([seq], logits)
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            seq.generator = torch.Generator(device=self.device)
+            if seq.params.seed is None:
+                seq.generator.seed()
+            else:
+                seq.generator.manual_seed(seq.params.seed)
+        if not self.batched:
+            for seq in seqs:
+                seq.cache = self.model.new_cache(1, min(self.max_len, len(seq.prompt_ids) + seq.n_new - 1))
+                ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
+                self.running.append(seq)
+                self._sample([seq], self.model(ids, 0, seq.cache)[0, -1:])
+            return
+        first = self._compact()
+        need = max(min(self.max_len, len(s.prompt_ids) + s.n_new - 1) for s in self.running + seqs)
+        self.slots.reserve(first + len(seqs), max(need, max(len(s.prompt_ids) for s in seqs)))
+        # Prompts of similar length prefill together (right padding is computed for nothing).
+        seqs = sorted(seqs, key=lambda s: -len(s.prompt_ids))
+        start = 0
+        while start < len(seqs):
+            longest, end = len(seqs[start].prompt_ids), start + 1
+            while end < len(seqs) and longest - len(seqs[end].prompt_ids) <= max(PREFILL_SLACK, longest // 4):
+                end += 1
+            for r, seq in enumerate(seqs[start:end]):
+                seq.slot = first + start + r
+            self._prefill_rows(seqs[start:end], first + start)
+            start = end
+
+    def _prefill_rows(self, seqs: list[Sequence], first: int) -> None:
+        """Prefill ``seqs`` into cache rows first.. in one right-padded forward; sample their first tokens."""
+        lengths = [len(s.prompt_ids) for s in seqs]
+        ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+        for r, seq in enumerate(seqs):
+            ids[r, :lengths[r]] = torch.tensor(seq.prompt_ids, dtype=torch.long)
+        positions = torch.arange(ids.size(1)).expand(len(seqs), -1).to(self.device)
+        model = self.model
+        hidden = model.hidden_states(model.tok_emb(ids.to(self.device)), cache=self.slots.rows(first, first + len(seqs)),
+                                     positions=positions)
+        last = hidden[torch.arange(len(seqs)), torch.tensor(lengths) - 1]  # the head only where it is read
+        self.running.extend(seqs)
+        self._sample(seqs, model.lm_head(last))
+
+    def _compact(self) -> int:
+        """Move running sequences into the free slots below len(running) (cache rows copied); that count."""
+        n = len(self.running)
+        taken = {s.slot for s in self.running}
+        free = [r for r in range(n) if r not in taken]
+        for seq in [s for s in self.running if s.slot >= n]:
+            slot = free.pop()
+            self.slots.move(seq.slot, slot)
+            seq.slot = slot
+        return n
 
     def _decode_step(self) -> None:
-        seqs = list(self.running)
-        if self.batched:
-            logits = self._batched_logits(seqs)
-        else:
+        if not self.batched:
+            seqs = list(self.running)
             logits = torch.cat([self.model(torch.tensor([[s.last_token]], device=self.device),
                                            self._position(s), s.cache)[0, -1:] for s in seqs])
+        else:
+            self._compact()
+            seqs = sorted(self.running, key=lambda s: s.slot)
+            tokens = torch.tensor([[s.last_token] for s in seqs], dtype=torch.long, device=self.device)
+            positions = torch.tensor([[self._position(s)] for s in seqs], device=self.device)
+            logits = self.model(tokens, cache=self.slots.rows(0, len(seqs)), positions=positions)[:, -1]
         self._sample(seqs, logits)
 
     @staticmethod
     def _position(seq: Sequence) -> int:
         return len(seq.prompt_ids) + len(seq.generated) - 1  # where the last sampled token sits
-
-    def _batched_logits(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits [B, vocab] of each sequence's next token: one decode step for all of them. The B new tokens
-        travel as one sequence of length B (x is [1, B, d]) so every Linear and norm is one batched call and
-        RoPE takes one position per token; attention then reads each token's own cache."""
-        model = self.model
-        tokens = torch.tensor([[s.last_token for s in seqs]], dtype=torch.long, device=self.device)
-        positions = torch.tensor([self._position(s) for s in seqs], device=self.device)
-        x = model.tok_emb(tokens)
-        if model.pos_emb is not None:
-            x = x + model.pos_emb(positions)[None]
-        rope = None
-        if model.cfg.pos == "rope":
-            rope = (model.rope_cos[positions], model.rope_sin[positions])
-        for layer, block in enumerate(model.blocks):
-            if block.post_norm:
-                x = block.norm1(x + self._attend(block.attn, x, rope, seqs, layer))
-                x = block.norm2(x + block.mlp(x))
-            else:
-                x = x + self._attend(block.attn, block.norm1(x), rope, seqs, layer)
-                x = x + block.mlp(block.norm2(x))
-        x = model.norm_f(x)
-        if model.cfg.mup is not None:
-            x = x * (1.0 / model.cfg.width_mult)
-        return model.lm_head(x)[0]
-
-    @staticmethod
-    def _attend(attn, x: torch.Tensor, rope, seqs: list[Sequence], layer: int) -> torch.Tensor:
-        q, k, v = attn.project(x, rope)  # [1, heads, B, head_dim]
-        gqa = attn.n_head // attn.n_kv_head > 1
-        outs = []
-        for b, seq in enumerate(seqs):
-            pos = len(seq.prompt_ids) + len(seq.generated) - 1
-            keys, values = seq.cache[layer].update(pos, k[:, :, b:b + 1], v[:, :, b:b + 1])
-            outs.append(F.scaled_dot_product_attention(q[:, :, b:b + 1], keys, values, enable_gqa=gqa,
-                                                       scale=attn.scale))
-        y = torch.cat(outs, dim=2).transpose(1, 2).reshape(1, len(seqs), -1)
-        return attn.proj(y)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         logits = logits.float()
@@ -270,6 +291,36 @@ class Engine:
             seq.emit(event)
             if len(seq.generated) >= seq.n_new:
                 self._finish(seq, "length")
+
+
+class SlotCache:
+    """One KV cache per layer whose rows are the running sequences' slots, grown on demand (rows and positions
+    doubled, contents kept) so memory follows the load rather than ``max_running x max_seq_len``."""
+
+    def __init__(self, model, device, max_rows: int):
+        self.model, self.device, self.max_rows = model, device, max_rows
+        self.layers: list[KVCache] = []
+        self.n_rows = self.length = 0
+
+    def reserve(self, rows: int, length: int) -> None:
+        if rows <= self.n_rows and length <= self.length:
+            return
+        cfg = self.model.cfg
+        rows = max(rows, min(2 * self.n_rows, self.max_rows)) if rows > self.n_rows else self.n_rows
+        length = min(cfg.max_seq_len, max(length, 2 * self.length)) if length > self.length else self.length
+        grown = self.model.new_cache(rows, length, self.device)
+        for new, old in zip(grown, self.layers):
+            new.k[:self.n_rows, :, :self.length] = old.k
+            new.v[:self.n_rows, :, :self.length] = old.v
+        self.layers, self.n_rows, self.length = grown, rows, length
+
+    def rows(self, start: int, stop: int) -> list[KVCache]:
+        return [layer.rows(start, stop) for layer in self.layers]
+
+    def move(self, src: int, dst: int) -> None:
+        for layer in self.layers:
+            layer.k[dst] = layer.k[src]
+            layer.v[dst] = layer.v[src]
 
 
 class TextStream:

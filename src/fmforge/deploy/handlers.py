@@ -10,6 +10,7 @@ import hmac
 import json
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -89,8 +90,10 @@ class Job:
         metrics.prompt_tokens.labels(sm.name).inc(sum(len(p) for p in prompts))
 
     def _emitter(self, index: int):
+        post, put = _mailbox(self.loop).post, self.queue.put_nowait
+
         def emit(event: TokenEvent) -> None:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            post(put, (index, event))
         return emit
 
     def cancel(self) -> None:
@@ -104,10 +107,15 @@ class Job:
         """Yield (index, text delta, event) per token and (index, "", finish reason) at each end."""
         open_ = len(self.seqs)
         name = self.sm.name
+        e2e, ttft, itl = (m.labels(name) for m in (self.metrics.e2e, self.metrics.ttft, self.metrics.itl))
+        generated = self.metrics.generation_tokens.labels(name)
         while open_:
             remaining = deadline - time.monotonic()
             try:
-                index, event = await asyncio.wait_for(self.queue.get(), max(remaining, 0.001))
+                if not self.queue.empty() and remaining > 0:  # no timer task for what already arrived
+                    index, event = self.queue.get_nowait()
+                else:
+                    index, event = await asyncio.wait_for(self.queue.get(), max(remaining, 0.001))
             except asyncio.TimeoutError:
                 self.cancel()
                 raise ApiError(408, "the request timed out before the reply was complete", kind="timeout",
@@ -119,16 +127,16 @@ class Job:
                     raise RuntimeError(event.error)
                 self.finish[index] = "length" if event.finish == "length" else "stop"
                 open_ -= 1
-                self.metrics.e2e.labels(name).observe(time.monotonic() - self.arrival)
+                e2e.observe(time.monotonic() - self.arrival)
                 yield index, self.streams[index].flush(), event
                 continue
             now = time.monotonic()
             if self.last[index] is None:
-                self.metrics.ttft.labels(name).observe(now - self.arrival)
+                ttft.observe(now - self.arrival)
             else:
-                self.metrics.itl.labels(name).observe(now - self.last[index])
+                itl.observe(now - self.last[index])
             self.last[index] = now
-            self.metrics.generation_tokens.labels(name).inc()
+            generated.inc()
             stream = self.streams[index]
             text = stream.push(event.token)
             if stream.stopped:
@@ -136,11 +144,47 @@ class Job:
                 stream.ids.pop()  # the token that completed the stop string is not part of the reply
                 self.finish[index] = "stop"
                 open_ -= 1
-                self.metrics.e2e.labels(name).observe(now - self.arrival)
+                e2e.observe(now - self.arrival)
                 yield index, text, event
                 yield index, "", TokenEvent(finish="stop")
                 continue
             yield index, text, event
+
+
+class _Mailbox:
+    """Engine events into one event loop: a decode step emits one event per running sequence, and waking the
+    loop once per step (not once per event) keeps the server's cost per token small under concurrency."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list = []
+        self.lock = threading.Lock()
+
+    def post(self, put, item) -> None:
+        """Call ``put(item)`` in the loop (from any thread), in posting order."""
+        with self.lock:
+            self.items.append((put, item))
+            if len(self.items) > 1:
+                return  # a flush is already scheduled and will take this one too
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for put, item in items:
+            put(item)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MAILBOX_LOCK = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _MAILBOX_LOCK:
+        box = _MAILBOXES.get(loop)
+        if box is None:
+            box = _MAILBOXES[loop] = _Mailbox(loop)
+        return box
 
 
 def _encoded(vector: list[float], encoding_format: str):

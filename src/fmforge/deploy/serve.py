@@ -28,6 +28,7 @@ try:  # the optional extra fmforge[serve]
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
 
     from fmforge.deploy.metrics import ServeMetrics
@@ -92,26 +93,7 @@ def build_app(models: dict[str, ServedModel], *, api_keys: list[str] | None = No
     app = FastAPI(title="fmforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = srv
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        try:
-            if (path.startswith("/v1/") or path == "/invocations") and not srv.authorized(
-                    request.headers.get("authorization")):
-                raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", None,
-                               kind="authentication_error", code="invalid_api_key")
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > srv.max_body_bytes:
-                raise ApiError(413, f"request body is larger than {srv.max_body_bytes:,} bytes", "body",
-                               code="body_too_large")
-            response = await call_next(request)
-        except ApiError as err:
-            response = _error_response(err)
-        except Exception as err:  # noqa: BLE001 - counted as a 500 like any other reply
-            response = JSONResponse(error_body(f"internal error: {type(err).__name__}", None, "server_error"),
-                                    status_code=500)
-        srv.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(response.status_code)).inc()
-        return response
+    app.add_middleware(_Guard, srv=srv)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, err: ApiError):
@@ -169,6 +151,45 @@ def build_app(models: dict[str, ServedModel], *, api_keys: list[str] | None = No
         return Response(srv.metrics.render(), media_type=srv.metrics.content_type)
 
     return app
+
+
+class _Guard:
+    """API keys, the body size limit and the request counter, as plain ASGI around the app: Starlette's
+    ``@app.middleware("http")`` relays every streamed chunk through an extra task and memory stream, a cost
+    paid per generated token."""
+
+    def __init__(self, app, srv: ServeApp):
+        self.app, self.srv = app, srv
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, srv = scope["path"], self.srv
+        status = {"code": 500, "started": False}
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        headers = Headers(scope=scope)
+        try:
+            if (path.startswith("/v1/") or path == "/invocations") and not srv.authorized(
+                    headers.get("authorization")):
+                raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", None,
+                               kind="authentication_error", code="invalid_api_key")
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > srv.max_body_bytes:
+                raise ApiError(413, f"request body is larger than {srv.max_body_bytes:,} bytes", "body",
+                               code="body_too_large")
+            await self.app(scope, receive, send_counted)
+        except ApiError as err:
+            await _error_response(err)(scope, receive, send_counted)
+        except Exception as err:  # noqa: BLE001 - counted as a 500 like any other reply
+            if not status["started"]:
+                await JSONResponse(error_body(f"internal error: {type(err).__name__}", None, "server_error"),
+                                   status_code=500)(scope, receive, send_counted)
+        srv.metrics.requests.labels(path if path in _ENDPOINTS else "other", str(status["code"])).inc()
 
 
 def _reply(result):

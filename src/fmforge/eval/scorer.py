@@ -8,19 +8,21 @@ the model sees ``[bos] + context``; the context's trailing spaces move onto the 
 is ``encode(context + continuation)`` past ``len(encode(context))``; a request longer than the model's context
 loses tokens on the left.
 
-Speed comes from not recomputing shared work. Requests with the same context (the choices of a question)
-prefill the context once into a KV cache, which is then repeated once per choice; all choices are scored in
-one right-padded forward that continues from the context's last position (right padding is harmless to a
-causal model: no real token attends to a later one). Contexts of equal token length share one prefill batch
-(the model's KV cache has one position counter for the whole batch); contexts too rare at their length are
-scored with others as whole right-padded sequences (lm-eval's way) when the saved tokens do not pay for the
-extra forward call. Work is sorted by length to limit padding, and the output head runs only at the scored
-positions (the model's head is lifted off while scoring, and put back). Scores do not depend on the batch
-size beyond floating-point noise (~1e-6; sums are accumulated in float64).
+Speed comes from not recomputing shared work and not computing padding. Requests with the same context (the
+choices of a question) are packed into one row of a batch: the context once, then each continuation (less its
+last token) after it at the positions it would have followed the context, with an attention mask that lets
+a continuation see the context and itself but not its sibling choices. A row holds as many such groups as
+fit the model's context (each group sees only itself), so one forward scores many questions with little
+padding, and every scored token gets exactly the positions and attention of one plain forward over its
+context + continuation. Models that take no per-token positions (virtual-token wrappers) get one request
+per row instead, lm-eval's way. The output head runs only at the scored positions (the model's head is
+lifted off while scoring, and put back). Scores do not depend on the batch size or the packing beyond
+floating-point noise (~1e-6; sums are accumulated in float64).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,16 +32,12 @@ import torch.nn as nn
 from fmforge.deploy.generate import filter_logits
 from fmforge.device import pick_device
 from fmforge.errors import FmforgeError
+from fmforge.models.gpt import GPT
 from fmforge.runs import load_pretrained
 
-# What one extra forward call costs, in tokens of work, so the planner weighs a shared context's saved
-# tokens against the extra, smaller forwards sharing needs. On a CPU small matmuls lose much of their speed:
-# on a 4-layer d_model 128 Llama, sharing paid off only where it saved over ~1,000 tokens per extra call
-# (PIQA: 2 long answers, no gain; few-shot contexts: large gains). On a GPU it is kernel launches, ~0.1 ms
-# per block at ~100 TFLOP/s, divided by one token's FLOPs.
-CPU_CALL_TOKENS = 1024
-GPU_CALL_FLOPS_PER_BLOCK = 1e10
 DEFAULT_MAX_GEN_TOKS = 256
+PACK_WIDTH = 128  # narrowest row that several questions share (a wider question gets a row its width)
+HEAD_CHUNK = 256  # scored positions per output-head call: 256 x a 32k vocabulary of fp32 logits = 32 MB
 
 
 class LMScorer:
@@ -65,11 +63,9 @@ class LMScorer:
         # What an empty context conditions on (lm-eval's prefix_token_id): bos, or eos when there is none.
         self.prefix_id = self.bos_id if self.bos_id is not None else self.eos_id
         self._prefix = [self.bos_id] if self.bos_id is not None else []
-        if self.device.type == "cpu":
-            self.call_tokens = float(CPU_CALL_TOKENS)
-        else:
-            token_flops = 2 * sum(p.numel() for p in model.parameters())  # an upper bound: embeddings are gathers
-            self.call_tokens = GPU_CALL_FLOPS_PER_BLOCK * model.cfg.n_layer / max(1, token_flops)
+        # Several requests per row need per-token positions and a mask: a plain GPT takes them; a wrapper
+        # (virtual tokens) scores one request per row.
+        self.share = type(model) is GPT
         # Chat transcripts (``harness.py``'s template) close each assistant turn with the eos token's text,
         # which then stands for the eos id; off by default, so a literal "<|eos|>" in benchmark text is text.
         self.eos_in_text = False
@@ -151,9 +147,8 @@ class LMScorer:
             whole = (ctx + cont)[-(self.max_length + 1):]  # lm-eval's left truncation
             groups.setdefault(tuple(whole[:-len(cont)]), []).append((i, cont))
         with _scoring(self):
-            for kind, batch in self._plan(groups):
-                scored = self._score_shared(batch) if kind == "shared" else self._score_whole(batch)
-                for i, result in scored:
+            for batch in self._plan(groups):
+                for i, result in self._score_rows(batch):
                     results[i] = result
         return results  # type: ignore[return-value]
 
@@ -188,10 +183,10 @@ class LMScorer:
         with _scoring(self):
             start = 0
             while start < len(jobs):
-                # One batch: prompts of one length (they share positions in the KV cache).
+                # One batch: up to batch_size prompts, of one length where the model takes no per-row positions.
                 end = start + 1
                 while (end < len(jobs) and end - start < self.batch_size
-                       and len(jobs[end][1]) == len(jobs[start][1])):
+                       and (self.share or len(jobs[end][1]) == len(jobs[start][1]))):
                     end += 1
                 for (i, _, _), text in zip(jobs[start:end], self._generate_batch(jobs[start:end])):
                     out[i] = text
@@ -200,105 +195,103 @@ class LMScorer:
 
     # ------------------------------------------------------------------------------------------------ planning
 
-    def _plan(self, groups: dict) -> list[tuple[str, list]]:
-        """Batches of work: ("shared", [(context, [(index, continuation), ...]), ...]) for contexts of one
-        length prefilled together, ("whole", [(index, context, continuation), ...]) for whole sequences.
-        A batch holds at most ``batch_size * max_length`` tokens: batch_size rows of a full context, more
-        rows when they are shorter."""
-        budget = self.batch_size * self.max_length
-        by_length: dict[int, list] = {}
+    def _plan(self, groups: dict) -> list[list[list]]:
+        """Batches of rows; a row is a list of units (context, [(index, continuation), ...]), each unit
+        taking len(context) + sum(len(continuation) - 1) tokens of the row. Rows are filled best-fit up to
+        the model's context, and a batch holds at most ``batch_size * max_length`` tokens (rows x width)."""
+        width = self.max_length
+        units: list = []
         for ctx, conts in groups.items():
-            by_length.setdefault(len(ctx), []).append((ctx, sorted(conts, key=lambda ic: -len(ic[1]))))
-        plan, loose = [], []
-        for length in sorted(by_length, reverse=True):
-            # longest continuation first, so a chunk's first group sets its width
-            items = sorted(by_length[length], key=lambda g: (-len(g[1][0][1]), g[1][0][0]))
-            chunk: list = []
-            rows = 0
-            for ctx, conts in items:
-                width = length + len((chunk or [(ctx, conts)])[0][1][0][1]) - 1
-                if chunk and (rows + len(conts)) * width > budget:
-                    self._place(chunk, plan, loose)
-                    chunk, rows = [], 0
-                chunk.append((ctx, conts))
-                rows += len(conts)
-            if chunk:
-                self._place(chunk, plan, loose)
-        loose.sort(key=lambda r: (-(len(r[1]) + len(r[2])), r[0]))
-        batch: list = []
-        for row in loose:
-            width = len(batch[0][1]) + len(batch[0][2]) - 1 if batch else 0
-            if batch and (len(batch) + 1) * width > budget:
-                plan.append(("whole", batch))
-                batch = []
-            batch.append(row)
-        if batch:
-            plan.append(("whole", batch))
-        return plan
-
-    def _place(self, chunk: list, plan: list, loose: list) -> None:
-        """Score ``chunk`` (contexts of one length) with a shared prefill when that beats adding its rows to
-        batches of whole sequences, counting each forward call as ``call_tokens`` tokens of work."""
-        length = len(chunk[0][0])
-        rows = [(i, cont) for _, conts in chunk for i, cont in conts]
-        longest = max(len(cont) for _, cont in rows)
-        calls = 1 + (longest > 1)
-        shared = len(chunk) * length + len(rows) * (longest - 1) + calls * self.call_tokens
-        whole_tokens = len(rows) * (length + longest - 1)
-        whole = whole_tokens * (1 + self.call_tokens / (self.batch_size * self.max_length))
-        if shared <= whole:
-            plan.append(("shared", chunk))
-        else:
-            loose.extend((i, list(ctx), cont) for ctx, conts in chunk for i, cont in conts)
+            conts = sorted(conts, key=lambda ic: (-len(ic[1]), ic[0]))
+            unit: list = []
+            used = len(ctx)
+            for i, cont in conts:
+                if unit and (not self.share or used + len(cont) - 1 > width):
+                    units.append((used, ctx, unit))
+                    unit, used = [], len(ctx)
+                unit.append((i, cont))
+                used += len(cont) - 1
+            units.append((used, ctx, unit))
+        units.sort(key=lambda u: (-u[0], u[2][0][0]))
+        # Rows no wider than needed: attention costs each token the width of its row.
+        width = min(width, max(PACK_WIDTH, units[0][0])) if units else width
+        rows: list[list] = []
+        free: list[tuple[int, int]] = []  # (room left, row), sorted: the best fit is the first with enough room
+        for used, ctx, unit in units:
+            k = bisect.bisect_left(free, (used, -1)) if self.share else len(free)
+            if k == len(free):
+                rows.append([used, (ctx, unit)])
+                room, r = width - used, len(rows) - 1
+            else:
+                room, r = free.pop(k)
+                rows[r][0] += used
+                rows[r].append((ctx, unit))
+                room -= used
+            if self.share and room > 0:
+                bisect.insort(free, (room, r))
+        rows.sort(key=lambda row: -row[0])
+        budget = self.batch_size * self.max_length
+        plan: list[list[list]] = []
+        for row in rows:
+            if not plan or (len(plan[-1]) + 1) * plan[-1][0][0] > budget:
+                plan.append([])
+            plan[-1].append(row)
+        return [[row[1:] for row in batch] for batch in plan]
 
     # ------------------------------------------------------------------------------------------------ scoring
 
-    def _score_shared(self, chunk: list) -> list[tuple[int, tuple[float, bool]]]:
-        """Prefill the contexts (one length) once, repeat each cache row per continuation, score the first
-        continuation token from the prefill's last position and the rest in one right-padded forward."""
-        model, dev = self.model, self.device
-        length = len(chunk[0][0])
-        rows = [(g, i, cont) for g, (_, conts) in enumerate(chunk) for i, cont in conts]
-        rest = max(len(cont) for _, _, cont in rows) - 1
-        cache = model.new_cache(len(chunk), length + rest)
-        ctx = torch.tensor([list(c) for c, _ in chunk], dtype=torch.long, device=dev)
-        last = model(ctx, 0, cache)[:, -1:]  # [groups, 1, d]: hidden states, the head is applied below
-        owner = [g for g, _, _ in rows]
-        first_lp, first_greedy = self._scores(last, owner, [0] * len(rows), [cont[:1] for _, _, cont in rows])
-        if rest == 0:
-            return [(i, (lp, ok)) for (_, i, _), lp, ok in zip(rows, first_lp, first_greedy)]
-        index = torch.tensor(owner, device=dev)
-        for layer in cache:  # one cache row per continuation
-            layer.k, layer.v = layer.k.index_select(0, index), layer.v.index_select(0, index)
-        hidden = model(_right_padded([cont[:-1] for _, _, cont in rows], rest, dev), length, cache)
-        lps, greedy = self._scores(hidden, range(len(rows)), [0] * len(rows), [cont[1:] for _, _, cont in rows])
-        return [(i, (first_lp[r] + lps[r], first_greedy[r] and greedy[r])) for r, (_, i, _) in enumerate(rows)]
+    def _score_rows(self, batch: list[list]) -> list[tuple[int, tuple[float, bool]]]:
+        """One forward over a batch of packed rows; the log-likelihood of every continuation in it."""
+        rows = [_pack_row(units) for units in batch]
+        width = max(len(row["ids"]) for row in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        positions = torch.zeros(len(rows), width, dtype=torch.long)
+        seg = torch.full((len(rows), width), -1, dtype=torch.long)
+        branch = torch.full((len(rows), width), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            n = len(row["ids"])
+            ids[r, :n] = torch.tensor(row["ids"])
+            positions[r, :n] = torch.tensor(row["positions"])
+            seg[r, :n] = torch.tensor(row["seg"])
+            branch[r, :n] = torch.tensor(row["branch"])
+        dev = self.device
+        ids = ids.to(dev)
+        if self.share:
+            seg, branch = seg.to(dev), branch.to(dev)
+            # same group, and a context token or the same continuation (causality is added by the model)
+            mask = (seg[:, :, None] == seg[:, None, :]) & ((branch[:, None, :] == 0)
+                                                           | (branch[:, :, None] == branch[:, None, :]))
+            hidden = self.model(ids, positions=positions.to(dev), attn_mask=mask)
+        else:
+            hidden = self.model(ids)
+        scored = [(i, r, at, cont) for r, row in enumerate(rows) for i, at, cont in row["scored"]]
+        row_of = [r for _, r, at, _ in scored for _ in at]
+        pos_of = [p for _, _, at, _ in scored for p in at]
+        lps, greedy = self._scores(hidden, row_of, pos_of, [cont for _, _, _, cont in scored])
+        return [(i, (lps[k], greedy[k])) for k, (i, _, _, _) in enumerate(scored)]
 
-    def _score_whole(self, batch: list) -> list[tuple[int, tuple[float, bool]]]:
-        """lm-eval's way: each (context, continuation) as one right-padded sequence without the last token."""
-        inputs = [(ctx + cont)[:-1] for _, ctx, cont in batch]
-        hidden = self.model(_right_padded(inputs, max(len(x) for x in inputs), self.device))
-        starts = [len(ctx) - 1 for _, ctx, _ in batch]
-        lps, greedy = self._scores(hidden, range(len(batch)), starts, [cont for _, _, cont in batch])
-        return [(i, (lps[r], greedy[r])) for r, (i, _, _) in enumerate(batch)]
-
-    def _scores(self, hidden: torch.Tensor, rows, starts: list[int],
+    def _scores(self, hidden: torch.Tensor, row_of: list[int], pos_of: list[int],
                 targets: list[list[int]]) -> tuple[list[float], list[bool]]:
-        """For each target list t (of hidden row rows[k], from position starts[k]): the summed log-probability
-        of t and whether every token of t is the argmax. The head runs only on those positions, and the
-        log-softmax spans the model's full vocabulary (padded rows included), as transformers' does."""
+        """For each target list t: the summed log-probability of t's tokens, predicted from the hidden states
+        at (row_of[j], pos_of[j]) (flat over all targets' tokens), and whether every token of t is the argmax.
+        The head runs only on those positions, and the log-softmax spans the model's full vocabulary (padded
+        rows included), as transformers' does."""
         dev = hidden.device
-        row_of = [r for r, t in zip(rows, targets) for _ in t]
-        pos_of = [p + j for p, t in zip(starts, targets) for j in range(len(t))]
         flat = [tok for t in targets for tok in t]
         segment = torch.tensor([k for k, t in enumerate(targets) for _ in t], device=dev)
         if not flat:
             return [0.0] * len(targets), [True] * len(targets)
         picked = hidden[torch.tensor(row_of, device=dev), torch.tensor(pos_of, device=dev)]
-        logprobs = self._head(picked).float().log_softmax(-1)
         tgt = torch.tensor(flat, device=dev)
-        token_lp = logprobs.gather(1, tgt[:, None])[:, 0].double()
-        wrong = (logprobs.argmax(-1) != tgt).to(torch.int64)
+        token_lp = torch.empty(len(flat), dtype=torch.float64, device=dev)
+        wrong = torch.empty(len(flat), dtype=torch.int64, device=dev)
+        # The head in chunks small enough to stay in cache while each chunk's logits are read three times
+        # (normalizer, target, argmax): log p = logit - logsumexp, and the argmax of the logits is that of p.
+        for a in range(0, len(flat), HEAD_CHUNK):
+            logits = self._head(picked[a:a + HEAD_CHUNK]).float()
+            t = tgt[a:a + HEAD_CHUNK, None]
+            token_lp[a:a + HEAD_CHUNK] = (logits.gather(1, t)[:, 0] - logits.logsumexp(-1)).double()
+            wrong[a:a + HEAD_CHUNK] = logits.argmax(-1) != t[:, 0]
         sums = torch.zeros(len(targets), dtype=torch.float64, device=dev).index_add_(0, segment, token_lp)
         misses = torch.zeros(len(targets), dtype=torch.int64, device=dev).index_add_(0, segment, wrong)
         return sums.tolist(), (misses == 0).tolist()
@@ -306,10 +299,13 @@ class LMScorer:
     # ------------------------------------------------------------------------------------------------ generation
 
     def _generate_batch(self, jobs: list) -> list[str]:
-        """Continue prompts of one length together with a KV cache until every row has stopped."""
+        """Continue prompts together with a KV cache until every row has stopped. Prompts of different
+        lengths are right-padded and each row decodes at its own position (a plain GPT); a model without
+        per-row positions gets prompts of one length."""
         model, dev = self.model, self.device
-        length = len(jobs[0][1])
-        n_new = min(max(o["max_gen_toks"] for _, _, o in jobs), self.max_length - length + 1)
+        lengths = [len(ids) for _, ids, _ in jobs]
+        limits = [min(o["max_gen_toks"], self.max_length - n + 1) for n, (_, _, o) in zip(lengths, jobs)]
+        n_new = max(limits)
         if n_new < 1:
             return [""] * len(jobs)
         generators = []
@@ -319,10 +315,17 @@ class LMScorer:
                 gen = torch.Generator(device=dev)
                 gen.manual_seed(opts["seed"])
             generators.append(gen)
-        cache = model.new_cache(len(jobs), length + n_new - 1)
-        logits = self._head(model(torch.tensor([ids for _, ids, _ in jobs], device=dev), 0, cache)[:, -1])
+        size = max(n + limit - 1 for n, limit in zip(lengths, limits))
+        cache = model.new_cache(len(jobs), max(size, max(lengths)))
+        prompts = _right_padded([ids for _, ids, _ in jobs], max(lengths)).to(dev)
+        if self.share:
+            positions = torch.arange(prompts.size(1), device=dev).expand(len(jobs), -1)
+            hidden = model(prompts, cache=cache, positions=positions)
+        else:
+            hidden = model(prompts, 0, cache)
+        logits = self._head(hidden[torch.arange(len(jobs), device=dev), torch.tensor(lengths, device=dev) - 1])
         new: list[list[int]] = [[] for _ in jobs]
-        done = [False] * len(jobs)
+        done = [limit < 1 for limit in limits]
         vocab = self.tokenizer.vocab_size
         for step in range(n_new):
             tokens = []
@@ -335,12 +338,16 @@ class LMScorer:
                     done[r] = True
                     continue
                 new[r].append(token)
-                if len(new[r]) >= opts["max_gen_toks"] or _stops(self.tokenizer.decode(new[r]), opts["until"]):
+                if len(new[r]) >= limits[r] or _stops(self.tokenizer.decode(new[r]), opts["until"]):
                     done[r] = True
             if all(done) or step == n_new - 1:
                 break
             step_ids = torch.tensor([[t] for t in tokens], device=dev)
-            logits = self._head(model(step_ids, length + step, cache)[:, -1])
+            if self.share:  # a finished row keeps writing its own (unread) last position
+                at = torch.tensor([[min(n + step, cache[0].max_len - 1)] for n in lengths], device=dev)
+                logits = self._head(model(step_ids, cache=cache, positions=at)[:, -1])
+            else:
+                logits = self._head(model(step_ids, lengths[0] + step, cache)[:, -1])
         return [_cut(self.tokenizer.decode(ids), opts["until"]) for ids, (_, _, opts) in zip(new, jobs)]
 
 
@@ -377,11 +384,33 @@ class _scoring:
         model.train(self.was_training)
 
 
-def _right_padded(rows: list[list[int]], width: int, device) -> torch.Tensor:
+def _pack_row(units: list) -> dict:
+    """The tokens of one row: per unit its context (positions 0..), then each continuation less its last
+    token at the positions after the context; ``seg`` numbers the units, ``branch`` is 0 on a context and
+    k on the k-th continuation. ``scored``: (request index, row offsets that predict each of its tokens,
+    continuation) — the first token from the context's last offset, the others from the continuation's."""
+    row: dict = {"ids": [], "positions": [], "seg": [], "branch": [], "scored": []}
+    for u, (ctx, conts) in enumerate(units):
+        last = len(row["ids"]) + len(ctx) - 1
+        row["ids"] += ctx
+        row["positions"] += range(len(ctx))
+        row["seg"] += [u] * len(ctx)
+        row["branch"] += [0] * len(ctx)
+        for k, (i, cont) in enumerate(conts, start=1):
+            start = len(row["ids"])
+            row["ids"] += cont[:-1]
+            row["positions"] += range(len(ctx), len(ctx) + len(cont) - 1)
+            row["seg"] += [u] * (len(cont) - 1)
+            row["branch"] += [k] * (len(cont) - 1)
+            row["scored"].append((i, [last] + list(range(start, start + len(cont) - 1)), cont))
+    return row
+
+
+def _right_padded(rows: list[list[int]], width: int) -> torch.Tensor:
     out = torch.zeros(len(rows), width, dtype=torch.long)
     for r, ids in enumerate(rows):
         out[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return out.to(device)
+    return out
 
 
 def rolling_windows(ids: list[int], prefix_id: int, max_length: int) -> list[tuple[list[int], list[int]]]:

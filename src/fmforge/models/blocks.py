@@ -95,8 +95,9 @@ def _scaled_frequencies(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, *heads, head_dim] by the angles of its positions; cos/sin are [T, head_dim]."""
-    shape = (cos.size(0),) + (1,) * (x.dim() - 3) + (cos.size(1),)
+    """Rotate x [B, T, *heads, head_dim] by the angles of its positions; cos/sin are [T, head_dim], or
+    [B, T, head_dim] when the rows sit at different positions."""
+    shape = tuple(cos.shape[:-1]) + (1,) * (x.dim() - 3) + (cos.size(-1),)
     cos, sin = cos.view(shape).to(x.dtype), sin.view(shape).to(x.dtype)  # the dtype cast matches HF
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -152,6 +153,25 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def update_at(self, positions: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv_head, T, head_dim] of token (b, t) at position positions[b, t] of row b (rows
+        at different positions) and return the keys/values of every row up to the furthest position."""
+        end = int(positions.max()) + 1
+        if int(positions.min()) < 0 or end > self.max_len:
+            raise ValueError(f"KV cache: cannot write positions up to {end} of {self.max_len}")
+        rows = torch.arange(k.size(0), device=k.device)[:, None].expand_as(positions)
+        self.k[rows, :, positions] = k.transpose(1, 2)  # indexed as [B, T, n_kv_head, head_dim]
+        self.v[rows, :, positions] = v.transpose(1, 2)
+        self.length = max(self.length, end)
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows [start, stop) of this one that shares its memory (writes land here)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.length = self.k[start:stop], self.v[start:stop], self.length
+        return view
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads (n_kv_head <= n_head), optional RoPE and KV cache.
@@ -180,7 +200,9 @@ class Attention(nn.Module):
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, d] at positions start_pos..start_pos+T-1; ``rope`` holds cos/sin for exactly those positions.
         ``attn_mask`` (no-cache path only) is a boolean mask, True = may attend, broadcastable to
-        [B, n_head, T, T], e.g. key padding for encoders; with causal=True it is and-ed with causality."""
+        [B, n_head, T, T], e.g. key padding for encoders; with causal=True it is and-ed with causality.
+        ``start_pos`` may instead be a [B, T] tensor of each token's position (``GPT.forward``'s ``positions``):
+        with a cache each row then writes and reads its own positions (``_attend_at``)."""
         return self.attend(*self.project(x, rope), start_pos, cache, attn_mask)
 
     def project(self, x: torch.Tensor, rope=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,6 +229,10 @@ class Attention(nn.Module):
         groups = self.n_head // self.n_kv_head
         is_causal = self.causal if causal is None else causal
         mask = attn_mask
+        if cache is not None and isinstance(start_pos, torch.Tensor) and attn_mask is None:
+            return self._attend_at(q, k, v, start_pos, cache)
+        if isinstance(start_pos, torch.Tensor):
+            start_pos = 0  # per-token positions only moved the encodings; without a cache attention is causal
         if cache is not None:
             if attn_mask is not None or not self.causal:
                 raise ValueError("KV cache decoding is for causal attention without an extra mask")
@@ -230,6 +256,34 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=enable_gqa,
                                            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_drop(self.proj(y))
+
+    def _attend_at(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   cache: KVCache) -> torch.Tensor:
+        """``attend`` for rows at different positions (``positions`` [B, T]): each query sees its row's cached
+        keys up to its own position."""
+        if not self.causal:
+            raise ValueError("KV cache decoding is for causal attention without an extra mask")
+        B, _, T, _ = q.shape
+        keys, values = cache.update_at(positions, k, v)
+        groups = q.size(1) // k.size(1)  # under tensor parallelism: this rank's heads
+        if T > 1 and bool((positions == torch.arange(T, device=q.device)).all()):
+            # Every row starts at 0 (a batched prefill): the keys are exactly this chunk's, plainly causal.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1, scale=self.scale)
+            return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
+        k, v = keys, values
+        mask = torch.arange(k.size(2), device=q.device) <= positions[:, :, None]  # [B, T, S]
+        if T == 1:
+            # One query per row (a decode step): a kv head's query heads stand in for the query axis, so the
+            # keys are read once per kv head rather than copied per query head.
+            y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), groups, -1), k, v,
+                                               attn_mask=mask[:, None], scale=self.scale)
+            y = y.reshape(B, 1, -1)
+        else:
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
+            y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_drop(self.proj(y))
 
     def init_weights(self, std: float, out_std: float, truncated: bool) -> None:

@@ -77,31 +77,56 @@ class GPT(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def forward(self, idx: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None, *,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab_size] in the compute dtype for tokens idx [B, T] at positions start_pos...
         With ``cache`` (from ``new_cache``) keys/values are stored for later calls: prefill at start_pos=0,
-        then feed new tokens at start_pos = tokens so far."""
-        return self.forward_embeddings(self.tok_emb(idx), start_pos, cache)
+        then feed new tokens at start_pos = tokens so far.
 
-    def forward_embeddings(self, x: torch.Tensor, start_pos: int = 0,
-                           cache: list[KVCache] | None = None) -> torch.Tensor:
+        Rows at different positions (sequences of different lengths batched together) pass ``positions``
+        [B, T], each token's own position, instead of ``start_pos``. With a cache, token (b, t) is stored at
+        position positions[b, t] of row b and attends to that row's keys up to its own position (right
+        padding is harmless: a pad is overwritten before any later real token reads it). Without a cache,
+        attention is causal over the T tokens and-ed with ``attn_mask`` [B, T, T] (True = may attend), which
+        lets one row hold several sequences, e.g. a context and its continuations side by side."""
+        return self.forward_embeddings(self.tok_emb(idx), start_pos, cache, positions=positions,
+                                       attn_mask=attn_mask)
+
+    def forward_embeddings(self, x: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None, *,
+                           positions: torch.Tensor | None = None,
+                           attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``forward`` from input embeddings x [B, T, d_model] instead of token ids (what learned prompt
         embeddings feed, ``virtual.py``)."""
+        return self.lm_head(self.hidden_states(x, start_pos, cache, positions=positions, attn_mask=attn_mask))
+
+    def hidden_states(self, x: torch.Tensor, start_pos: int = 0, cache: list[KVCache] | None = None, *,
+                      positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What the output head reads [B, T, d_model] (final norm applied), for embeddings x; arguments as
+        ``forward``. Callers that need logits at a few positions only apply ``lm_head`` to those."""
         T = x.size(1)
-        if start_pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.cfg.max_seq_len}")
+        if positions is not None:
+            # Per-token positions: the rows may sit at different places in their sequences.
+            if positions.numel() and (int(positions.max()) >= self.cfg.max_seq_len or int(positions.min()) < 0):
+                raise ValueError(f"positions must be in [0, max_seq_len {self.cfg.max_seq_len})")
+            at: torch.Tensor | slice = positions
+            where: torch.Tensor | int = positions
+        else:
+            if start_pos + T > self.cfg.max_seq_len:
+                raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.cfg.max_seq_len}")
+            at, where = slice(start_pos, start_pos + T), start_pos
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=x.device))
-        rope = None
-        if self.cfg.pos == "rope":
-            rope = (self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T])
+            index = positions if positions is not None else torch.arange(start_pos, start_pos + T, device=x.device)
+            x = x + self.pos_emb(index)
+        rope = (self.rope_cos[at], self.rope_sin[at]) if self.cfg.pos == "rope" else None
+        mask = None if attn_mask is None else attn_mask[:, None]
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, start_pos, None if cache is None else cache[i])
+            layer_cache = None if cache is None else cache[i]
+            x = block(x, rope, where, layer_cache) if mask is None else block(x, rope, where, layer_cache, mask)
         x = self.norm_f(x)
         if self.cfg.mup is not None:
             x = x * (1.0 / self.cfg.width_mult)  # μP's output multiplier: logits / m (see MupConfig)
-        return self.lm_head(x)
+        return x
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
         """One empty KV cache per layer for up to ``max_len`` positions; device/dtype default to the weights'."""

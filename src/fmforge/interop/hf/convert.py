@@ -32,6 +32,7 @@ from fmforge.errors import FmforgeError
 from fmforge.interop.hf import decoder as hf_decoder
 from fmforge.interop.hf import encoders as hf_encoders
 from fmforge.io.paths import confined, relative_name
+from fmforge.models.qlinear import QUANT_FILE
 from fmforge.runs import (
     MAX_CONFIG_BYTES,
     MAX_SIDE_FILE_BYTES,
@@ -293,6 +294,9 @@ def export_hf(run_dir: str | Path, out: str | Path, echo=print, overwrite: bool 
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise FmforgeError(f"run directory not found: {run_dir}")
+    if (run_dir / QUANT_FILE).is_file():
+        raise FmforgeError(f"{run_dir} is a quantized run (fmforge quantize), which transformers cannot load; "
+                           "export the run it was quantized from instead")
     cfg = read_model_config(run_dir)
     replaced = _claim_outputs(out, EXPORT_OUTPUTS, run_dir, overwrite, "a Hugging Face model")
     if getattr(cfg, "prefix_tokens", 0) or getattr(cfg, "prompt_tokens", 0):
