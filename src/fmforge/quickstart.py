@@ -264,6 +264,7 @@ def quickstart_vision(out: str | Path = "runs/quickstart-vision", minutes: float
 QUICKSTART_TASKS: dict[str, tuple[str, str, float]] = {
     "language": ("fmforge.quickstart:quickstart", "runs/quickstart", 6.0),
     "vision": ("fmforge.quickstart:quickstart_vision", "runs/quickstart-vision", 3.0),
+    "lifecycle": ("fmforge.pipeline.lifecycle:quickstart_lifecycle", "runs/quickstart-lifecycle", 15.0),
 }
 
 
