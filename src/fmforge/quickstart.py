@@ -265,6 +265,7 @@ QUICKSTART_TASKS: dict[str, tuple[str, str, float]] = {
     "language": ("fmforge.quickstart:quickstart", "runs/quickstart", 6.0),
     "vision": ("fmforge.quickstart:quickstart_vision", "runs/quickstart-vision", 3.0),
     "lifecycle": ("fmforge.pipeline.lifecycle:quickstart_lifecycle", "runs/quickstart-lifecycle", 15.0),
+    "text-to-image": ("fmforge.quickstart_t2i:quickstart_text_to_image", "runs/quickstart-t2i", 6.0),
 }
 
 

@@ -65,6 +65,16 @@ VERBS: tuple[Verb, ...] = (
                 arg("--stop", action="append", metavar="TEXT", help="stop string (repeatable)"),
                 arg("--seed", type=int, metavar="S",
                     help="few-shot draw (default 1234) or sampling seed (default 0)"))),
+            Group(title="diffusion runs (dit): --limit caps the generated images, --class-names maps prompts to "
+                        "classes", args=(
+                arg("--classifier", metavar="VIT_RUN",
+                    help="an fmforge image classifier trained on the same data: FD, KID, precision/recall and "
+                         "prompt accuracy are measured with it"),
+                arg("--clip", metavar="CLIP_RUN", help="the CLIP run for the CLIP score (default: the run's own "
+                                                       "text encoder)"),
+                arg("--steps", type=int, default=50, metavar="S", help="DDIM steps per image (default 50)"),
+                arg("--guidance", type=float, default=2.0, metavar="G",
+                    help="classifier-free guidance weight (default 2; 0: none)"))),
         ),
     ),
     Verb(
@@ -212,10 +222,13 @@ VERBS: tuple[Verb, ...] = (
     ),
     Verb(
         "generate", "fmforge.deploy.chat:generate_verb",
-        help="sample text from a trained decoder (gpt2/llama: trained, fine-tuned or imported)",
+        help="sample text from a trained decoder, or images from a diffusion run (dit)",
         description="Print --prompt followed by a continuation sampled from RUN_DIR's decoder with a KV cache, "
                     "stopping at the tokenizer's end of text. --temperature 0 is greedy; --top-k and --top-p "
-                    "restrict the sampling; --seed makes it reproducible.",
+                    "restrict the sampling; --seed makes it reproducible. For a diffusion run (model.arch=dit): "
+                    "--images N images of --prompt TEXT (text-conditioned) or --class K, written as a PNG grid "
+                    "to --out and one by one beside it, with --sampler ddim|ddpm, --steps S and classifier-free "
+                    "--guidance G (0: none).",
         parents=(DEVICE,),
         args=(
             arg("run_dir", metavar="RUN_DIR"),
@@ -227,7 +240,15 @@ VERBS: tuple[Verb, ...] = (
             arg("--seed", type=int, default=None, metavar="S", help="fix the sampling RNG (reproducible output)"),
             arg("--chat", action="store_true",
                 help="send --prompt as one chat message in the run's chat template and print the reply"),
-            arg("--system", metavar="TEXT", help="with --chat: a system prompt")),
+            arg("--system", metavar="TEXT", help="with --chat: a system prompt"),
+            arg("--class", dest="class_label", type=int, metavar="K", help="diffusion: the class to draw"),
+            arg("--images", type=int, metavar="N", help="diffusion: how many images (default 16)"),
+            arg("--steps", type=int, metavar="S", help="diffusion: sampling steps (default 50)"),
+            arg("--sampler", choices=("ddim", "ddpm"), help="diffusion: ddim (deterministic, default) or ddpm"),
+            arg("--guidance", type=float, metavar="G",
+                help="diffusion: classifier-free guidance weight w, out_c + w (out_c - out_u) (default 2; 0: none)"),
+            arg("--out", metavar="GRID.png", help="diffusion: the grid's path; images go to GRID/NNNN.png"),
+            arg("--overwrite", action="store_true", help="diffusion: replace images already at --out")),
     ),
     Verb(
         "chat", "fmforge.deploy.chat:chat",

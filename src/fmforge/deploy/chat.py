@@ -19,9 +19,10 @@ import torch
 from fmforge.data.chat import segments
 from fmforge.deploy.batching import Engine, SamplingParams, Sequence, TextStream, TokenEvent
 from fmforge.deploy.generate import _check_sampling_args, generate_command, sample
+from fmforge.deploy.image_generate import generate_images
 from fmforge.device import pick_device
 from fmforge.errors import FmforgeError
-from fmforge.runs import load_pretrained
+from fmforge.runs import family_of, load_pretrained, read_model_config
 
 HELP = "Type a message. /reset clears the conversation, /exit (or Ctrl-D) ends it; Ctrl-C stops a reply."
 
@@ -189,9 +190,26 @@ def chat(run_dir: str | Path, *, system: str | None = None, max_new_tokens: int 
         engine.stop(timeout=5)
 
 
+IMAGE_FLAGS = {"class_label": "--class", "images": "--images", "steps": "--steps", "sampler": "--sampler",
+               "guidance": "--guidance", "out": "--out", "overwrite": "--overwrite"}
+
+
 def generate_verb(run_dir: str, *, chat: bool = False, system: str | None = None, **kwargs) -> None:
     """``fmforge generate``: the plain continuation, or with ``chat`` the reply to --prompt as one chat message
-    in the run's chat template."""
+    in the run's chat template; for a diffusion run, images (``deploy/image_generate.py``)."""
+    image_args = {key: kwargs.pop(key) for key in IMAGE_FLAGS if key in kwargs}
+    if family_of(read_model_config(run_dir)) == "dit":
+        if chat or system is not None:
+            raise FmforgeError("--chat and --system apply to language models, not diffusion runs")
+        given = {k: v for k, v in image_args.items() if v not in (None, False)}
+        if "out" not in given:
+            raise FmforgeError("a diffusion run writes images: give --out GRID.png")
+        generate_images(run_dir, prompt=kwargs["prompt"] or None, seed=kwargs.get("seed") or 0,
+                        device=kwargs.get("device", "auto"), **given)
+        return
+    given = [flag for key, flag in IMAGE_FLAGS.items() if image_args.get(key) not in (None, False)]
+    if given:
+        raise FmforgeError(f"{given[0]} applies to diffusion runs (model.arch=dit); {run_dir} is a language model")
     if chat:
         generate_chat_command(run_dir, system=system, **kwargs)
         return

@@ -6,6 +6,7 @@ import json
 
 from fmforge.errors import FmforgeError
 from fmforge.eval.benchmarks import run_benchmarks
+from fmforge.eval.diffusion import evaluate_diffusion
 from fmforge.eval.generation import evaluate_prompts
 from fmforge.eval.harness import run_lm_eval
 from fmforge.eval.perplexity import evaluate
@@ -23,10 +24,22 @@ def eval_command(run_dir: str, *, data: str | None = None, max_batches: int | No
                  include_path: list[str] | None = None, lm_eval: list[str] | None = None,
                  apply_chat_template: bool = False, prompts: str | None = None, generations_out: str | None = None,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, stop: list[str] | None = None) -> None:
+                 top_p: float | None = None, stop: list[str] | None = None, classifier: str | None = None,
+                 clip: str | None = None, steps: int = 50, guidance: float = 2.0) -> None:
     """``fmforge eval``: benchmark tasks (``tasks``), lm-evaluation-harness tasks (``lm_eval``) and generation
     scoring (``prompts``) when asked; otherwise perplexity for decoders, the family's own metrics and probes
     for everything else. Every result is also kept in RUN_DIR/eval/."""
+    if family_of(read_model_config(run_dir)) == "dit":
+        if not classifier:
+            raise FmforgeError("fmforge eval of a diffusion run needs --classifier VIT_RUN: an fmforge image "
+                               "classifier trained on the same data, whose features the scores are measured in")
+        result = evaluate_diffusion(run_dir, classifier=classifier, clip=clip, data_dir=data, class_names=class_names,
+                                    samples=limit, steps=steps, guidance=guidance, seed=seed or 0,
+                                    batch_size=batch_size or 256, device=device, json_out=json_out)
+        _save(run_dir, "diffusion", result)
+        return
+    if classifier or clip:
+        raise FmforgeError("--classifier and --clip apply to diffusion runs (model.arch=dit)")
     if tasks or lm_eval or prompts:
         _asked(run_dir, tasks=tasks, lm_eval=lm_eval, prompts=prompts, batch_size=batch_size or 16, device=device,
                json_out=json_out, num_fewshot=num_fewshot, limit=limit, seed=seed, include_path=include_path or [],

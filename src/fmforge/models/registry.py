@@ -18,8 +18,9 @@ from pydantic import Discriminator, Tag, TypeAdapter
 from fmforge.models.bert import Bert, BertModelConfig
 from fmforge.models.clip import CLIP, CLIPModelConfig
 from fmforge.models.config import ModelConfig
+from fmforge.models.dit import DiT, DiTModelConfig
 from fmforge.models.gpt import GPT
-from fmforge.models.sizes import BERT_SIZES, CLIP_SIZES, DECODER_SIZES, MAE_SIZES, VIT_SIZES
+from fmforge.models.sizes import BERT_SIZES, CLIP_SIZES, DECODER_SIZES, DIT_SIZES, MAE_SIZES, VIT_SIZES
 from fmforge.models.virtual import VirtualTokenGPT, has_virtual_tokens
 from fmforge.models.vit import MAE, MAEModelConfig, ViT, ViTModelConfig
 
@@ -43,6 +44,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("vit", ("vit",), ViTModelConfig, ViT, "image_classify", VIT_SIZES, "encoders", "a vit model"),
     Family("mae", ("mae",), MAEModelConfig, MAE, "mae", MAE_SIZES, None, "a mae model"),
     Family("clip", ("clip",), CLIPModelConfig, CLIP, "contrastive", CLIP_SIZES, "encoders", "a clip model"),
+    Family("dit", ("dit",), DiTModelConfig, DiT, "diffusion", DIT_SIZES, "diffusers",
+           "a diffusion transformer (dit)"),
 )}
 ARCHS: tuple[str, ...] = tuple(a for f in FAMILIES.values() for a in f.archs)
 _BY_ARCH = {a: f for f in FAMILIES.values() for a in f.archs}
@@ -57,7 +60,7 @@ def _family_tag(value: Any) -> str:
 AnyModelConfig = Annotated[
     Annotated[ModelConfig, Tag("decoder")] | Annotated[BertModelConfig, Tag("bert")]
     | Annotated[ViTModelConfig, Tag("vit")] | Annotated[MAEModelConfig, Tag("mae")]
-    | Annotated[CLIPModelConfig, Tag("clip")],
+    | Annotated[CLIPModelConfig, Tag("clip")] | Annotated[DiTModelConfig, Tag("dit")],
     Discriminator(_family_tag),
 ]
 _MODEL_CONFIG = TypeAdapter(AnyModelConfig)

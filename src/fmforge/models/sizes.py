@@ -98,6 +98,20 @@ BERT_SIZES: dict[str, dict] = {
 }
 
 
+DIT_SIZES: dict[str, dict] = {
+    # CPU sizes: 8x8 one-channel digits in 2x2 patches (16 tokens), ten classes or CLIP-conditioned.
+    "dit-nano": dict(image_size=8, patch_size=2, channels=1, d_model=64, n_layer=4, n_head=4, num_classes=10),
+    "dit-micro": dict(image_size=8, patch_size=2, channels=1, d_model=128, n_layer=6, n_head=4, num_classes=10),
+    # Peebles & Xie 2023, table 1: 256 px images as 32x32x4 Stable Diffusion latents (33M, 130M, 458M, 675M).
+    "dit-s2": dict(image_size=32, patch_size=2, channels=4, d_model=384, n_layer=12, n_head=6),
+    "dit-b2": dict(image_size=32, patch_size=2, channels=4, d_model=768, n_layer=12, n_head=12),
+    "dit-l2": dict(image_size=32, patch_size=2, channels=4, d_model=1024, n_layer=24, n_head=16),
+    "dit-xl2": dict(image_size=32, patch_size=2, channels=4, d_model=1152, n_layer=28, n_head=16),
+    "dit-xl4": dict(image_size=32, patch_size=4, channels=4, d_model=1152, n_layer=28, n_head=16),
+    "dit-xl8": dict(image_size=32, patch_size=8, channels=4, d_model=1152, n_layer=28, n_head=16),
+}
+
+
 def lookup_size(sizes: dict[str, dict], name: str, family: str) -> dict:
     if name not in sizes:
         raise FmforgeError(f"unknown {family} size {name!r}; known: {', '.join(sorted(sizes))}")

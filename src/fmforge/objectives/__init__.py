@@ -19,6 +19,7 @@ OBJECTIVES: dict[str, str] = {
     "image_classify": "fmforge.objectives.image_classify:ImageClassificationTask",
     "mae": "fmforge.objectives.mae:MAETask",
     "contrastive": "fmforge.objectives.contrastive:ContrastiveTask",
+    "diffusion": "fmforge.objectives.diffusion:DiffusionTask",
     "sft": "fmforge.objectives.sft:SFTTask",  # fine-tuning objectives, named by finetune.task
     "dpo": "fmforge.objectives.dpo:DPOTask",
     "text_classify": "fmforge.objectives.text_classify:TextClassificationTask",

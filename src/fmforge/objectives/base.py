@@ -147,5 +147,10 @@ class Task(ABC):
         data has no validation split. Every rank evaluates the same batches (FSDP needs every rank in
         every forward)."""
 
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after each optimizer update that was taken (``step`` counts them from 1), on the unwrapped
+        model: weights kept beside the trained ones, such as an EMA, update here. Most objectives have none."""
+        return None
+
     def save_pretrained(self, state_dict: dict, run_dir: Path) -> None:
         save_pretrained(state_dict, self.model_cfg, run_dir, self.tokenizer_dir)

@@ -281,6 +281,7 @@ class _Run:
         # The norm is global (gradients are already reduced), so every rank makes the same call.
         if torch.isfinite(grad_norm):
             optimizer.step()
+            self.task.after_step(self.model, self.step + 1)
         else:
             self.skipped += 1
             self.echo(f"warning: step {self.step + 1}: non-finite loss or gradient; update skipped "

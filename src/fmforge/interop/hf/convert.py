@@ -31,6 +31,7 @@ from fmforge.data.tokenizer import load_tokenizer
 from fmforge.errors import FmforgeError
 from fmforge.interop.hf import decoder as hf_decoder
 from fmforge.interop.hf import encoders as hf_encoders
+from fmforge.interop.hf.diffusers_dit import export_diffusers
 from fmforge.io.paths import confined, relative_name
 from fmforge.models.qlinear import QUANT_FILE
 from fmforge.runs import (
@@ -298,6 +299,8 @@ def export_hf(run_dir: str | Path, out: str | Path, echo=print, overwrite: bool 
         raise FmforgeError(f"{run_dir} is a quantized run (fmforge quantize), which transformers cannot load; "
                            "export the run it was quantized from instead")
     cfg = read_model_config(run_dir)
+    if family_of(cfg) == "dit":  # a diffusers directory, not a transformers one
+        return export_diffusers(run_dir, out, echo, overwrite)
     replaced = _claim_outputs(out, EXPORT_OUTPUTS, run_dir, overwrite, "a Hugging Face model")
     if getattr(cfg, "prefix_tokens", 0) or getattr(cfg, "prompt_tokens", 0):
         raise FmforgeError(f"{run_dir} has prefix/prompt-tuned virtual tokens, which transformers models have no "
