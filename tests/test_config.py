@@ -57,7 +57,7 @@ def test_shipped_configs_validate_and_their_models_build():
         else:
             with torch.device("meta"):  # the shape is consistent (vocabulary and classes come from data later)
                 build_model(cfg.model)
-    assert archs == {"gpt2", "llama", "vit", "mae", "clip", "bert"}
+    assert archs == {"gpt2", "llama", "vit", "mae", "clip", "bert", "dit"}
 
 
 def test_cli_config_errors_are_one_line_with_exit_code_2(tmp_path, capsys):

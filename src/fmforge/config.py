@@ -120,7 +120,7 @@ class FinetuneConfig(Section):
     # (chat JSONL at data.path, loss on assistant tokens only), "dpo" (preference JSONL at data.path, against
     # the frozen base as reference) for decoders; "classify" (labelled text at data.path, a new [CLS] head)
     # for BERT-family encoders
-    task: Literal["lm", "sft", "dpo", "classify"] = "lm"
+    task: Literal["lm", "sft", "dpo", "classify", "pairs"] = "lm"  # pairs: (query, passage) JSONL, contrastive
     val_fraction: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1  # sft/dpo/classify: held out by content hash
     dpo_beta: PositiveFloat = 0.1  # DPO's inverse temperature: how far the policy may move from the reference
     freeze: list[str] = []  # glob patterns over parameter names, e.g. ["tok_emb.*", "blocks.0.*"]

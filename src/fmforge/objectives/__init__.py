@@ -23,6 +23,7 @@ OBJECTIVES: dict[str, str] = {
     "sft": "fmforge.objectives.sft:SFTTask",  # fine-tuning objectives, named by finetune.task
     "dpo": "fmforge.objectives.dpo:DPOTask",
     "text_classify": "fmforge.objectives.text_classify:TextClassificationTask",
+    "text_pairs": "fmforge.objectives.text_pairs:TextPairsTask",
     "distill": "fmforge.objectives.distill:DistillTask",  # wraps the student's own objective (distill.teacher)
 }
 
@@ -32,6 +33,7 @@ FINETUNE_TASKS: dict[str, tuple[dict[str, str], str]] = {
     "dpo": ({"decoder": "dpo"}, "trains decoders (gpt2, llama)"),
     "classify": ({"bert": "text_classify", "vit": "image_classify"},
                  "fine-tunes BERT-family text encoders and ViT/MAE image encoders"),
+    "pairs": ({"bert": "text_pairs"}, "fine-tunes BERT-family text encoders on (query, passage) pairs"),
 }
 
 
