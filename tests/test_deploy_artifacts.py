@@ -125,7 +125,7 @@ def test_k8s_container_runs_a_valid_fmforge_serve_on_the_mounted_run_and_its_api
     command = container["command"]
     assert command[:3] == ["python", "-m", "fmforge"]
     args = vars(build_parser().parse_args(command[3:]))  # fmforge's own parser accepts it
-    assert args["_run"] == "fmforge.deploy.serve:serve"
+    assert args["_run"] == "fmforge.rag.serving:serve_command"
     assert args["run_dirs"] == ["/mnt/fmforge/chat"]  # served under the run directory's own name
     assert (args["host"], args["port"]) == ("0.0.0.0", 9000)
     assert container["ports"][0]["containerPort"] == 9000

@@ -5,6 +5,7 @@ merged-LoRA and imported-HF run directories served alike."""
 
 import concurrent.futures as futures
 import json
+import shutil
 import statistics
 import threading
 import time
@@ -52,11 +53,31 @@ def minilm_run(tmp_path_factory) -> Path:
     return out
 
 
+RAG_DOCS = ["The lighthouse keeper rowed to the island every morning to trim the lamp wicks.",
+            "Sourdough bread rises slowly because wild yeast ferments the dough overnight.",
+            "A binary search halves the sorted interval at every step until the key is found."]
+
+
 @pytest.fixture(scope="module")
 def server(chat_base, minilm_run, tmp_path_factory):
-    """One server (the nano Llama as "run", MiniLM as "minilm"), API key required; yields its base URL."""
-    models = load_models([chat_base, minilm_run], "cpu", max_running=16, max_waiting=64)
-    app = build_app(models, api_keys=[KEY], max_body_bytes=64 * 1024, request_timeout=60)
+    """One server (the nano Llama as "run", MiniLM as "minilm"), API key required, with a MiniLM index of
+    ``RAG_DOCS`` served as "docs" for chat requests' retrieval field; yields its base URL."""
+    from fmforge.rag.index import build_index
+    from fmforge.rag.search import open_retriever
+    from fmforge.rag.serving import _locked
+
+    corpus = tmp_path_factory.mktemp("rag") / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in RAG_DOCS))
+    build_index([str(corpus)], minilm_run, corpus.parent / "index", device="cpu", echo=lambda _m: None)
+    grounders = {"docs": _locked(open_retriever(corpus.parent / "index", device="cpu"))}
+    # the nano Llama again with a 1,024-token context (RoPE: the same weights read longer prompts), for the
+    # grounded prompts: instruction, passages and the instruction again do not fit 64 tokens
+    long = corpus.parent / "long"
+    shutil.copytree(chat_base, long, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    card = json.loads((long / "model.json").read_text())
+    (long / "model.json").write_text(json.dumps({**card, "max_seq_len": 1024}))
+    models = load_models([chat_base, minilm_run, long], "cpu", max_running=16, max_waiting=64)
+    app = build_app(models, api_keys=[KEY], max_body_bytes=64 * 1024, request_timeout=60, grounders=grounders)
     port = free_port()
     srv, thread = start_in_thread(app, "127.0.0.1", port)
     yield f"http://127.0.0.1:{port}", models
@@ -99,6 +120,32 @@ def test_chat_completion_applies_the_runs_chat_template(client, chat_base):
     assert out.choices[0].message.content == tok.decode(expected)
     assert out.choices[0].message.role == "assistant"
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == len(expected)
+
+
+def test_chat_with_retrieval_grounds_the_question_in_the_served_index_and_cites_it(server):
+    question = {"role": "user", "content": "How does a binary search find a key?"}
+    plain = post(server, "/v1/chat/completions", {"model": "long", "messages": [question], "max_tokens": 4})
+    body = {"model": "long", "messages": [question], "max_tokens": 4, "retrieval": {"index": "docs", "k": 2}}
+    grounded = post(server, "/v1/chat/completions", body)
+    assert plain.status_code == grounded.status_code == 200, grounded.text
+    cites = grounded.json()["citations"]
+    assert [c["n"] for c in cites] == [1, 2] and "binary search" in cites[0]["text"]
+    # the passages went into the prompt the model read
+    assert grounded.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"] + 20
+    unknown = post(server, "/v1/chat/completions", {**body, "retrieval": {"index": "nope"}})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "retrieval.index"
+    assert "docs" in unknown.json()["error"]["message"]
+    bad_k = post(server, "/v1/chat/completions", {**body, "retrieval": {"index": "docs", "k": 0}})
+    assert bad_k.status_code == 400 and "retrieval" in bad_k.json()["error"]["param"]
+
+
+def test_serve_index_option_is_name_equals_directory():
+    from fmforge.rag.serving import parse_indexes
+
+    assert parse_indexes(["docs=/tmp/i", "faq_2=/x"]) == {"docs": "/tmp/i", "faq_2": "/x"}
+    for bad in (["docs"], ["=/tmp/i"], ["a/b=/tmp"], ["d=/a", "d=/b"]):
+        with pytest.raises(FmforgeError, match="--index"):
+            parse_indexes(bad)
 
 
 def test_streaming_returns_the_same_text_and_usage_then_done(client, server):
@@ -149,7 +196,7 @@ def test_embeddings_from_an_imported_minilm_and_decoders_refused(client):
 
 
 def test_models_lists_every_run_by_directory_name(client):
-    assert sorted(m.id for m in client.models.list().data) == ["minilm", "run"]
+    assert sorted(m.id for m in client.models.list().data) == ["long", "minilm", "run"]
     assert client.models.retrieve("run").owned_by == "fmforge"
 
 

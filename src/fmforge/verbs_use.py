@@ -265,7 +265,7 @@ VERBS: tuple[Verb, ...] = (
               arg("--seed", type=int, metavar="S")),
     ),
     Verb(
-        "serve", "fmforge.deploy.serve:serve",
+        "serve", "fmforge.rag.serving:serve_command",
         help="an OpenAI-compatible server with continuous batching (+ SageMaker /ping /invocations, /metrics)",
         description="Serve one or more run directories (model name = directory name): /v1/completions, "
                     "/v1/chat/completions (the run's chat template), /v1/embeddings (BERT-family and CLIP text "
@@ -282,7 +282,10 @@ VERBS: tuple[Verb, ...] = (
                   help="prompt + requested tokens admitted at once"),
               arg("--max-waiting", type=int, default=256, metavar="N", help="queued requests before 429"),
               arg("--max-body-bytes", type=int, default=1 << 20, metavar="B"),
-              arg("--request-timeout", type=float, default=600.0, metavar="S")),
+              arg("--request-timeout", type=float, default=600.0, metavar="S"),
+              arg("--index", action="append", metavar="NAME=INDEX_DIR",
+                  help="a retrieval index (fmforge rag index) chat requests may ground in with "
+                       "\"retrieval\": {\"index\": NAME, \"k\": 4} (repeatable)")),
     ),
     Verb(
         "launch", "fmforge.launch.cli:launch_command",

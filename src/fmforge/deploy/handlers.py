@@ -11,7 +11,7 @@ import json
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,7 @@ from fmforge.deploy.openai_api import (
     usage_chunk,
     validation_error,
 )
+from fmforge.errors import FmforgeError
 from fmforge.objectives.contrastive import CaptionTokens
 
 if TYPE_CHECKING:
@@ -213,8 +214,12 @@ class ServeApp:
     """The handlers of one server over its served models."""
 
     def __init__(self, models: dict[str, ServedModel], metrics, *, api_keys: list[str] | None = None,
-                 max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float = 600.0):
+                 max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float = 600.0,
+                 grounders: dict[str, Callable] | None = None):
         self.models, self.api_keys = models, [k.encode() for k in (api_keys or [])]
+        # index name -> ground(messages, k, hybrid, seed) -> (messages, citations): a chat request's
+        # ``retrieval`` field names one (``fmforge serve --index NAME=DIR``, rag/serving.py)
+        self.grounders = grounders or {}
         self.max_body_bytes, self.request_timeout = max_body_bytes, request_timeout
         self.metrics = metrics
         for sm in models.values():
@@ -314,11 +319,14 @@ class ServeApp:
         if messages[-1]["role"] != "user":
             raise ApiError(400, f"messages: the last message must be the user's (got {messages[-1]['role']!r})",
                            "messages")
+        rid = new_id("chatcmpl")
+        cited = None
+        if req.retrieval is not None:
+            messages, cited = await self.ground(messages, req.retrieval, rid)
         prompt = chat_prompt_ids(sm.tokenizer, messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling(sm, req, max_tokens, [prompt])
         job = Job(sm, [prompt] * req.n, params, req.stop, self.metrics, asyncio.get_running_loop())
-        rid = new_id("chatcmpl")
         if req.stream:
             return self.stream(job, rid, sm, "chat.completion.chunk", len(prompt), req, self._chat_chunks)
         texts = [""] * req.n
@@ -326,8 +334,23 @@ class ServeApp:
             texts[index] += text
         choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                     "finish_reason": job.finish[i], "logprobs": None} for i in range(req.n)]
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": sm.name,
-                "choices": choices, "usage": usage(len(prompt), job.completion_tokens())}
+        reply = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": sm.name,
+                 "choices": choices, "usage": usage(len(prompt), job.completion_tokens())}
+        if cited is not None:
+            reply["citations"] = cited
+        return reply
+
+    async def ground(self, messages: list[dict], retrieval, rid: str) -> tuple[list[dict], list[dict]]:
+        """The request's messages grounded in the index its ``retrieval`` field names, and the citations."""
+        ground = self.grounders.get(retrieval.index)
+        if ground is None:
+            known = ", ".join(sorted(self.grounders)) or "none (start the server with --index NAME=DIR)"
+            raise ApiError(400, f"retrieval.index: no index named {retrieval.index!r} is served (served: {known})",
+                           "retrieval.index")
+        try:
+            return await asyncio.to_thread(ground, messages, retrieval.k, retrieval.hybrid, rid)
+        except FmforgeError as err:
+            raise ApiError(400, f"retrieval: {err}", "retrieval") from None
 
     async def collect(self, job: Job, request: Request):
         """``job.events`` for a non-streaming reply, cancelling the sequences if the client goes away."""

@@ -81,8 +81,17 @@ class Message(BaseModel):
         return text
 
 
+class Retrieval(BaseModel):
+    """fmforge's extension of chat completions: ground the last user message in a served index."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+    index: str
+    k: int = Field(4, ge=1, le=50)
+    hybrid: bool = False
+
+
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
+    retrieval: Retrieval | None = None
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
 
 

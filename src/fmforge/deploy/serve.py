@@ -77,10 +77,13 @@ def load_models(run_dirs: list[str | Path], device: str = "auto", *, max_running
 
 
 def build_app(models: dict[str, ServedModel], *, api_keys: list[str] | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float = 600.0) -> FastAPI:
-    """The FastAPI application over loaded ``models``; engines start with the app and drain when it stops."""
+              max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float = 600.0,
+              grounders: dict | None = None) -> FastAPI:
+    """The FastAPI application over loaded ``models``; engines start with the app and drain when it stops.
+    ``grounders``: index name -> ground(messages, k, hybrid, seed), for chat requests' ``retrieval`` field."""
     require_serve_extra()
-    srv = ServeApp(models, ServeMetrics(), api_keys=api_keys, max_body_bytes=max_body_bytes, request_timeout=request_timeout)
+    srv = ServeApp(models, ServeMetrics(), api_keys=api_keys, max_body_bytes=max_body_bytes,
+                   request_timeout=request_timeout, grounders=grounders)
 
     async def lifespan(_app):
         for sm in models.values():
@@ -238,9 +241,10 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 8000, timeout: flo
 
 def serve(run_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key_file: str | None = None,
           device: str = "auto", max_running: int = 32, token_budget: int = 32768, max_waiting: int = 256,
-          max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float = 600.0, echo=print) -> None:
+          max_body_bytes: int = MAX_BODY_BYTES, request_timeout: float = 600.0, echo=print,
+          grounders: dict | None = None) -> None:
     """``fmforge serve``: load the runs and answer requests until SIGTERM/Ctrl-C (graceful: requests
-    already running finish)."""
+    already running finish). ``grounders`` as for ``build_app`` (``rag.serving.serve_command`` makes them)."""
     require_serve_extra()
     if not 0 < port < 65536:
         raise FmforgeError(f"--port must be in 1..65535 (got {port})")
@@ -253,7 +257,8 @@ def serve(run_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_ke
     keys = read_api_keys(api_key_file) if api_key_file else None
     models = load_models(run_dirs, device, max_running=max_running, token_budget=token_budget,
                          max_waiting=max_waiting)
-    app = build_app(models, api_keys=keys, max_body_bytes=max_body_bytes, request_timeout=request_timeout)
+    app = build_app(models, api_keys=keys, max_body_bytes=max_body_bytes, request_timeout=request_timeout,
+                    grounders=grounders)
     echo(f"serving {', '.join(f'{n} ({sm.family})' for n, sm in models.items())} on http://{host}:{port}/v1"
          + (" (API key required)" if keys else ""))
     uvicorn_server(app, host, port).run()
