@@ -8,9 +8,12 @@ The corpus is the Python standard library's sources (as ``fmforge quickstart`` r
 ``--copies`` times with a distinct first line per copy so exact dedup keeps every copy (MinHash sees them
 as near-duplicates and only counts them, as ``data prepare`` does by default). The tokenizer (8k BPE) is
 trained once and given to every run, so each run times the units (read, clean, hash, MinHash, encode) and
-the merge (global dedup, split, shard copy) only. Scaling efficiency at N workers is
-tokens/s(N) / (N x tokens/s(1)), measured on the unit phase; the single-process ``data prepare`` (the Rust
-tokenizer on every core, no MinHash signatures stored) is timed on the same corpus as the peer.
+the merge (global dedup, split, shard copy) only. A run with N workers is pinned to min(N, cores) cores
+(``sched_setaffinity``, inherited by the workers, which size their tokenizer threads from it; the Rust
+tokenizer encodes on the calling thread), so 1 worker means one core: scaling efficiency at N workers is tokens/s(N) / (min(N, cores) x tokens/s(1 worker, 1 core)),
+measured on the unit phase — the strong-scaling efficiency of adding cores. The single-process
+``data prepare`` (the Rust tokenizer on every core, no MinHash signatures stored) is timed on the same corpus
+as the peer.
 
 The estimate: 1T tokens over ``--nodes`` x ``--cores`` workers at the per-worker rate and efficiency
 measured at the largest worker count here that does not exceed the cores, plus the merge at its measured
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -78,23 +82,32 @@ def main(argv=None) -> None:
     print(f"peer: single-process data prepare {single_s:.1f}s = {tokens / single_s:,.0f} tokens/s")
 
     rows = []
+    cores_here = sorted(os.sched_getaffinity(0))
+    # The 1-worker run is this process (engine local runs one worker in place), whose tokenizer thread pool
+    # the peer above started on every core, and an affinity set now binds only this thread: without this the
+    # "one core" run would still tokenize on all of them. Spawned workers with one core each do the same.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     for workers in [int(w) for w in args.workers.split(",")]:
         out = args.work / f"w{workers}"
         shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        m = prepare_sharded([str(corpus)], out, engine="local", workers=workers, unit_bytes=args.unit_bytes,
-                            tokenizer=str(tok_path), val_fraction=0.01, log=None)
-        wall = time.perf_counter() - t0
+        os.sched_setaffinity(0, cores_here[:workers])
+        try:
+            t0 = time.perf_counter()
+            m = prepare_sharded([str(corpus)], out, engine="local", workers=workers, unit_bytes=args.unit_bytes,
+                                tokenizer=str(tok_path), val_fraction=0.01, log=None)
+            wall = time.perf_counter() - t0
+        finally:
+            os.sched_setaffinity(0, cores_here)
         e = m["engine"]
-        rows.append({"workers": workers, "wall_s": wall, "units": e["units"], "units_s": e["units_wall_seconds"],
+        rows.append({"workers": workers, "cores": min(workers, len(cores_here)), "wall_s": wall, "units": e["units"], "units_s": e["units_wall_seconds"],
                      "merge_s": e["merge_seconds"], "tokens": tokens,
                      "tokens_per_s": tokens / e["units_wall_seconds"]})
-    base = rows[0]["tokens_per_s"] / rows[0]["workers"]
-    print(f"\n{'workers':>7} {'units':>5} {'units s':>8} {'tokens/s':>11} {'efficiency':>10} {'merge s':>8} "
+    base = rows[0]["tokens_per_s"] / rows[0]["cores"]
+    print(f"\n{'workers':>7} {'cores':>5} {'units':>5} {'units s':>8} {'tokens/s':>11} {'efficiency':>10} {'merge s':>8} "
           f"{'wall s':>7} {'vs peer':>7}")
     for r in rows:
-        r["efficiency"] = r["tokens_per_s"] / (r["workers"] * base)
-        print(f"{r['workers']:>7} {r['units']:>5} {r['units_s']:>8.1f} {r['tokens_per_s']:>11,.0f} "
+        r["efficiency"] = r["tokens_per_s"] / (r["cores"] * base)
+        print(f"{r['workers']:>7} {r['cores']:>5} {r['units']:>5} {r['units_s']:>8.1f} {r['tokens_per_s']:>11,.0f} "
               f"{r['efficiency']:>10.0%} {r['merge_s']:>8.1f} {r['wall_s']:>7.1f} {single_s / r['wall_s']:>6.2f}x")
 
     fit = [r for r in rows if r["workers"] <= cpu_count()] or rows[:1]

@@ -48,8 +48,12 @@ def cpu_count() -> int:
 
 def _init_worker(threads: int) -> None:
     # Each worker's Rust tokenizer and BLAS use its share of the cores, not all of them (oversubscription).
+    # With one core each, the tokenizer encodes on the calling thread: its thread pool, even of size 1, costs
+    # 9% of the throughput of two workers on two cores (benchmarks/prepare_scaling.py).
     os.environ["RAYON_NUM_THREADS"] = str(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    if threads == 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 def run_local(out: str, units: list[str], task: str, *, workers: int, retries: int, on_done: OnDone,
