@@ -36,12 +36,12 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_va
 from fmforge.models.blocks import Attention, GeluMLP, copy_full_, init_normal_
 from fmforge.models.config import BlockConfig, Section
 from fmforge.models.sizes import DIT_SIZES, apply_size
-from fmforge.models.vit import sincos_pos_embed, unpatchify
+from fmforge.models.vit import PatchGrid, sincos_pos_embed, unpatchify
 
 FREQ_DIM = 256  # sinusoidal timestep features before the MLP (the paper's and diffusers' choice)
 
 
-class DiTConfig(Section):
+class DiTConfig(PatchGrid, Section):
     """The denoiser's shape and what it is conditioned on."""
 
     image_size: PositiveInt = 32
@@ -66,18 +66,6 @@ class DiTConfig(Section):
         if self.d_model % 4:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by 4 (2-D sin-cos positions)")
         return self
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid ** 2
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size ** 2 * self.channels
 
     @property
     def d_ff(self) -> int:

@@ -24,7 +24,23 @@ Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 GELU_KERNEL = {"exact": "none", "tanh": "tanh", "quick": "quick"}  # config name -> GeluMLP's gelu_approximate
 
 
-class VisionConfig(Section):
+class PatchGrid:
+    """The patch geometry of a config with ``image_size``, ``patch_size`` and ``channels`` (ViT, MAE, DiT)."""
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size ** 2 * self.channels
+
+
+class VisionConfig(PatchGrid, Section):
     """An image encoder's shape. ``num_classes=0`` drops the head: ``forward`` then returns pooled features."""
 
     image_size: PositiveInt = 224
@@ -60,18 +76,6 @@ class VisionConfig(Section):
     @classmethod
     def from_size(cls, name: str, **overrides) -> VisionConfig:
         return cls(**{**lookup_size(VIT_SIZES, name, "ViT"), **overrides})
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid ** 2
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size ** 2 * self.channels
 
     @property
     def n_prefix(self) -> int:
