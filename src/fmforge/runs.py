@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from fmforge.data.tokenizer import load_tokenizer
 from fmforge.errors import FmforgeError
+from fmforge.io.bounded import read_json_object
 from fmforge.io.paths import confined, relative_name
 from fmforge.models.qlinear import QUANT_FILE, finish_quantized, swap_quantized
 from fmforge.models.registry import FAMILIES, build_model, family_of, parse_model_config
@@ -139,20 +140,7 @@ def claim_outputs(out: Path, src: Path, names: tuple[str, ...], what: str, overw
 
 def read_small_json(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
     """A JSON object from a file of at most ``max_bytes``; anything else is a one-line error naming it."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as err:
-        raise FmforgeError(f"cannot read {path}: {err.strerror or err}") from None
-    if len(raw) > max_bytes:
-        raise FmforgeError(f"{path} is larger than {max_bytes:,} bytes; refusing to read it")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):  # bad UTF-8 or JSON, an integer of thousands of digits, deep nesting
-        raise FmforgeError(f"{path} is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise FmforgeError(f"{path} is not valid JSON: expected an object")
-    return data
+    return read_json_object(path, max_bytes)
 
 
 def read_model_config(run_dir: str | Path):

@@ -28,6 +28,7 @@ from pathlib import Path
 from fmforge.data.limits import MAX_DESCRIPTION_BYTES
 from fmforge.errors import FmforgeError, clip
 from fmforge.io import fs as remote
+from fmforge.io.bounded import read_json_object
 
 WORK = ".fmforge-work"
 PLAN = "plan.json"
@@ -245,20 +246,7 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def read_small_json(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_DESCRIPTION_BYTES + 1)
-    except OSError as err:
-        raise FmforgeError(f"cannot read {path}: {err.strerror or err}") from None
-    if len(raw) > MAX_DESCRIPTION_BYTES:
-        raise FmforgeError(f"{path} is larger than {MAX_DESCRIPTION_BYTES >> 20} MiB: not fmforge's")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise FmforgeError(f"{path} is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise FmforgeError(f"{path} is not a JSON object")
-    return doc
+    return read_json_object(path, MAX_DESCRIPTION_BYTES)
 
 
 def read_plan(path: Path) -> dict:

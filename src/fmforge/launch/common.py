@@ -240,13 +240,13 @@ def resolve_options(target: str, table: dict[str, Option], given: dict | None,
     return resolved
 
 
-def option_words(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+def option_words(items: list[str] | tuple[str, ...], flag: str = "--option") -> dict[str, str]:
     """``--option key=value`` words as {key: value} (the values still text: ``resolve_options`` parses them)."""
     settings = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise FmforgeError(f"bad --option {clip(item)}: expected key=value")
+            raise FmforgeError(f"bad {flag} {clip(item)}: expected key=value")
         settings[key] = value
     return settings
 

@@ -36,6 +36,7 @@ from fmforge.data.tokenizer import load_tokenizer
 from fmforge.data.workplan import PLAN_FORMAT, PLAN_VERSION, WorkDir, plan_units
 from fmforge.errors import FmforgeError, clip
 from fmforge.launch import data_slurm
+from fmforge.launch.common import option_words
 from fmforge.lazy import resolve
 
 DEFAULT_UNIT_BYTES = 256 << 20
@@ -177,13 +178,7 @@ def run_plan(work: WorkDir, *, engine: str, workers: int, retries: int, ray_addr
 
 def parse_slurm_options(items: list[str]) -> dict[str, str]:
     """``--slurm-option KEY=VALUE`` words as a dict (checked later against launch slurm's table)."""
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise FmforgeError(f"bad --slurm-option {clip(item)}: expected key=value")
-        options[key] = value
-    return options
+    return option_words(items, "--slurm-option")
 
 
 def check_engine_args(engine: str, workers: int | None, retries: int, detach: bool, slurm_options: dict | None) -> None:

@@ -16,6 +16,7 @@ from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, Undefine
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from fmforge.errors import FmforgeError, clip
+from fmforge.io.bounded import read_bounded
 
 MAX_TEMPLATE_BYTES = 256 << 10
 TEMPLATE_SUFFIXES = (".j2", ".jinja", ".jinja2", ".txt")
@@ -72,13 +73,7 @@ def load_template(spec: str) -> PromptTemplate:
     path = Path(spec)
     if not path.is_file():
         raise FmforgeError(f"template {clip(spec, 60)}: neither a built-in ({', '.join(BUILTIN)}) nor a file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_TEMPLATE_BYTES + 1)
-    except OSError as err:
-        raise FmforgeError(f"cannot read template {path}: {err.strerror or err}") from None
-    if len(raw) > MAX_TEMPLATE_BYTES:
-        raise FmforgeError(f"template {path} is larger than {MAX_TEMPLATE_BYTES:,} bytes")
+    raw = read_bounded(path, MAX_TEMPLATE_BYTES, "template ")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
