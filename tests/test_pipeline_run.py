@@ -17,6 +17,7 @@ import torch
 from conftest import STDLIB
 from safetensors.torch import load_file
 
+from fmforge.cli import main
 from fmforge.pipeline.command import run_pipeline
 from fmforge.pipeline.lifecycle import quickstart_lifecycle
 from fmforge.pipeline.lineage import lineage
@@ -112,6 +113,27 @@ def test_condition_takes_the_else_branch_and_the_fail_step_fails_the_run(project
     assert result["steps"]["train"] == "reused"  # a gate parameter re-evaluates the gate only
 
 
+def test_a_condition_on_a_missing_value_exits_2_naming_step_and_field_and_records_nothing(project, first, capsys):
+    (project / "typo.yaml").write_text(textwrap.dedent(PIPELINE).replace(
+        '- {left: "${steps.eval.metrics.val_loss}", op: "<", right: "${steps.eval.metrics.unigram_loss}"}',
+        '- {left: "${steps.eval.metrics.val_los}", op: "<", right: "${steps.eval.metrics.unigram_loss}"}'))
+    with pytest.raises(SystemExit) as exit_:
+        main(["pipeline", "run", str(project / "typo.yaml"), "--out", str(project / "out"),
+              "--registry", str(project / "registry.sqlite")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fmforge: error: pipeline: step 'gate' field 'condition[0].left': "
+                          "${steps.eval.metrics.val_los} not found in eval's stdout (output 'metrics'; keys: ")
+    assert "val_loss" in err and "\n" not in err
+    db = sqlite3.connect(project / "out/pipeline.sqlite")
+    run, status = db.execute("SELECT id, status FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+    steps = dict(db.execute("SELECT name, state FROM steps WHERE run=?", (run,)))
+    db.close()
+    assert status == "invalid"
+    assert steps == dict.fromkeys(("plan", "data", "train", "eval"), "reused")  # no row for gate or after it
+
+
+# after the missing-value test: its run evaluates the gate afresh from reused steps
 def test_a_corrupted_cached_output_is_detected_by_its_hash_and_rerun(project, first):
     printed = project / "out/steps/plan/stdout.txt"
     original = printed.read_text()
@@ -119,6 +141,7 @@ def test_a_corrupted_cached_output_is_detected_by_its_hash_and_rerun(project, fi
     result = run(project, "out")
     assert result["steps"]["plan"] == "succeeded" and printed.read_text() == original
     assert all(result["steps"][s] == "reused" for s in ("data", "train", "eval", "register"))
+    assert result["steps"]["gate"] == "succeeded" and result["status"] == "succeeded"
 
 
 def test_lineage_of_the_model_reaches_the_corpus_and_the_registered_version(project, first):

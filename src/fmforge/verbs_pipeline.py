@@ -24,7 +24,9 @@ VERBS: tuple[Verb, ...] = (
                     "OUT/steps/NAME with its log; a step whose key (verb, resolved arguments, content hashes of "
                     "its inputs, fmforge version) matches an earlier success with intact outputs is reused. Rerun "
                     "after a failure or a kill: only unfinished steps and their dependants run again, training "
-                    "steps resume from their checkpoints. Exit 1 when a step failed.",
+                    "steps resume from their checkpoints. On a terminal a live table shows each step's state "
+                    "and time; elsewhere one line per state change. Exit 1 when a step failed; exit 2, nothing "
+                    "recorded for the step, when a reference names a value a step's output lacks.",
         parents=(JSON_OUT, REGISTRY),
         args=(arg("pipeline", metavar="PIPELINE.yaml"),
               arg("--param", action="append", metavar="KEY=VALUE", help="set a pipeline parameter (repeatable)"),

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from rich.console import Console
+
 from fmforge.errors import FmforgeError
 from fmforge.pipeline.mlflow_hook import MlflowHook
 from fmforge.pipeline.runner import Runner
@@ -24,15 +26,22 @@ def parse_pairs(pairs: list[str] | None, what: str) -> dict[str, str]:
 
 def run_pipeline(pipeline: str | Path, params: dict | None = None, out: str | Path | None = None, *, workers: int = 2,
                  no_cache: bool = False, backend: str = "local", slurm_options: dict | None = None,
-                 registry: str | None = None, mlflow: str | None = None, echo=print) -> dict:
-    """Validate and run ``pipeline`` into ``out`` (default ``runs/pipeline-NAME``); returns the run summary."""
+                 registry: str | None = None, mlflow: str | None = None, echo=print,
+                 console: Console | None | bool = None) -> dict:
+    """Validate and run ``pipeline`` into ``out`` (default ``runs/pipeline-NAME``); returns the run summary.
+
+    Progress is a live table on ``console``; by default (``None``) on stdout when it is a terminal and
+    ``echo`` prints there, else (or with ``False``) one ``echo``-ed line per step state change."""
     if workers < 1:
         raise FmforgeError(f"--workers must be at least 1 (got {workers})")
     pipe = load_pipeline(pipeline, {k: str(v) for k, v in (params or {}).items()})
     out = Path(out) if out else Path("runs") / f"pipeline-{pipe.name}"
     hook = MlflowHook(mlflow, f"fmforge-{pipe.name}", out / "mlflow-artifacts") if mlflow else None
+    if console is None:
+        console = echo is print and sys.stdout.isatty()
     runner = Runner(pipe, out, workers=workers, backend=backend, use_cache=not no_cache, registry=registry,
-                    slurm_options=slurm_options, mlflow=hook, echo=echo)
+                    slurm_options=slurm_options, mlflow=hook, echo=echo,
+                    console=Console() if console is True else console or None)
     return runner.run()
 
 

@@ -1,5 +1,6 @@
-"""``fmforge quickstart --task lifecycle``: the whole lifecycle as one pipeline (``examples/lifecycle.yaml``) on
-built-in data: prepare -> profile -> plan -> tune (2 trials) -> train -> eval + CrowS-Pairs bias -> gate
+"""``fmforge quickstart --task lifecycle``: the whole lifecycle as one pipeline on built-in data (the file ships in
+the package as ``fmforge/pipeline/examples/lifecycle.yaml``; ``examples/lifecycle.yaml`` in a source checkout
+links to it): prepare -> profile -> plan -> tune (2 trials) -> train -> eval + CrowS-Pairs bias -> gate
 (beats the unigram baseline, bias within bounds) -> register (approved, champion if it beats the current
 one) -> int8 quantize -> a one-request generation smoke test of the quantized model.
 
@@ -19,7 +20,9 @@ from pathlib import Path
 from fmforge.errors import FmforgeError
 from fmforge.pipeline.command import run_pipeline
 
-EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "lifecycle.yaml"
+# in a folder of its own: a step runs in its pipeline file's folder, which must hold no Python modules that
+# would shadow others on the step's sys.path
+EXAMPLE = Path(__file__).resolve().parent / "examples" / "lifecycle.yaml"
 MARKER = ".fmforge-lifecycle"
 # ~0.6 MB of real code and ~0.2 MB of English prose: enough for a tokenizer and a model that beats unigram.
 MODULES = ("argparse.py", "textwrap.py", "string.py", "heapq.py", "bisect.py", "shlex.py", "fractions.py",
@@ -59,7 +62,7 @@ def quickstart_lifecycle(out: str | Path = "runs/quickstart-lifecycle", minutes:
     if minutes <= 0:
         raise FmforgeError("--minutes must be positive")
     if not Path(pipeline).is_file():
-        raise FmforgeError(f"the lifecycle pipeline {pipeline} is missing (it ships with fmforge's source tree)")
+        raise FmforgeError(f"the lifecycle pipeline {pipeline} is missing")
     out = Path(out)
     _claim(out)
     t0 = time.perf_counter()

@@ -13,6 +13,11 @@ from fmforge.pipeline.spec import REF, Pipeline, Step
 from fmforge.pipeline.state import file_manifest, manifest_hash
 
 
+class MissingValue(FmforgeError):
+    """A reference names a JSON path its step's output does not hold: a mistake in the pipeline file, found
+    only once that step has run. The runner stops (exit 2) and records nothing for the step that made it."""
+
+
 class Scope:
     """What references resolve against during a run: parameters, finished steps' outputs and their hashes."""
 
@@ -44,10 +49,23 @@ class Scope:
             elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
                 value = value[int(key)]
             else:
-                raise FmforgeError(f"{where}: ${{{expr}}}: step {other!r} output {output!r} has no {key!r}"
-                                   + (f" (keys: {', '.join(list(value)[:12])})" if isinstance(value, dict) else ""))
+                raise MissingValue(self._missing(expr, step, where, other, output, value))
             path = path[max(n, 1):]
         return value
+
+    def _missing(self, expr: str, step: Step, where: str, other: str, output: str, value: Any) -> str:
+        declared = self.pipe.steps[other].outputs[output]
+        source = f"{other}'s {Path(declared.path).name if declared.kind == 'json' else 'stdout'}"
+        if isinstance(value, dict):
+            keys = [k if k.isprintable() and len(k) <= 40 else clip(k, 40) for k in map(str, value)]
+            within = f"keys: {', '.join(keys[:12])}{', ...' if len(keys) > 12 else ''}"
+        elif isinstance(value, list):
+            within = f"a list of {len(value)} items there"
+        else:
+            within = f"{clip(value)} there, not a mapping"
+        field = where.removeprefix(f"steps.{step.name}.")
+        return (f"pipeline: step {step.name!r} field {field!r}: ${{{expr}}} not found in {source} "
+                f"(output {output!r}; {within})")
 
     def resolve(self, value: Any, step: Step, where: str, used: dict) -> Any:
         """``value`` with every reference replaced; ``used`` collects upstream artifacts (path -> hash)."""

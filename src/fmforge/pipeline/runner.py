@@ -22,8 +22,9 @@ from typing import Any
 from fmforge.errors import FmforgeError
 from fmforge.pipeline import verbs as verb_table
 from fmforge.pipeline.backends import BACKENDS
+from fmforge.pipeline.progress import StepView, live_table, transition_line
 from fmforge.pipeline.registry import APPROVED, Registry, beats
-from fmforge.pipeline.resolve import Scope, compare, external_inputs, step_key
+from fmforge.pipeline.resolve import MissingValue, Scope, compare, external_inputs, step_key
 from fmforge.pipeline.spec import Pipeline, Step
 from fmforge.pipeline.state import STATE_FILE, State, file_manifest, manifest_hash, still_matches
 from fmforge.runs import read_small_json
@@ -49,14 +50,19 @@ def claim_out(out: Path) -> None:
 class Runner:
     def __init__(self, pipe: Pipeline, out: Path, *, workers: int = 2, backend: str = "local",
                  use_cache: bool = True, registry: str | None = None, slurm_options: dict | None = None,
-                 mlflow=None, echo=print):
+                 mlflow=None, echo=print, console=None):
         self.pipe, self.out, self.workers, self.use_cache, self.echo = pipe, out, max(1, workers), use_cache, echo
+        self.console = console  # a terminal's rich Console: a live table instead of one line per state change
+        self.live = False
         self.backend = BACKENDS[backend](slurm_options)
         self.registry_path = registry
         self.mlflow = mlflow
         self.scope = Scope(pipe, out)
         self.cwd = pipe.path.resolve().parent  # relative paths in a pipeline are relative to its file
         self.status: dict[str, str] = {name: "pending" for name in pipe.order}
+        self.started: dict[str, float] = {}
+        self.finished: dict[str, float] = {}
+        self.notes: dict[str, str] = {}  # why a step failed or was stopped
         self.handles: dict[str, Any] = {}
         self.prepared: dict[str, tuple] = {}  # ready step -> (key, inputs, args, argv), waiting for a worker
         self.pending_keys: dict[str, tuple] = {}  # running step -> (key, inputs, resolved args)
@@ -78,7 +84,15 @@ class Runner:
         self.echo(f"pipeline {self.pipe.name}: {len(self.pipe.order)} steps, run {self.run_id}, "
                   f"backend {self.backend.name}, state {self.state.path}")
         try:
-            self._loop()
+            with live_table(self.console, self.snapshot, f"pipeline {self.pipe.name}, run {self.run_id}") as live:
+                self.live = live
+                self._loop()
+        except MissingValue:
+            # a mistake in the file, like those validation finds: stop as for them, the step left unrecorded
+            self.backend.stop()
+            self.state.finish_run(self.run_id, "invalid")
+            self.state.close()
+            raise
         except BaseException:
             self.backend.stop()
             self.state.finish_run(self.run_id, "interrupted")
@@ -101,15 +115,26 @@ class Runner:
             if not progressed:
                 time.sleep(0.1)
 
+    def snapshot(self) -> list[StepView]:
+        """Every step's state and timing now, in the pipeline's order (read by the live table's thread)."""
+        return [StepView(name, self.status[name], self.started.get(name), self.finished.get(name),
+                         self.notes.get(name, "")) for name in self.pipe.order]
+
     def _set(self, name: str, status: str, **kw) -> None:
-        self.status[name] = status
         self.state.set_step(self.run_id, name, status, upstream=sorted(self.pipe.steps[name].upstream), **kw)
-        note = f"  ({kw['error']})" if kw.get("error") else ""
-        counts: dict[str, int] = {}
-        for state in self.status.values():
-            counts[state] = counts.get(state, 0) + 1
-        board = " ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        self.echo(f"[{time.time() - self.t0:7.1f}s] {name:<16} {status:<10} | {board}{note}")
+        now = time.time()
+        if status == "running" or (status in ("succeeded", "failed") and name not in self.started):
+            self.started[name] = now  # a condition, register or fail step takes no time to speak of
+        if status in FINAL:
+            self.finished[name] = now
+        if kw.get("error"):
+            self.notes[name] = kw["error"]
+        self.status[name] = status
+        if not self.live:
+            counts: dict[str, int] = {}
+            for state in self.status.values():
+                counts[state] = counts.get(state, 0) + 1
+            self.echo(transition_line(name, status, now - self.t0, counts, kw.get("error") or ""))
 
     def _advance(self, step: Step) -> bool:
         deps = {d: self.status[d] for d in step.upstream}
@@ -149,6 +174,8 @@ class Runner:
                 message = self.scope.resolve(step.message, step, f"steps.{step.name}.fail", used)
                 self._set(step.name, "failed", error=str(message))
                 self.errors[step.name] = str(message)
+        except MissingValue:
+            raise
         except (FmforgeError, StepFailed) as err:
             self.errors[step.name] = str(err)
             self._set(step.name, "failed", error=str(err))
@@ -195,6 +222,8 @@ class Runner:
             return False
         try:
             self.prepared[step.name] = self._prepare(step)
+        except MissingValue:
+            raise
         except FmforgeError:
             return False  # reported when the step starts
         if self._reuse(step, self.prepared[step.name][0]):

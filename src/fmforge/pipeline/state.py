@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import struct
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ CREATE TABLE IF NOT EXISTS artifacts (id INTEGER PRIMARY KEY, path TEXT, hash TE
 CREATE TABLE IF NOT EXISTS edges (parent INTEGER, child INTEGER, UNIQUE (parent, child));
 """
 MAX_MANIFEST_FILES = 100_000
+MAX_SAFETENSORS_HEADER = 100 << 20  # the format's own limit
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -39,13 +41,50 @@ def connect(path: Path) -> sqlite3.Connection:
 # ---------------------------------------------------------------------------------------------------- hashing
 
 
+def safetensors_digest(path: Path) -> str | None:
+    """sha256 of a safetensors file's canonical form: its header JSON with sorted keys, then its tensor bytes.
+
+    The Rust writer serialises the ``__metadata__`` mapping in hash-map order, which differs from process to
+    process, so two files holding the same tensors and metadata can differ byte for byte; this digest does
+    not. ``None`` when the file is not a well-formed safetensors file (it is then hashed as plain bytes)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                return None
+            (length,) = struct.unpack("<Q", prefix)
+            if not 2 <= length <= min(MAX_SAFETENSORS_HEADER, size - 8):
+                return None
+            header = json.loads(f.read(length).decode("utf-8"))
+            if not isinstance(header, dict):
+                return None
+            digest = hashlib.sha256(b"safetensors\0")
+            digest.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+            digest.update(b"\0")
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return digest.hexdigest()
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file's content: of its canonical form for ``*.safetensors``, else of its bytes."""
+    if path.suffix == ".safetensors":
+        digest = safetensors_digest(path)
+        if digest is not None:
+            return digest
+    return sha256_file(path)
+
+
 def file_manifest(path: Path) -> dict[str, str]:
-    """``{relative name: sha256}`` of a file (name ``""``) or of every regular file under a directory;
+    """``{relative name: content_hash}`` of a file (name ``""``) or of every regular file under a directory;
     symlinks are not followed (an artifact is what its producer wrote)."""
     if path.is_symlink():
         return {"": "symlink:" + os.readlink(path)}
     if path.is_file():
-        return {"": sha256_file(path)}
+        return {"": content_hash(path)}
     if not path.is_dir():
         return {}
     out = {}
@@ -55,7 +94,7 @@ def file_manifest(path: Path) -> dict[str, str]:
             full = Path(root) / name
             if full.is_symlink() or not full.is_file():
                 continue
-            out[str(full.relative_to(path))] = sha256_file(full)
+            out[str(full.relative_to(path))] = content_hash(full)
             if len(out) > MAX_MANIFEST_FILES:
                 raise FmforgeError(f"{path} holds over {MAX_MANIFEST_FILES:,} files; too many to track as one artifact")
     return out
@@ -73,7 +112,7 @@ def still_matches(path: Path, manifest: dict[str, str]) -> bool:
     try:
         if "" in manifest:
             return file_manifest(path) == manifest
-        return all(sha256_file(path / name) == digest for name, digest in manifest.items())
+        return all(content_hash(path / name) == digest for name, digest in manifest.items())
     except OSError:
         return False
 
