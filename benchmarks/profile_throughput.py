@@ -5,22 +5,23 @@ The corpus is the one ``fmforge quickstart`` prepares: the standard library's so
 times and the median round is reported, so a burst of load on a shared machine does not decide the figure:
 
 - ``full``: every statistic, MinHash near-duplicates included (the default ``data profile``);
-- ``no-near``: ``--no-near-duplicates`` (MinHash signatures are the most expensive statistic);
+- ``analysis``: the same statistics without reading files or writing profile.json/profile.html: the chunks
+  analysed by ``--workers`` processes and merged, what grows with the corpus (the page's plots are a fixed
+  cost of a few seconds whatever the corpus size);
+- ``no-near``: ``--no-near-duplicates``;
 - ``+tokenizer``: full, with the tokens counted by a 4,096-token BPE (``--tokenizer``);
-- ``pii-only``: the personal-data scan alone on the same documents, for reference;
-- ``minhash``: the MinHash signatures alone (``MinHashDeduper.signature``), and ``minhash-exact`` the same
-  signatures computed with the exact split-multiply arithmetic in 4,096-shingle blocks (the implementation
-  before the float-quotient fast path): the ratio of the two, measured in the same run, is the speedup, and
-  the script checks that both give identical signatures.
+- component pairs, each the compiled path against its plain reference on the same documents in the same run
+  (the ratio is the speedup; the script checks they agree):
+  ``minhash`` (``fastscan.minhash_min``) vs ``minhash-numpy`` (the exact split-multiply arithmetic vectorised
+  in numpy, 4,096-shingle blocks: fmforge's implementation before the kernel), ``words`` (``fastscan.scan_words``
+  + counting by hash) vs ``words-counter`` (``re.findall`` + ``collections.Counter``), ``pii`` (patterns run
+  around digit runs only) vs ``pii-full-scan`` (every pattern over the whole text).
 
 Besides wall-clock MB/s, the CPU seconds used (this process and its workers) are reported: on a shared,
-overloaded machine MB per CPU-second times the cores is what the same run would reach alone. Wall time
-includes reading the files and writing profile.json + profile.html (the plots take a few seconds
-on a loaded 2-core machine, whatever the corpus size). ``--workers`` sets the analysis processes.
+overloaded machine MB per CPU-second times the cores is what the same run would reach alone.
 
     python benchmarks/profile_throughput.py                  # all configurations, 2 workers
-    python benchmarks/profile_throughput.py --only full --rounds 1
-    python benchmarks/profile_throughput.py --only minhash --only minhash-exact
+    python benchmarks/profile_throughput.py --only full --only analysis --rounds 3
 """
 
 from __future__ import annotations
@@ -28,19 +29,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from fmforge.data.clean import _LOW32, MERSENNE, MinHashDeduper, _permute, normalize, shingles
-from fmforge.data.pii import PiiScan
-from fmforge.data.profile import profile_data
+from fmforge.data.clean import MERSENNE, MinHashDeduper, normalize, shingles
+from fmforge.data.fastscan import warm_up
+from fmforge.data.pii import find_pii
+from fmforge.data.profile import _chunked, _in_order, profile_data
+from fmforge.data.profile_text import TextStats, _words
 from fmforge.data.sources import DocumentReader
 from fmforge.data.tokenizer import train_tokenizer
 from fmforge.quickstart import stdlib_sources, write_pydoc_topics
+
+_P = np.uint64(MERSENNE)
+_LOW32 = np.uint64(0xFFFFFFFF)
 
 
 def corpus(tmp: Path) -> list[str]:
@@ -49,8 +57,31 @@ def corpus(tmp: Path) -> list[str]:
     return [str(p) for p in stdlib_sources()] + [str(topics)]
 
 
-def exact_signatures(texts: list[str]) -> list:
-    """MinHash signatures by the exact split-multiply arithmetic (``clean._permute``) in 4,096-shingle blocks."""
+def _fold(v: np.ndarray) -> None:
+    high = v >> np.uint64(61)
+    v &= _P
+    v += high
+
+
+def _permute(a_hi: np.ndarray, a_lo: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """(a*x + b) mod 2^61-1 for 32-bit x, exactly, vectorised in uint64 (split multiplication)."""
+    hi = a_hi * x
+    q = hi >> np.uint64(29)
+    hi &= np.uint64(2**29 - 1)
+    hi <<= np.uint64(32)
+    hi += q
+    lo = a_lo * x
+    _fold(lo)
+    hi += lo
+    hi += b
+    _fold(hi)
+    hi += (hi + np.uint64(1)) >> np.uint64(61)
+    hi &= _P
+    return hi
+
+
+def numpy_signatures(texts: list[str]) -> list:
+    """MinHash signatures by the numpy split-multiply arithmetic in 4,096-shingle blocks (the peer)."""
     d = MinHashDeduper()
     a_hi, a_lo, b = (d.a >> np.uint64(32))[:, None], (d.a & _LOW32)[:, None], d.b[:, None]
     out = []
@@ -63,10 +94,41 @@ def exact_signatures(texts: list[str]) -> list:
     return out
 
 
-def same_signatures(texts: list[str]) -> bool:
-    fast = [MinHashDeduper().signature(t) for t in texts]
-    return all((f is None and e is None) or (f is not None and e is not None and (f == e).all())
-               for f, e in zip(fast, exact_signatures(texts)))
+def kernel_signatures(texts: list[str]) -> list:
+    d = MinHashDeduper()
+    return [d.signature(t) for t in texts]
+
+
+def same(a: list, b: list) -> bool:
+    return all((x is None and y is None) or (x is not None and y is not None and (x == y).all())
+               for x, y in zip(a, b))
+
+
+def counter_words(texts: list[str]) -> tuple[Counter, Counter]:
+    words, pairs = Counter(), Counter()
+    for text in texts:
+        w = re.findall(r"\w+", text.lower())
+        words.update(w)
+        pairs.update(map(" ".join, zip(w, w[1:])))
+    return words, pairs
+
+
+def hashed_words(texts: list[str]) -> TextStats:
+    total = TextStats()
+    for i in range(0, len(texts), 512):
+        part = TextStats()
+        _words(texts[i:i + 512], part)
+        total.merge(part)
+    return total
+
+
+def analysis(texts: list[str], workers: int) -> TextStats:
+    total = TextStats()
+    for part in _in_order(_chunked(iter(texts), len), workers, None, True):
+        total.merge(part)
+    total.top_words(30)
+    total.top_bigrams(30)
+    return total
 
 
 def cpu_seconds() -> float:
@@ -81,7 +143,9 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - start, cpu_seconds() - cpu
 
 
-CONFIGS = ("full", "no-near", "+tokenizer", "pii-only", "minhash", "minhash-exact")
+CONFIGS = ("full", "analysis", "no-near", "+tokenizer", "minhash", "minhash-numpy", "words", "words-counter", "pii",
+           "pii-full-scan")
+PAIRS = (("minhash", "minhash-numpy"), ("words", "words-counter"), ("pii", "pii-full-scan"))
 
 
 def main() -> None:
@@ -90,6 +154,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=CONFIGS, action="append")
     args = ap.parse_args()
+    warm_up()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         files = corpus(tmp)
@@ -103,34 +168,48 @@ def main() -> None:
             train_tokenizer(texts[:400], 4096).save(tok_path)
         runs = {
             "full": lambda: profile_data(files, tmp / "full", workers=args.workers, log=None),
+            "analysis": lambda: analysis(texts, args.workers),
             "no-near": lambda: profile_data(files, tmp / "nonear", workers=args.workers, near_duplicates=False,
                                             log=None),
             "+tokenizer": lambda: profile_data(files, tmp / "tok", tokenizer=str(tok_path), workers=args.workers,
                                                log=None),
-            "pii-only": lambda: [PiiScan().add(t) for t in texts],
-            "minhash": lambda: [MinHashDeduper().signature(t) for t in texts],
-            "minhash-exact": lambda: exact_signatures(texts),
+            "minhash": lambda: kernel_signatures(texts),
+            "minhash-numpy": lambda: numpy_signatures(texts),
+            "words": lambda: hashed_words(texts),
+            "words-counter": lambda: counter_words(texts),
+            "pii": lambda: [find_pii(t) for t in texts],
+            "pii-full-scan": lambda: [find_pii(t, [(0, len(t))]) for t in texts],
         }
         results = {}
         for name in wanted:
             rounds = sorted(timed(runs[name]) for _ in range(args.rounds))
             seconds, cpu = rounds[len(rounds) // 2]
-            results[name] = {"seconds": round(seconds, 2), "mb_per_s": round(mb / seconds, 2),
-                             "cpu_seconds": round(cpu, 2), "mb_per_cpu_s": round(mb / cpu, 2)}
-            print(f"  {name:11s} {seconds:7.2f} s  {mb / seconds:6.2f} MB/s wall   {cpu:7.2f} CPU-s  "
+            results[name] = {"seconds": round(seconds, 3), "mb_per_s": round(mb / seconds, 2),
+                             "cpu_seconds": round(cpu, 3), "mb_per_cpu_s": round(mb / cpu, 2)}
+            print(f"  {name:13s} {seconds:7.2f} s  {mb / seconds:6.2f} MB/s wall   {cpu:7.2f} CPU-s  "
                   f"{mb / cpu:6.2f} MB per CPU-second")
         ratios = {}
-        if "minhash" in results and "minhash-exact" in results:
-            ratios["minhash_speedup_cpu"] = round(results["minhash-exact"]["cpu_seconds"]
-                                                  / max(1e-9, results["minhash"]["cpu_seconds"]), 2)
-            ratios["minhash_identical"] = same_signatures(texts)
-            print(f"  MinHash fast path: {ratios['minhash_speedup_cpu']}x the exact arithmetic (CPU seconds), "
-                  f"identical signatures: {ratios['minhash_identical']}")
+        checks = {"minhash": lambda: same(kernel_signatures(texts), numpy_signatures(texts)),
+                  "words": lambda: _same_words(texts), "pii": lambda: runs["pii"]() == runs["pii-full-scan"]()}
+        for fast, peer in PAIRS:
+            if fast in results and peer in results:
+                ratios[f"{fast}_speedup_cpu"] = round(results[peer]["cpu_seconds"]
+                                                      / max(1e-9, results[fast]["cpu_seconds"]), 2)
+                ratios[f"{fast}_identical"] = checks[fast]()
+                print(f"  {fast}: {ratios[f'{fast}_speedup_cpu']}x {peer} (CPU seconds), identical: "
+                      f"{ratios[f'{fast}_identical']}")
         if "full" in results and "no-near" in results:
             ratios["near_duplicates_share_cpu"] = round(
                 1 - results["no-near"]["cpu_seconds"] / max(1e-9, results["full"]["cpu_seconds"]), 2)
         print(json.dumps({"benchmark": "profile_throughput", "mb": round(mb, 2), "workers": args.workers,
                           "load_average": os.getloadavg()[0], "results": results, "ratios": ratios}))
+
+
+def _same_words(texts: list[str]) -> bool:
+    words, pairs = counter_words(texts)
+    total = hashed_words(texts)
+    return (total.top_words(100) == sorted(words.items(), key=lambda r: (-r[1], r[0]))[:100]
+            and total.top_bigrams(100) == sorted(pairs.items(), key=lambda r: (-r[1], r[0]))[:100])
 
 
 if __name__ == "__main__":

@@ -358,17 +358,6 @@ def test_minhash_is_deterministic_and_tells_near_from_unrelated_documents():
     assert len(shingles("one two three")) == 1 and len(shingles("a b c d e f g")) == 3
 
 
-def test_minhash_permutations_are_exactly_a_x_plus_b_mod_2_61_minus_1():
-    from fmforge.data.clean import _LOW32, MERSENNE, _permute
-
-    d = MinHashDeduper()
-    x = np.array([0, 1, 2**31, 2**32 - 1, 123456789], dtype=np.uint64)
-    got = _permute((d.a >> np.uint64(32))[:, None], (d.a & _LOW32)[:, None], d.b[:, None], x[None, :])
-    want = [[(int(a) * int(v) + int(b)) % MERSENNE for v in x] for a, b in zip(d.a, d.b)]
-    assert got.tolist() == want
-    assert int(d.a.max()) > 2**60  # multipliers span the field, so a*x wraps around p many times
-
-
 # --- the CLI: one line on stderr, exit 2, no traceback ---------------------------------------------------
 
 def _assert_one_line_error(proc, match):

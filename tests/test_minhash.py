@@ -1,12 +1,16 @@
 """MinHash signatures (``clean.py``, shared by ``data prepare`` and ``data profile``) checked against a plain
-Python reference with big integers: the vectorised arithmetic, the rare exact path and the shingle split."""
+Python reference with big integers: the compiled kernels' arithmetic (``fastscan``), residues at the edges of the
+field, and the shingle split."""
 
 import pydoc_data.topics
 import sysconfig
 import zlib
 from pathlib import Path
 
-from fmforge.data.clean import MERSENNE, NGRAM, MinHashDeduper, _permute_redundant, shingles
+import numpy as np
+
+from fmforge.data.clean import MERSENNE, NGRAM, MinHashDeduper, shingles
+from fmforge.data.fastscan import minhash_min
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MASK64 = 2**64 - 1
@@ -40,15 +44,15 @@ def test_signature_is_the_exact_minimum_of_a_x_plus_b_mod_p_per_permutation():
     assert d.signature(text).tolist() == reference_signature(d, xs)
 
 
-def test_residues_below_four_take_the_exact_path_and_stay_exact():
+def test_residues_at_the_edges_of_the_field_stay_exact():
     d = MinHashDeduper()
     x = shingles((STDLIB / "textwrap.py").read_text(encoding="utf-8"))
     a, b = d.a.copy(), d.b.copy()
-    # permutations 0-3 map the 10th shingle to residues 0-3: the fast path's "r + p" form for each of them
-    for i in range(4):
-        b[i] = (i - int(a[i]) * int(x[10])) % MERSENNE
+    # permutations 0-3 map the 10th shingle to residues 0-3, and 4-7 to p-1 .. p-4 (where a missed reduction
+    # would show)
+    for i in range(8):
+        b[i] = ((i if i < 4 else MERSENNE - (i - 3)) - int(a[i]) * int(x[10])) % MERSENNE
     d.set_permutations(a, b)
-    assert _permute_redundant(d._a, d._a_over_p, d._b_plus_p, x[None, :128]).max() >= MERSENNE
     sig = d.signature_of(x)
     assert sig[:4].tolist() == [0, 1, 2, 3]
     assert sig.tolist() == reference_signature(d, x.tolist())
@@ -68,3 +72,11 @@ def test_signatures_of_real_source_files_equal_the_reference():
     for name in ("textwrap.py", "shlex.py", "colorsys.py"):
         text = (STDLIB / name).read_text(encoding="utf-8")
         assert d.signature(text).tolist() == reference_signature(d, reference_shingles(text)), name
+
+
+def test_minhash_kernel_is_exactly_a_x_plus_b_mod_2_61_minus_1_for_every_32_bit_edge():
+    d = MinHashDeduper()
+    for v in (0, 1, 2**31, 2**32 - 1, 123456789):
+        got = minhash_min(d.a, d.b, np.array([v], dtype=np.uint64))
+        assert got.tolist() == [(int(a) * v + int(b)) % MERSENNE for a, b in zip(d.a, d.b)]
+    assert int(d.a.max()) > 2**60  # multipliers span the field, so a*x wraps around p many times

@@ -1,9 +1,16 @@
 """Personal-data detection: every kind found where it is, and not found where it only looks like it
 (precision matters: a profile that calls every version string an IP address is noise), masking, redaction."""
 
+import random
+import sysconfig
+from collections import Counter
+from pathlib import Path
+
 import pytest
 
-from fmforge.data.pii import PiiScan, find_pii, iban_ok, luhn_ok, mask, redact
+from fmforge.data.pii import KINDS, PiiScan, find_pii, iban_ok, luhn_ok, mask, redact
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 def found(text: str) -> list[tuple[str, str]]:
@@ -87,3 +94,27 @@ def test_scan_counts_documents_and_keeps_a_few_distinct_masked_examples():
     assert d["documents_with_pii"] == 9
     assert len(d["examples"]["EMAIL"]) == 5 and d["examples"]["IP"] == ["8.*.*.4"]
     assert all("example" not in e for e in d["examples"]["EMAIL"])
+
+
+_PIECES = ["+44 20 7946 0958", "(020) 7946 0958", "555-123-4567", "4111 1111 1111 1111",
+           "GB82 WEST 1234 5698 7654 32", "DE89370400440532013000", "192.168.0.1", "v1.2.3.4", "version 10.0.0.1",
+           "2001:db8::8a2e:370:7334", "john.doe@example.com", "030 1234567", "2024-01-15", "1.2.3.4.5",
+           "0171-1234567"]
+
+
+def test_searching_only_around_digit_runs_finds_exactly_what_a_whole_text_scan_finds():
+    """The windowed search (the speed path) against the whole-text scan, on random strings built from PII,
+    lookalikes and characters that make or break a match, and on real source files with many digits."""
+    rng = random.Random(0)
+    alphabet = "0123456789 ().+/-:@ABCDEGKXvabe\nx_=.,"
+    texts = [(STDLIB / name).read_text(encoding="utf-8") for name in ("ipaddress.py", "datetime.py")]
+    for _ in range(3000):
+        texts.append("".join(rng.choice(_PIECES) if rng.random() < 0.4 else
+                             "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 90)))
+                             for _ in range(rng.randint(1, 12))))
+    kinds: Counter = Counter()
+    for text in texts:
+        spans = find_pii(text)
+        assert spans == find_pii(text, [(0, len(text))]), repr(text[:80])
+        kinds.update(kind for kind, _, _ in spans)
+    assert set(kinds) == set(KINDS) and min(kinds.values()) > 50, kinds  # every kind is exercised

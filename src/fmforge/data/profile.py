@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fmforge import __version__
+from fmforge.data.fastscan import warm_up
 from fmforge.data.image_shards import INDEX, load_index
 from fmforge.data.prepare import MANIFEST, load_manifest, write_json_atomic
 from fmforge.data.profile_html import render_profile
@@ -58,6 +59,7 @@ def _run_chunk(items: list) -> TextStats:
 
 def _in_order(chunks: Iterator[list], workers: int, tokenizer_path: str | None, near: bool) -> Iterator[TextStats]:
     """Each chunk's statistics, in input order; at most 2 chunks per worker in flight (bounded memory)."""
+    warm_up()  # compile (or load) the kernels once, before forking: the workers inherit them
     if workers <= 1:
         _init_worker(tokenizer_path, near)
         yield from map(_run_chunk, chunks)

@@ -16,21 +16,96 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fmforge.data.clean import ExactDeduper, MinHashDeduper, normalize, text_digest
+from fmforge.data.fastscan import count_keys, scan_words
 from fmforge.data.pii import PiiScan
 from fmforge.data.tokenizer import TextTokenizer
 
 TOP_K = 30
 MAX_NGRAM_KEYS = 1_000_000  # a counter past this is pruned to its most common half (bounded memory)
-WORD = re.compile(r"\w+")
 # A line with a control character (tab aside), a NUL or DEL: binary that got into the text.
 BINARY_LINE = re.compile(r"^.*[\x00-\x08\x0b\x0c\x0e-\x1f\x7f].*$", re.MULTILINE)
-CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL_POINTS = np.array([*range(0, 9), 11, 12, *range(14, 32), 127])  # the characters BINARY_LINE looks for
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # A line with U+FFFD (undecodable bytes replaced) or UTF-8 read as Latin-1/cp1252 (mojibake: "Ã©", "â€™").
 GARBLED_LINE = re.compile(r"^.*(?:\ufffd|[\u00c2\u00c3][\u0080-\u00bf]|\u00e2\u20ac).*$", re.MULTILINE)
 CLASS_NAMES = {"L": "letter", "N": "digit", "Z": "space", "P": "punctuation", "S": "symbol", "C": "control",
                "M": "mark"}
 _ASCII_CLASS = np.array([CLASS_NAMES.get(unicodedata.category(chr(i))[0], "other") if chr(i) not in "\t\n\r"
                          else "space" for i in range(128)], dtype=object)
+
+
+def _group(keys: np.ndarray, counts: np.ndarray | None = None, *, repeats: bool = False
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct ``keys`` with summed ``counts`` (1 each when None) and the index of one occurrence of each.
+    ``repeats``: few distinct keys, each many times (words), where a hash table beats sorting; with mostly
+    distinct keys (word pairs, merged tables) sorting is faster."""
+    if repeats:
+        first, sums = count_keys(keys, counts)
+        return keys[first], sums, first
+    order = np.argsort(keys)
+    ks = keys[order]
+    starts = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]])) if len(ks) else np.zeros(0, np.int64)
+    if counts is None:
+        sums = np.diff(np.append(starts, len(ks)))
+    else:
+        sums = np.add.reduceat(counts[order], starts) if len(starts) else np.zeros(0, np.int64)
+    return ks[starts], sums.astype(np.int64), order[starts]
+
+
+@dataclass
+class HashCounts:
+    """Exact counts of words or word pairs, keyed by 64-bit hashes, with each key's word hashes (``parts``:
+    one column for words, two for pairs) so the strings are looked up only for the few reported at the end.
+
+    Additions queue up and are combined in one sort once MAX_NGRAM_KEYS entries are waiting; past
+    MAX_NGRAM_KEYS distinct keys only the most common half stays (bounded memory; the tail is approximate).
+    """
+
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    parts: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.uint64))
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pending: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, keys: np.ndarray, parts: np.ndarray) -> HashCounts:
+        """Counts of the occurrences ``keys`` (one row of ``parts`` each)."""
+        uniq, counts, rep = _group(keys)
+        return cls(uniq, parts[rep], counts)
+
+    def add(self, other: HashCounts) -> bool:
+        """Queue ``other``'s counts; True when that compacted (and possibly pruned) the table."""
+        self.pending += [other] + other.pending
+        if sum(len(p.keys) for p in self.pending) < MAX_NGRAM_KEYS:
+            return False
+        self.compact()
+        return True
+
+    def compact(self) -> None:
+        if not self.pending:
+            return
+        tables = [self] + self.pending
+        self.pending = []
+        keys = np.concatenate([t.keys for t in tables])
+        parts = np.concatenate([t.parts.reshape(len(t.keys), -1) for t in tables if len(t.keys)] or [self.parts])
+        self.keys, self.counts, rep = _group(keys, np.concatenate([t.counts for t in tables]))
+        self.parts = parts[rep]
+        if len(self.keys) > MAX_NGRAM_KEYS:
+            keep = np.sort(np.argpartition(-self.counts, MAX_NGRAM_KEYS // 2)[:MAX_NGRAM_KEYS // 2])
+            self.keys, self.parts, self.counts = self.keys[keep], self.parts[keep], self.counts[keep]
+
+    def word_hashes(self) -> set[int]:
+        self.compact()
+        return set(np.unique(self.parts).tolist())
+
+    def most_common(self, k: int, names: dict[int, str]) -> list[tuple[str, int]]:
+        """The ``k`` most frequent entries as (text, count), ties in text order (deterministic)."""
+        self.compact()
+        if not len(self.keys):
+            return []
+        cut = np.sort(self.counts)[-min(k, len(self.counts))]
+        rows = [(" ".join(names.get(h, f"#{h:016x}") for h in self.parts[i].tolist()), int(self.counts[i]))
+                for i in np.flatnonzero(self.counts >= cut).tolist()]
+        return sorted(rows, key=lambda r: (-r[1], r[0]))[:k]
 
 
 @dataclass
@@ -48,8 +123,9 @@ class TextStats:
     doc_tokens: list[int] = field(default_factory=list)
     char_classes: Counter = field(default_factory=Counter)
     scripts: Counter = field(default_factory=Counter)
-    words: Counter = field(default_factory=Counter)
-    bigrams: Counter = field(default_factory=Counter)
+    words: HashCounts = field(default_factory=HashCounts)
+    bigrams: HashCounts = field(default_factory=HashCounts)
+    names: dict = field(default_factory=dict)  # word hash -> the word, for the words counted above
     pii: PiiScan = field(default_factory=PiiScan)
     digests: list[bytes] = field(default_factory=list)
     sigs: list[np.ndarray | None] = field(default_factory=list)
@@ -60,12 +136,19 @@ class TextStats:
             setattr(self, name, getattr(self, name) + getattr(o, name))
         for name in ("doc_chars", "doc_tokens", "digests", "sigs"):
             getattr(self, name).extend(getattr(o, name))
-        for name in ("char_classes", "scripts", "words", "bigrams"):
+        for name in ("char_classes", "scripts"):
             getattr(self, name).update(getattr(o, name))
         self.pii.merge(o.pii)
         self.token_counts = add_counts(self.token_counts, o.token_counts)
-        for name in ("bigrams", "words"):
-            prune(getattr(self, name))
+        self.names.update(o.names)
+        if self.words.add(o.words) | self.bigrams.add(o.bigrams):
+            self.names = {h: self.names[h] for h in self.words.word_hashes() | self.bigrams.word_hashes()}
+
+    def top_words(self, k: int) -> list[tuple[str, int]]:
+        return self.words.most_common(k, self.names)
+
+    def top_bigrams(self, k: int) -> list[tuple[str, int]]:
+        return self.bigrams.most_common(k, self.names)
 
 
 def add_counts(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
@@ -78,12 +161,25 @@ def add_counts(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     return out
 
 
-def prune(counter: Counter) -> None:
-    """Keep a counter bounded: past MAX_NGRAM_KEYS keys, only its most common half stays (approximate tail)."""
-    if len(counter) > MAX_NGRAM_KEYS:
-        kept = counter.most_common(MAX_NGRAM_KEYS // 2)
-        counter.clear()
-        counter.update(dict(kept))
+_PAIR = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _words(texts: list[str], stats: TextStats) -> None:
+    """Lowercased ``\\w+`` words (``re``'s definition, found by ``fastscan.scan_words``) and the pairs of
+    consecutive words within each document, counted by hash."""
+    lowered = [t.lower() for t in texts]
+    big = "\n".join(lowered)  # a newline is not a word character: no word spans two documents
+    starts, ends, h = scan_words(np.frombuffer(big.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
+    if not len(h):
+        return
+    uniq, counts, rep = _group(h, repeats=True)
+    stats.words = HashCounts(uniq, uniq[:, None], counts)
+    first, last = starts[rep].tolist(), ends[rep].tolist()
+    stats.names = {key: big[a:b] for key, a, b in zip(uniq.tolist(), first, last)}
+    doc_start = np.cumsum([0] + [len(t) + 1 for t in lowered[:-1]])
+    doc = np.searchsorted(doc_start, starts, side="right")
+    i = np.flatnonzero(doc[:-1] == doc[1:])
+    stats.bigrams = HashCounts.of((h[i] * _PAIR) ^ h[i + 1], np.stack([h[i], h[i + 1]], axis=1))
 
 
 def script_of(ch: str) -> str:
@@ -96,17 +192,31 @@ def script_of(ch: str) -> str:
     return "CJK" if first in ("CJK", "HIRAGANA", "KATAKANA", "HANGUL") else first
 
 
-def _characters(text: str, stats: TextStats) -> None:
-    """Character classes (Unicode general category) and scripts of letters, counted by code point in numpy."""
-    if text.isascii():
-        counts = np.bincount(np.frombuffer(text.encode("ascii"), dtype=np.uint8), minlength=128)
-        nz = np.flatnonzero(counts)
-        for i in nz:
+def _characters(texts: list[str], stats: TextStats) -> list[bool]:
+    """Character classes (Unicode general category) and scripts of letters, counted by code point in numpy
+    (the ASCII documents of a chunk in one count); returns, per document, whether it holds a control
+    character (one of ``_CONTROL_POINTS``)."""
+    control = [False] * len(texts)
+    ascii_docs = [i for i, t in enumerate(texts) if t.isascii()]
+    if ascii_docs:
+        joined = "\n".join(texts[i] for i in ascii_docs).encode("ascii")
+        counts = np.bincount(np.frombuffer(joined, dtype=np.uint8), minlength=128)
+        counts[10] -= len(ascii_docs) - 1  # the joins
+        for i in np.flatnonzero(counts).tolist():
             stats.char_classes[_ASCII_CLASS[i]] += int(counts[i])
         letters = int(counts[65:91].sum() + counts[97:123].sum())
         if letters:
             stats.scripts["LATIN"] += letters
-        return
+        if counts[_CONTROL_POINTS].any():
+            for i in ascii_docs:
+                control[i] = _CONTROL.search(texts[i]) is not None
+    for i, text in enumerate(texts):
+        if not text.isascii():
+            control[i] = _unicode_characters(text, stats)
+    return control
+
+
+def _unicode_characters(text: str, stats: TextStats) -> bool:
     points, counts = np.unique(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), return_counts=True)
     for cp, n in zip(points.tolist(), counts.tolist()):
         ch = chr(cp)
@@ -114,29 +224,22 @@ def _characters(text: str, stats: TextStats) -> None:
         stats.char_classes["space" if ch in "\t\n\r" else CLASS_NAMES.get(cat[0], "other")] += n
         if cat[0] == "L":
             stats.scripts[script_of(ch)] += n
+    return bool(np.isin(points, _CONTROL_POINTS).any())
 
 
-def _words(text: str, stats: TextStats) -> None:
-    words = WORD.findall(text.lower())
-    stats.words.update(words)
-    if len(words) > 1:
-        stats.bigrams.update(map(" ".join, zip(words, words[1:])))
-
-
-def analyze_document(text: str, stats: TextStats, near: MinHashDeduper | None) -> None:
-    """Everything one document contributes (``text`` already normalized as ``data prepare`` does)."""
+def analyze_document(text: str, stats: TextStats, near: MinHashDeduper | None, control: bool) -> None:
+    """What one document contributes besides its characters and words (``text`` already normalized as
+    ``data prepare`` does; ``control``: it holds a control character)."""
     n_bytes = len(text.encode("utf-8"))
     stats.documents += 1
     stats.chars += len(text)
     stats.bytes += n_bytes
     stats.doc_chars.append(len(text))
     stats.lines += text.count("\n") + (not text.endswith("\n"))
-    if CONTROL.search(text):
+    if control:
         stats.binary_lines += len(BINARY_LINE.findall(text))
     if not text.isascii():
         stats.garbled_lines += len(GARBLED_LINE.findall(text))
-    _characters(text, stats)
-    _words(text, stats)
     stats.pii.add(text)
     stats.digests.append(text_digest(text))
     stats.sigs.append(near.signature(text) if near is not None else None)
@@ -151,8 +254,9 @@ def analyze_chunk(items: list, tok: TextTokenizer | None, near_duplicates: bool)
     ids: list = [it for it in items if not isinstance(it, str)]
     if tok is not None and not ids:
         ids = tok.encode_batch(texts)
-    for text in texts:
-        analyze_document(text, stats, near)
+    for text, control in zip(texts, _characters(texts, stats)):
+        analyze_document(text, stats, near, control)
+    _words(texts, stats)
     if ids:
         lengths = [len(x) for x in ids]
         stats.doc_tokens = lengths
@@ -209,8 +313,8 @@ def summarize(stats: TextStats, near_duplicates: bool, tokenizer: dict | None) -
         "duplicates": duplicates(stats, near_duplicates),
         "lines": {"total": stats.lines, "binary": stats.binary_lines, "garbled": stats.garbled_lines,
                   "bad_share": (stats.binary_lines + stats.garbled_lines) / max(1, stats.lines)},
-        "top_words": stats.words.most_common(TOP_K),
-        "top_bigrams": stats.bigrams.most_common(TOP_K),
+        "top_words": stats.top_words(TOP_K),
+        "top_bigrams": stats.top_bigrams(TOP_K),
         "pii": stats.pii.to_dict(),
     }
     return doc

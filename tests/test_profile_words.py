@@ -1,0 +1,86 @@
+"""Word and word-pair counts of ``data profile`` (compiled scan, counted by hash, merged across chunks and
+workers) against the plain definition: ``re.findall(r"\\w+", text.lower())`` and consecutive pairs within a
+document, counted with ``collections.Counter``."""
+
+import re
+import sysconfig
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from fmforge.data import profile_text
+from fmforge.data.fastscan import count_keys, scan_words
+from fmforge.data.profile_text import TextStats, analyze_chunk
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+UNICODE = ["Straße ΣΊΣΥΦΟΣ İstanbul naïve ﬁne ½ ２３ 🙂 x_y__z", "日本語のテキスト、漢字とかな。", "İİ ii", "",
+           "tab\tand\nnewline\r\nrun-on_words don't"]
+
+
+def reference(texts: list[str]) -> tuple[Counter, Counter]:
+    words, pairs = Counter(), Counter()
+    for text in texts:
+        w = re.findall(r"\w+", text.lower())
+        words.update(w)
+        pairs.update(map(" ".join, zip(w, w[1:])))
+    return words, pairs
+
+
+def test_the_compiled_word_scan_finds_exactly_what_re_finds_including_unicode():
+    for text in UNICODE + ["\ud800 lone surrogate \udfff", (STDLIB / "textwrap.py").read_text(encoding="utf-8")]:
+        low = text.lower()
+        starts, ends, _ = scan_words(np.frombuffer(low.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
+        assert [low[a:b] for a, b in zip(starts.tolist(), ends.tolist())] == re.findall(r"\w+", low), repr(text)
+
+
+def test_counts_merged_across_chunks_equal_counter_counts_and_pairs_never_span_documents(monkeypatch):
+    texts = UNICODE + [(STDLIB / name).read_text(encoding="utf-8") for name in ("textwrap.py", "shlex.py", "csv.py")]
+    monkeypatch.setattr(profile_text, "MAX_NGRAM_KEYS", 10**9)
+    total = TextStats()
+    for i in range(0, len(texts), 3):
+        total.merge(analyze_chunk(texts[i:i + 3], None, near_duplicates=False))
+    words, pairs = reference(texts)
+    n = len(pairs)
+    assert total.top_words(10**6) == sorted(words.items(), key=lambda r: (-r[1], r[0]))
+    assert total.top_bigrams(10**6) == sorted(pairs.items(), key=lambda r: (-r[1], r[0]))
+    assert n > 3000 and "run on_words" in pairs and "straße" in words
+
+
+def test_a_table_past_its_bound_keeps_the_most_common_entries_with_their_exact_counts(monkeypatch):
+    texts = [(STDLIB / name).read_text(encoding="utf-8") for name in ("textwrap.py", "shlex.py", "csv.py", "glob.py")]
+    monkeypatch.setattr(profile_text, "MAX_NGRAM_KEYS", 2000)
+    total = TextStats()
+    for text in texts:
+        total.merge(analyze_chunk([text], None, near_duplicates=False))
+    words, pairs = reference(texts)
+    assert len(pairs) > 2000 and len(total.bigrams.keys) <= 2000  # pruned
+    for got, want in ((total.top_words(20), words), (total.top_bigrams(20), pairs)):
+        assert got == sorted(want.items(), key=lambda r: (-r[1], r[0]))[:20]
+
+
+def test_binary_lines_and_character_classes_of_ascii_and_unicode_documents_in_one_chunk():
+    texts = ["plain\nnul\x01here\nok\n", "clean ascii text\n", "tab\tonly\n", "Привет\x7f\nmir\n"]
+    stats = analyze_chunk(texts, None, near_duplicates=False)
+    assert stats.binary_lines == 2 and stats.lines == 7
+    want: Counter = Counter()
+    for text in texts:
+        for ch in text:
+            cat = unicodedata.category(ch)
+            want["space" if ch in "\t\n\r" else profile_text.CLASS_NAMES.get(cat[0], "other")] += 1
+    assert stats.char_classes == want
+    assert stats.scripts == Counter({"LATIN": sum(c.isascii() and c.isalpha() for t in texts for c in t),
+                                     "CYRILLIC": 6})
+
+
+def test_the_hash_table_groups_keys_exactly_as_a_dictionary_does():
+    rng = np.random.default_rng(0)
+    for distinct, n in ((5, 1000), (3000, 20000), (20000, 20000)):  # few repeated keys .. all distinct
+        keys = rng.integers(0, 2**63, distinct, dtype=np.int64).view(np.uint64)[rng.integers(0, distinct, n)]
+        weights = rng.integers(1, 5, n)
+        first, sums = count_keys(keys, weights)
+        want: dict = {}
+        for k, w in zip(keys.tolist(), weights.tolist()):
+            want[k] = want.get(k, 0) + w
+        assert keys[first].tolist() == list(want) and sums.tolist() == list(want.values())  # first-seen order
