@@ -28,7 +28,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -237,6 +237,15 @@ def _suffix(path: Path | str) -> str:
     return (path.suffix if isinstance(path, Path) else PurePosixPath(path).suffix).lower()
 
 
+def _read_up_to(f: IO[bytes], n: int) -> bytes:
+    """Up to ``n`` bytes of ``f``, fewer only at its end (a decompressing stream may return short reads)."""
+    parts, got = [], 0
+    while got < n and (piece := f.read(n - got)):
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
 class _Prefixed:
     """``readline`` of a binary stream whose first bytes (``head``) were already read."""
 
@@ -363,7 +372,15 @@ class DocumentReader:
         if b"\x00" in first:  # binary (or UTF-16, which is not text we can use): the whole file
             self._skip("binary")
             return
-        for lines in cut_documents(self._text_lines(f, first), self.target_bytes, self.hard_bytes):
+        head = first + _read_up_to(f, self.hard_bytes + 1 - len(first)) if first else b""
+        if len(head) <= self.hard_bytes and b"\x00" not in head:
+            # The common case, without a line loop in Python: the whole file within the bound and no NUL
+            # line is one document, as cut_documents would make it (lines split as readline splits them).
+            body = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+            documents: Iterable = [io.BytesIO(body).readlines()] if head else []
+        else:
+            documents = cut_documents(self._text_lines(f, head), self.target_bytes, self.hard_bytes)
+        for lines in documents:
             if lines is TOO_LARGE:
                 self._skip("too_large")
                 continue
