@@ -9,7 +9,10 @@ times and the median round is reported, so a burst of load on a shared machine d
   analysed by ``--workers`` processes and merged, what grows with the corpus (the page's plots are a fixed
   cost of a few seconds whatever the corpus size);
 - ``no-near``: ``--no-near-duplicates``;
-- ``+tokenizer``: full, with the tokens counted by a 4,096-token BPE (``--tokenizer``);
+- ``+tokenizer``: full, with the tokens counted by a 4,096-token BPE (``--tokenizer``): the Rust tokenizer's
+  encoding, one thread per worker, then bounds the rate (``tokenize-only`` times it alone on the same texts);
+- ``prepared``: a prepared directory of the same corpus (``data prepare``, not timed), profiled with its own
+  tokenizer: its shards decoded back to text, then every statistic;
 - component pairs, each the compiled path against its plain reference on the same documents in the same run
   (the ratio is the speedup; the script checks they agree):
   ``minhash`` (``fastscan.minhash_min``) vs ``minhash-numpy`` (the exact split-multiply arithmetic vectorised
@@ -41,10 +44,11 @@ import numpy as np
 from fmforge.data.clean import MERSENNE, MinHashDeduper, normalize, shingles
 from fmforge.data.fastscan import warm_up
 from fmforge.data.pii import find_pii
+from fmforge.data.prepare import prepare_data
 from fmforge.data.profile import _chunked, _in_order, profile_data
 from fmforge.data.profile_text import TextStats, _words
 from fmforge.data.sources import DocumentReader
-from fmforge.data.tokenizer import train_tokenizer
+from fmforge.data.tokenizer import load_tokenizer, train_tokenizer
 from fmforge.quickstart import stdlib_sources, write_pydoc_topics
 
 _P = np.uint64(MERSENNE)
@@ -143,7 +147,7 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - start, cpu_seconds() - cpu
 
 
-CONFIGS = ("full", "analysis", "no-near", "+tokenizer", "minhash", "minhash-numpy", "words", "words-counter", "pii",
+CONFIGS = ("full", "analysis", "no-near", "+tokenizer", "tokenize-only", "prepared", "minhash", "minhash-numpy", "words", "words-counter", "pii",
            "pii-full-scan")
 PAIRS = (("minhash", "minhash-numpy"), ("words", "words-counter"), ("pii", "pii-full-scan"))
 
@@ -164,8 +168,10 @@ def main() -> None:
               f"{args.workers} workers, median of {args.rounds} rounds")
         tok_path = tmp / "tokenizer.json"
         wanted = args.only or list(CONFIGS)
-        if "+tokenizer" in wanted:
+        if "+tokenizer" in wanted or "tokenize-only" in wanted:
             train_tokenizer(texts[:400], 4096).save(tok_path)
+        if "prepared" in wanted:
+            prepare_data(files, tmp / "prepared", vocab_size=4096, log=None)
         runs = {
             "full": lambda: profile_data(files, tmp / "full", workers=args.workers, log=None),
             "analysis": lambda: analysis(texts, args.workers),
@@ -173,6 +179,8 @@ def main() -> None:
                                             log=None),
             "+tokenizer": lambda: profile_data(files, tmp / "tok", tokenizer=str(tok_path), workers=args.workers,
                                                log=None),
+            "tokenize-only": lambda: load_tokenizer(tok_path).encode_batch(texts),
+            "prepared": lambda: profile_data([str(tmp / "prepared")], tmp / "prep", workers=args.workers, log=None),
             "minhash": lambda: kernel_signatures(texts),
             "minhash-numpy": lambda: numpy_signatures(texts),
             "words": lambda: hashed_words(texts),

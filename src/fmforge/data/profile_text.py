@@ -249,7 +249,7 @@ def analyze_chunk(items: list, tok: TextTokenizer | None, near_duplicates: bool)
     """Statistics of a chunk: raw texts (tokenized with ``tok`` when given) or token-id arrays (decoded)."""
     stats = TextStats()
     near = MinHashDeduper() if near_duplicates else None
-    texts = [it if isinstance(it, str) else tok.decode(it.tolist()) for it in items]
+    texts = items if all(isinstance(it, str) for it in items) else tok.decode_batch(items)
     texts = [normalize(t) for t in texts]
     ids: list = [it for it in items if not isinstance(it, str)]
     if tok is not None and not ids:

@@ -63,6 +63,11 @@ class TextTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
+    def decode_batch(self, seqs: list[np.ndarray]) -> list[str]:
+        """Decode many integer arrays at once (in Rust, over the cores ``TOKENIZERS_PARALLELISM`` allows)."""
+        return self.tokenizer.decode_batch([np.asarray(s, dtype=np.int64).tolist() for s in seqs],
+                                           skip_special_tokens=True)
+
     def token_bytes(self) -> np.ndarray:
         """UTF-8 length of each token id (int64); special tokens count 0. Bits-per-byte needs this.
 
