@@ -38,7 +38,7 @@ def _group(keys: np.ndarray, counts: np.ndarray | None = None, *, repeats: bool 
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Distinct ``keys`` with summed ``counts`` (1 each when None) and the index of one occurrence of each.
     ``repeats``: few distinct keys, each many times (words), where a hash table beats sorting; with mostly
-    distinct keys (word pairs, merged tables) sorting is faster."""
+    distinct keys (merged tables) sorting is faster."""
     if repeats:
         first, sums = count_keys(keys, counts)
         return keys[first], sums, first
@@ -52,60 +52,54 @@ def _group(keys: np.ndarray, counts: np.ndarray | None = None, *, repeats: bool 
     return ks[starts], sums.astype(np.int64), order[starts]
 
 
+_PAIR = np.uint64(0x9E3779B97F4A7C15)
+
+
+def pair_key(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The key of a word pair from its words' keys (wrapping uint64): given the first word's key, the second's
+    is ``key ^ (first * _PAIR)``, which is how a pair's words are found again (``TextStats.top_bigrams``)."""
+    return (first * _PAIR) ^ second
+
+
 @dataclass
 class HashCounts:
-    """Exact counts of words or word pairs, keyed by 64-bit hashes, with each key's word hashes (``parts``:
-    one column for words, two for pairs) so the strings are looked up only for the few reported at the end.
+    """Exact counts of words or word pairs, keyed by 64-bit hashes; their text is looked up only for the few
+    reported at the end.
 
     Additions queue up and are combined in one sort once MAX_NGRAM_KEYS entries are waiting; past
     MAX_NGRAM_KEYS distinct keys only the most common half stays (bounded memory; the tail is approximate).
     """
 
     keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
-    parts: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), np.uint64))
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     pending: list = field(default_factory=list)
 
-    @classmethod
-    def of(cls, keys: np.ndarray, parts: np.ndarray) -> HashCounts:
-        """Counts of the occurrences ``keys`` (one row of ``parts`` each)."""
-        uniq, counts, rep = _group(keys)
-        return cls(uniq, parts[rep], counts)
-
     def add(self, other: HashCounts) -> bool:
-        """Queue ``other``'s counts; True when that compacted (and possibly pruned) the table."""
+        """Queue ``other``'s counts; True when that compacted and pruned the table."""
         self.pending += [other] + other.pending
         if sum(len(p.keys) for p in self.pending) < MAX_NGRAM_KEYS:
             return False
-        self.compact()
-        return True
+        return self.compact()
 
-    def compact(self) -> None:
+    def compact(self) -> bool:
+        """Combine the queued counts; True when that pruned the table."""
         if not self.pending:
-            return
+            return False
         tables = [self] + self.pending
         self.pending = []
-        keys = np.concatenate([t.keys for t in tables])
-        parts = np.concatenate([t.parts.reshape(len(t.keys), -1) for t in tables if len(t.keys)] or [self.parts])
-        self.keys, self.counts, rep = _group(keys, np.concatenate([t.counts for t in tables]))
-        self.parts = parts[rep]
+        self.keys, self.counts, _ = _group(np.concatenate([t.keys for t in tables]),
+                                           np.concatenate([t.counts for t in tables]))
         if len(self.keys) > MAX_NGRAM_KEYS:
             keep = np.sort(np.argpartition(-self.counts, MAX_NGRAM_KEYS // 2)[:MAX_NGRAM_KEYS // 2])
-            self.keys, self.parts, self.counts = self.keys[keep], self.parts[keep], self.counts[keep]
+            self.keys, self.counts = self.keys[keep], self.counts[keep]
+            return True
+        return False
 
-    def word_hashes(self) -> set[int]:
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and counts of the ``k`` most frequent entries (ties at the cut: smaller key first)."""
         self.compact()
-        return set(np.unique(self.parts).tolist())
-
-    def most_common(self, k: int, names: dict[int, str]) -> list[tuple[str, int]]:
-        """The ``k`` most frequent entries as (text, count), ties in text order (deterministic)."""
-        self.compact()
-        if not len(self.keys):
-            return []
-        cut = np.sort(self.counts)[-min(k, len(self.counts))]
-        rows = [(" ".join(names.get(h, f"#{h:016x}") for h in self.parts[i].tolist()), int(self.counts[i]))
-                for i in np.flatnonzero(self.counts >= cut).tolist()]
-        return sorted(rows, key=lambda r: (-r[1], r[0]))[:k]
+        order = np.lexsort((self.keys, -self.counts))[:k]
+        return self.keys[order], self.counts[order]
 
 
 @dataclass
@@ -141,14 +135,34 @@ class TextStats:
         self.pii.merge(o.pii)
         self.token_counts = add_counts(self.token_counts, o.token_counts)
         self.names.update(o.names)
-        if self.words.add(o.words) | self.bigrams.add(o.bigrams):
-            self.names = {h: self.names[h] for h in self.words.word_hashes() | self.bigrams.word_hashes()}
+        self.bigrams.add(o.bigrams)
+        if self.words.add(o.words):
+            self.names = {h: self.names[h] for h in self.words.keys.tolist()}
 
     def top_words(self, k: int) -> list[tuple[str, int]]:
-        return self.words.most_common(k, self.names)
+        """The ``k`` most frequent words as (word, count), by count then text (ties at the cut: text order)."""
+        self.words.compact()
+        if not len(self.words.keys):
+            return []
+        cut = np.sort(self.words.counts)[-min(k, len(self.words.counts))]
+        rows = [(self.names[h], c) for h, c in zip(self.words.keys.tolist(), self.words.counts.tolist()) if c >= cut]
+        return sorted(rows, key=lambda r: (-r[1], r[0]))[:k]
 
     def top_bigrams(self, k: int) -> list[tuple[str, int]]:
-        return self.bigrams.most_common(k, self.names)
+        """The ``k`` most frequent word pairs as ("first second", count), by count then text (ties at the cut:
+        by key). A pair's words are found again from its key: both occur at least as often as the pair, so
+        among the words counted that often, the first is the one whose ``pair_key`` partner is also there."""
+        keys, counts = self.bigrams.top(k)
+        self.words.compact()
+        rows = []
+        for key, count in zip(keys.tolist(), counts.tolist()):
+            often = self.words.keys[self.words.counts >= count]
+            second = np.uint64(key) ^ (often * _PAIR)
+            hit = np.flatnonzero(np.isin(second, often))
+            text = (f"{self.names[int(often[hit[0]])]} {self.names[int(second[hit[0]])]}" if len(hit)
+                    else f"#{key:016x}")  # a word pruned from the table (only past MAX_NGRAM_KEYS words)
+            rows.append((text, count))
+        return sorted(rows, key=lambda r: (-r[1], r[0]))
 
 
 def add_counts(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
@@ -161,9 +175,6 @@ def add_counts(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     return out
 
 
-_PAIR = np.uint64(0x9E3779B97F4A7C15)
-
-
 def _words(texts: list[str], stats: TextStats) -> None:
     """Lowercased ``\\w+`` words (``re``'s definition, found by ``fastscan.scan_words``) and the pairs of
     consecutive words within each document, counted by hash."""
@@ -173,13 +184,14 @@ def _words(texts: list[str], stats: TextStats) -> None:
     if not len(h):
         return
     uniq, counts, rep = _group(h, repeats=True)
-    stats.words = HashCounts(uniq, uniq[:, None], counts)
+    stats.words = HashCounts(uniq, counts)
     first, last = starts[rep].tolist(), ends[rep].tolist()
     stats.names = {key: big[a:b] for key, a, b in zip(uniq.tolist(), first, last)}
     doc_start = np.cumsum([0] + [len(t) + 1 for t in lowered[:-1]])
     doc = np.searchsorted(doc_start, starts, side="right")
     i = np.flatnonzero(doc[:-1] == doc[1:])
-    stats.bigrams = HashCounts.of((h[i] * _PAIR) ^ h[i + 1], np.stack([h[i], h[i + 1]], axis=1))
+    keys, counts = np.unique(pair_key(h[i], h[i + 1]), return_counts=True)
+    stats.bigrams = HashCounts(keys, counts.astype(np.int64))
 
 
 def script_of(ch: str) -> str:
