@@ -11,6 +11,8 @@ import unicodedata
 
 import numpy as np
 
+from fmforge.data.fastscan import minhash_min, word_hashes
+
 MERSENNE = (1 << 61) - 1  # hash family (a*x + b) mod p with p = 2^61 - 1
 NUM_PERM = 128
 BANDS = 32  # 32 bands x 4 rows: a pair at Jaccard 0.8 shares a band with probability 1-(1-0.8^4)^32 = 1-5e-8
@@ -58,8 +60,6 @@ def shingles(text: str, n: int = NGRAM) -> np.ndarray:
     """Distinct 32-bit hashes of the word n-grams of ``text`` (one shingle for texts shorter than n words).
 
     Words are ``str.split()``'s; each word's hash is its ``zlib.crc32`` (``fastscan.word_hashes``)."""
-    from fmforge.data.fastscan import word_hashes  # numba, imported by the data scans that use it
-
     h = word_hashes(_words_bytes(text))
     if not h.size:
         return np.empty(0, dtype=np.uint64)
@@ -117,8 +117,6 @@ class MinHashDeduper:
     def signature_of(self, x: np.ndarray) -> np.ndarray:
         """The signature of a non-empty array of 32-bit shingle hashes (uint64): per permutation, the low 32
         bits of the minimum of (a*x + b) mod 2^61-1, exactly (``fastscan.minhash_min``)."""
-        from fmforge.data.fastscan import minhash_min
-
         return minhash_min(self.a, self.b, x).astype(np.uint32)  # keep the low 32 bits
 
     def _band_keys(self, sig: np.ndarray) -> list[int]:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fmforge.data.fastscan import digit_runs
+
 KINDS = ("EMAIL", "PHONE", "IP", "CREDIT_CARD", "IBAN")
 PLACEHOLDERS = {kind: f"<{kind}>" for kind in KINDS}
 EXAMPLES_PER_KIND = 5
@@ -146,8 +148,6 @@ _MARGIN = 64
 
 
 def _digit_windows(text: str) -> list[tuple[int, int]]:
-    from fmforge.data.fastscan import digit_runs  # numba, imported by the scans that use it
-
     cps = np.frombuffer(text.encode("ascii") if text.isascii() else text.encode("utf-32-le", "surrogatepass"),
                         dtype=np.uint8 if text.isascii() else np.uint32)
     windows: list[tuple[int, int]] = []
