@@ -1,7 +1,8 @@
 """Diffusion training through the one loop on real digits: the loss falls, the EMA is saved beside the raw
 weights, a run conditioned on an fmforge CLIP samples from prompts, resume after SIGKILL equals an
 uninterrupted run, 2-process DDP equals 1 process, and `fmforge eval` reports the offline image metrics with
-their baselines. Trains for seconds: the quality figures come from the quickstart (docs/text-to-image.md)."""
+their baselines. Trains for seconds: tests/test_dit_quality.py trains until the samples are good and asserts
+the quality figures."""
 
 import json
 import os
