@@ -35,6 +35,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -165,7 +166,11 @@ def main() -> None:
     warm_up()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        files = corpus(tmp) * args.copies
+        base = corpus(tmp)
+        files = list(base)
+        for i in range(1, args.copies):  # real copies: the same path twice is read once
+            (tmp / f"copy{i}").mkdir()
+            files += [str(shutil.copy(f, tmp / f"copy{i}" / f"{n:05d}_{Path(f).name}")) for n, f in enumerate(base)]
         texts = [normalize(d.text) for d in DocumentReader(files)]
         mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
         print(f"quickstart corpus: {len(files)} files, {len(texts)} documents, {mb:.2f} MB of text; "

@@ -31,8 +31,11 @@ def reference(texts: list[str]) -> tuple[Counter, Counter]:
 def test_the_compiled_word_scan_finds_exactly_what_re_finds_including_unicode():
     for text in UNICODE + ["\ud800 lone surrogate \udfff", (STDLIB / "textwrap.py").read_text(encoding="utf-8")]:
         low = text.lower()
-        starts, ends, _ = scan_words(np.frombuffer(low.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
+        starts, ends, hashes = scan_words(np.frombuffer(low.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
         assert [low[a:b] for a, b in zip(starts.tolist(), ends.tolist())] == re.findall(r"\w+", low), repr(text)
+        if low.isascii():  # ASCII text is scanned as bytes: the same spans and hashes
+            as_bytes = scan_words(np.frombuffer(low.encode("ascii"), dtype=np.uint8))
+            assert all((x == y).all() for x, y in zip(as_bytes, (starts, ends, hashes)))
 
 
 def test_counts_merged_across_chunks_equal_counter_counts_and_pairs_never_span_documents(monkeypatch):

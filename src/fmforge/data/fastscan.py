@@ -234,7 +234,8 @@ def word_table() -> np.ndarray:
 
 
 def scan_words(cps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Start and end offsets (int64) and FNV-1a hashes (uint64) of the ``\\w+`` words of a code-point array."""
+    """Start and end offsets (int64) and FNV-1a hashes (uint64) of the ``\\w+`` words of a code-point array
+    (uint32, or uint8 for ASCII text: the same words and hashes)."""
     return _scan_words(cps, word_table())
 
 
@@ -243,6 +244,7 @@ def warm_up() -> None:
     word_hashes(b"a b")
     minhash_min(np.ones(1, np.uint64), np.ones(1, np.uint64), np.ones(1, np.uint64))
     scan_words(np.array([97, 32], dtype=np.uint32))
+    scan_words(np.array([97, 32], dtype=np.uint8))
     digit_runs(np.array([49, 32], dtype=np.uint32))
     count_keys(np.ones(2, np.uint64))
     digit_runs(np.array([49, 32], dtype=np.uint8))

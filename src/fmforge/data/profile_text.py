@@ -98,7 +98,12 @@ class HashCounts:
     def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Keys and counts of the ``k`` most frequent entries (ties at the cut: smaller key first)."""
         self.compact()
-        order = np.lexsort((self.keys, -self.counts))[:k]
+        if len(self.counts) > k:  # only entries at or above the k-th count need sorting
+            cut = np.partition(self.counts, len(self.counts) - k)[len(self.counts) - k]
+            sel = np.flatnonzero(self.counts >= cut)
+        else:
+            sel = np.arange(len(self.counts))
+        order = sel[np.lexsort((self.keys[sel], -self.counts[sel]))][:k]
         return self.keys[order], self.counts[order]
 
 
@@ -180,7 +185,9 @@ def _words(texts: list[str], stats: TextStats) -> None:
     consecutive words within each document, counted by hash."""
     lowered = [t.lower() for t in texts]
     big = "\n".join(lowered)  # a newline is not a word character: no word spans two documents
-    starts, ends, h = scan_words(np.frombuffer(big.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
+    points = (np.frombuffer(big.encode("ascii"), dtype=np.uint8) if big.isascii() else
+              np.frombuffer(big.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
+    starts, ends, h = scan_words(points)
     if not len(h):
         return
     uniq, counts, rep = _group(h, repeats=True)
