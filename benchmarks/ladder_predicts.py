@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from fmforge.config import ModelConfig
-from fmforge.data.prepare import load_manifest, prepare_data
+from fmforge.data.manifest import load_manifest
+from fmforge.data.prepare import prepare_data
 from fmforge.errors import FmforgeError
 from fmforge.plan.common import flatten
 from fmforge.plan.ladder import run_ladder

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from fmforge.data.compression import zstandard_module
-from fmforge.data.prepare import load_manifest, prepare_data
+from fmforge.data.manifest import load_manifest
+from fmforge.data.prepare import prepare_data
 from fmforge.data.sources import DocumentReader, resolve_inputs
 from fmforge.data.textcut import DEFAULT_DOCUMENT_BYTES, HARD_BOUND_FACTOR, bounds, cut_documents
 from fmforge.data.verify import verify_prepared_data

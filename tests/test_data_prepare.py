@@ -10,7 +10,8 @@ import pytest
 from conftest import CORPUS_MODULES, STDLIB, run_cli
 
 from fmforge.data.clean import MinHashDeduper, normalize, shingles
-from fmforge.data.prepare import load_manifest, prepare_data
+from fmforge.data.manifest import load_manifest
+from fmforge.data.prepare import prepare_data
 from fmforge.data.shards import read_shard
 from fmforge.data.tokenizer import load_tokenizer
 from fmforge.errors import FmforgeError

@@ -21,8 +21,9 @@ from fmforge.data.image_prepare import prepare_images
 from fmforge.data.image_shards import ImageShards, ImageTooLarge, load_index
 from fmforge.data.labelled import read_labelled
 from fmforge.data.loader import TokenWindows, eval_windows
+from fmforge.data.manifest import load_manifest
 from fmforge.data.preferences import read_preferences
-from fmforge.data.prepare import load_manifest, prepare_data
+from fmforge.data.prepare import prepare_data
 from fmforge.data.shards import HEADER_SIZE
 from fmforge.data.verify import verify_prepared_data
 from fmforge.errors import FmforgeError

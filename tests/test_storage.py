@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fmforge.data import staging
-from fmforge.data.prepare import load_manifest, prepare_data
+from fmforge.data.manifest import load_manifest
+from fmforge.data.prepare import prepare_data
 from fmforge.data.sources import DocumentReader, resolve_inputs
 from fmforge.errors import FmforgeError
 from fmforge.io import fs as objstore

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fmforge.data.augment import Swapper, augment_settings, chosen, load_swapper
 from fmforge.data.limits import MAX_RECORD_LINE_BYTES
-from fmforge.data.prepare import format_reasons
+from fmforge.data.manifest import format_reasons
 from fmforge.data.records import text_lines
 from fmforge.errors import FmforgeError, clip
 

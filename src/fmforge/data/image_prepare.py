@@ -52,7 +52,7 @@ from fmforge.data.limits import (
     check_limit,
     pixels_problem,
 )
-from fmforge.data.prepare import (
+from fmforge.data.manifest import (
     SPECIAL_TOKENS_FILE,
     TOKENIZER_FILE,
     check_output_dir,

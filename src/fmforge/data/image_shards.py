@@ -26,7 +26,7 @@ from fmforge.data.limits import (
     check_limit,
     pixels_problem,
 )
-from fmforge.data.prepare import check_shard_entries, is_sha256, read_description
+from fmforge.data.manifest import check_shard_entries, is_sha256, read_description
 from fmforge.errors import FmforgeError
 from fmforge.io.paths import confined, relative_name
 

@@ -57,7 +57,7 @@ from fmforge.data.image_prepare import (
 )
 from fmforge.data.image_shards import INDEX
 from fmforge.data.limits import MAX_PIXELS, MAX_RECORD_LINE_BYTES, check_limit
-from fmforge.data.prepare import check_output_dir, write_json_atomic
+from fmforge.data.manifest import check_output_dir, write_json_atomic
 from fmforge.data.tokenizer import load_tokenizer
 from fmforge.data.workplan import DONE, PLAN_FORMAT, PLAN_VERSION, WorkDir, unit_name, write_json
 from fmforge.errors import FmforgeError, clip

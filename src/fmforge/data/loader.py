@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmforge.data.prepare import load_manifest
+from fmforge.data.manifest import load_manifest
 from fmforge.data.sampler import GlobalBatchSampler, SampledLoader
 from fmforge.data.shards import check_token_ids, read_shard
 from fmforge.errors import FmforgeError

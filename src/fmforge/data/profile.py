@@ -28,7 +28,7 @@ import numpy as np
 from fmforge import __version__
 from fmforge.data.fastscan import warm_up
 from fmforge.data.image_shards import INDEX, load_index
-from fmforge.data.prepare import MANIFEST, load_manifest, write_json_atomic
+from fmforge.data.manifest import MANIFEST, load_manifest, write_json_atomic
 from fmforge.data.profile_html import render_profile
 from fmforge.data.profile_images import profile_images
 from fmforge.data.profile_text import TextStats, analyze_chunk, summarize

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fmforge.data.limits import MAX_RECORD_LINE_BYTES, bounded_lines
-from fmforge.data.prepare import format_reasons
+from fmforge.data.manifest import format_reasons
 from fmforge.errors import FmforgeError
 
 IGNORE_INDEX = -100  # a label the losses skip (PyTorch's cross_entropy default)

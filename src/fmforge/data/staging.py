@@ -20,7 +20,7 @@ from fmforge.data.image_shards import FORMAT as IMAGE_FORMAT
 from fmforge.data.image_shards import FORMAT_VERSION as IMAGE_FORMAT_VERSION
 from fmforge.data.image_shards import INDEX, check_image_index
 from fmforge.data.limits import MAX_DESCRIPTION_BYTES, MiB
-from fmforge.data.prepare import (
+from fmforge.data.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,

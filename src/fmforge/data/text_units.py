@@ -31,21 +31,23 @@ import numpy as np
 
 from fmforge.data.augment import Augmenter, augment_manifest
 from fmforge.data.clean import NUM_PERM, ExactDeduper, MinHashDeduper, normalize
+from fmforge.data.manifest import (
+    MANIFEST,
+    SPECIAL_TOKENS_FILE,
+    TOKENIZER_FILE,
+    format_reasons,
+    write_json_atomic,
+)
 from fmforge.data.pii import redact, redacted_counts
 from fmforge.data.prepare import (
     ENCODE_BATCH_CHARS,
     ENCODE_BATCH_DOCS,
-    MANIFEST,
-    SPECIAL_TOKENS_FILE,
-    TOKENIZER_FILE,
     Totals,
     augmented,
     build_manifest,
     choose_val_whole,
-    format_reasons,
     position,
     remove_our_files,
-    write_json_atomic,
 )
 from fmforge.data.shards import ShardWriter, shard_dtype
 from fmforge.data.sources import DocumentReader

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmforge.data.image_shards import INDEX, load_index
-from fmforge.data.prepare import MANIFEST, load_manifest
+from fmforge.data.manifest import MANIFEST, load_manifest
 from fmforge.data.shards import check_token_ids, read_shard
 from fmforge.errors import FmforgeError
 from fmforge.io.fs import sha256_file

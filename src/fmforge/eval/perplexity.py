@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from fmforge.data.loader import TokenWindows, eval_windows
-from fmforge.data.prepare import load_manifest
+from fmforge.data.manifest import load_manifest
 from fmforge.data.shards import read_shard
 from fmforge.data.staging import stage_prepared_data
 from fmforge.device import autocast_for, pick_device

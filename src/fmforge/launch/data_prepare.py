@@ -20,16 +20,8 @@ from fmforge.data import text_units
 from fmforge.data.augment import augment_settings
 from fmforge.data.engines import ENGINES, cpu_count, import_ray, run_local, run_ray
 from fmforge.data.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LINE_BYTES
-from fmforge.data.prepare import (
-    MANIFEST,
-    OUR_OUTPUTS,
-    check_output_dir,
-    load_manifest,
-    prepare_data,
-    remove_our_files,
-    summarize,
-    validate_request,
-)
+from fmforge.data.manifest import MANIFEST, check_output_dir, load_manifest
+from fmforge.data.prepare import OUR_OUTPUTS, prepare_data, remove_our_files, summarize, validate_request
 from fmforge.data.sources import DocumentReader, format_counts, resolve_inputs
 from fmforge.data.textcut import DEFAULT_DOCUMENT_BYTES
 from fmforge.data.tokenizer import load_tokenizer

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmforge.config import ModelConfig
-from fmforge.data.prepare import load_manifest
+from fmforge.data.manifest import load_manifest
 from fmforge.data.staging import stage_prepared_data
 from fmforge.errors import FmforgeError
 from fmforge.io.fs import is_remote

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fmforge.config import Config, build_config, load_config, save_config
-from fmforge.data.prepare import load_manifest
+from fmforge.data.manifest import load_manifest
 from fmforge.errors import FmforgeError
 from fmforge.plan import hparams
 from fmforge.plan.fit import load_law
