@@ -9,6 +9,7 @@ Each kernel computes exactly what a slower reference in plain Python/numpy compu
 - ``count_keys``: distinct 64-bit keys with their summed weights and first positions (a hash table; the same
   groups as sorting would give, in order of first occurrence);
 - ``digit_runs``: the spans where personal data with digits can be (``pii._digit_windows``);
+- ``byte_counts``: how often each byte value occurs (``np.bincount`` without its copy to 64-bit integers);
 - ``scan_words``: the spans and 64-bit FNV-1a hashes of the words of a code-point array, where a word is a
   maximal run of characters that Python's ``re`` ``\\w`` matches (``str.isalnum()`` or ``_``), as
   ``re.findall(r"\\w+", text)`` finds them.
@@ -221,6 +222,19 @@ def digit_runs(cps: np.ndarray, min_len: int = 7) -> np.ndarray:
     return _digit_runs(cps, _RUN_CHARS, min_len)
 
 
+@njit(cache=True, nogil=True)
+def _byte_counts(data):  # pragma: no cover - compiled
+    counts = np.zeros(256, dtype=np.int64)
+    for i in range(len(data)):
+        counts[data[i]] += 1
+    return counts
+
+
+def byte_counts(data: bytes) -> np.ndarray:
+    """Occurrences of each byte value 0..255 in ``data`` (int64)."""
+    return _byte_counts(np.frombuffer(data, dtype=np.uint8))
+
+
 _WORD_TABLE: list[np.ndarray] = []
 
 
@@ -247,4 +261,5 @@ def warm_up() -> None:
     scan_words(np.array([97, 32], dtype=np.uint8))
     digit_runs(np.array([49, 32], dtype=np.uint32))
     count_keys(np.ones(2, np.uint64))
+    byte_counts(b"ab")
     digit_runs(np.array([49, 32], dtype=np.uint8))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fmforge.data.clean import ExactDeduper, MinHashDeduper, normalize, text_digest
-from fmforge.data.fastscan import count_keys, scan_words
+from fmforge.data.fastscan import byte_counts, count_keys, scan_words
 from fmforge.data.pii import PiiScan
 from fmforge.data.tokenizer import TextTokenizer
 
@@ -219,7 +219,7 @@ def _characters(texts: list[str], stats: TextStats) -> list[bool]:
     ascii_docs = [i for i, t in enumerate(texts) if t.isascii()]
     if ascii_docs:
         joined = "\n".join(texts[i] for i in ascii_docs).encode("ascii")
-        counts = np.bincount(np.frombuffer(joined, dtype=np.uint8), minlength=128)
+        counts = byte_counts(joined)[:128]
         counts[10] -= len(ascii_docs) - 1  # the joins
         for i in np.flatnonzero(counts).tolist():
             stats.char_classes[_ASCII_CLASS[i]] += int(counts[i])
