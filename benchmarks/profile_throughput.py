@@ -16,8 +16,8 @@ times and the median round is reported, so a burst of load on a shared machine d
 - component pairs, each the compiled path against its plain reference on the same documents in the same run
   (the ratio is the speedup; the script checks they agree):
   ``minhash`` (``fastscan.minhash_min``) vs ``minhash-numpy`` (the exact split-multiply arithmetic vectorised
-  in numpy, 4,096-shingle blocks: fmforge's implementation before the kernel), ``words`` (``fastscan.scan_words``
-  + counting by hash) vs ``words-counter`` (``re.findall`` + ``collections.Counter``), ``pii`` (patterns run
+  in numpy, 4,096-shingle blocks: fmforge's implementation before the kernel), ``words`` (``fastscan.count_words``:
+  words and pairs counted by hash in one pass) vs ``words-counter`` (``re.findall`` + ``collections.Counter``), ``pii`` (patterns run
   around digit runs only) vs ``pii-full-scan`` (every pattern over the whole text).
 
 Besides wall-clock MB/s, the CPU seconds used (this process and its workers) are reported: on a shared,
@@ -48,7 +48,8 @@ from fmforge.data.fastscan import warm_up
 from fmforge.data.pii import find_pii
 from fmforge.data.prepare import prepare_data
 from fmforge.data.profile import _chunked, _in_order, profile_data
-from fmforge.data.profile_text import TextStats, _words
+from fmforge.data.profile_text import TextStats
+from fmforge.data.profile_words import chunk_words
 from fmforge.data.sources import DocumentReader
 from fmforge.data.tokenizer import load_tokenizer, train_tokenizer
 from fmforge.quickstart import stdlib_sources, write_pydoc_topics
@@ -123,7 +124,7 @@ def hashed_words(texts: list[str]) -> TextStats:
     total = TextStats()
     for i in range(0, len(texts), 512):
         part = TextStats()
-        _words(texts[i:i + 512], part)
+        part.words, part.bigrams, part.names = chunk_words(texts[i:i + 512])
         total.merge(part)
     return total
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fmforge.data import profile_text
-from fmforge.data.fastscan import count_keys, scan_words
+from fmforge.data import profile_text, profile_words
+from fmforge.data.fastscan import count_words
 from fmforge.data.profile_text import TextStats, analyze_chunk
+from fmforge.data.profile_words import pair_key
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 UNICODE = ["Straße ΣΊΣΥΦΟΣ İstanbul naïve ﬁne ½ ２３ 🙂 x_y__z", "日本語のテキスト、漢字とかな。", "İİ ii", "",
@@ -28,19 +29,34 @@ def reference(texts: list[str]) -> tuple[Counter, Counter]:
     return words, pairs
 
 
-def test_the_compiled_word_scan_finds_exactly_what_re_finds_including_unicode():
+def test_the_compiled_word_count_finds_exactly_what_re_finds_including_unicode():
     for text in UNICODE + ["\ud800 lone surrogate \udfff", (STDLIB / "textwrap.py").read_text(encoding="utf-8")]:
         low = text.lower()
-        starts, ends, hashes = scan_words(np.frombuffer(low.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
-        assert [low[a:b] for a, b in zip(starts.tolist(), ends.tolist())] == re.findall(r"\w+", low), repr(text)
-        if low.isascii():  # ASCII text is scanned as bytes: the same spans and hashes
-            as_bytes = scan_words(np.frombuffer(low.encode("ascii"), dtype=np.uint8))
-            assert all((x == y).all() for x, y in zip(as_bytes, (starts, ends, hashes)))
+        points = np.frombuffer(low.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        keys, counts, offsets, names, pairs = count_words(points, np.array([len(low)]))
+        found = re.findall(r"\w+", low)
+        words = [bytes(names[a:b]).decode("utf-8", "surrogatepass") for a, b in zip(offsets[:-1], offsets[1:])]
+        assert words == list(dict.fromkeys(found)), repr(text)  # distinct, in order of first occurrence
+        assert dict(zip(words, counts.tolist())) == Counter(found)
+        assert len(pairs) == max(0, len(found) - 1)
+        if text.isascii():  # ASCII text is scanned as its bytes, lowercased on the fly: the same words and keys
+            as_bytes = count_words(np.frombuffer(text.encode("ascii"), dtype=np.uint8), np.array([len(text)]), True)
+            assert all((x == y).all() for x, y in zip(as_bytes, (keys, counts, offsets, names, pairs)))
+
+
+def test_word_pairs_stop_at_document_ends():
+    text = "one two\nthree four five\nsix"
+    points = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    keys, counts, offsets, names, pairs = count_words(points, np.array([7, 23, 27]))
+    key = dict(zip([bytes(names[a:b]).decode() for a, b in zip(offsets[:-1], offsets[1:])], keys.tolist()))
+    want = [("one", "two"), ("three", "four"), ("four", "five")]
+    firsts, seconds = (np.array([key[w[i]] for w in want], dtype=np.uint64) for i in (0, 1))
+    assert sorted(pairs.tolist()) == sorted(pair_key(firsts, seconds).tolist())
 
 
 def test_counts_merged_across_chunks_equal_counter_counts_and_pairs_never_span_documents(monkeypatch):
     texts = UNICODE + [(STDLIB / name).read_text(encoding="utf-8") for name in ("textwrap.py", "shlex.py", "csv.py")]
-    monkeypatch.setattr(profile_text, "MAX_NGRAM_KEYS", 10**9)
+    monkeypatch.setattr(profile_words, "MAX_NGRAM_KEYS", 10**9)
     total = TextStats()
     for i in range(0, len(texts), 3):
         total.merge(analyze_chunk(texts[i:i + 3], None, near_duplicates=False))
@@ -53,7 +69,7 @@ def test_counts_merged_across_chunks_equal_counter_counts_and_pairs_never_span_d
 
 def test_a_table_past_its_bound_keeps_the_most_common_entries_with_their_exact_counts(monkeypatch):
     texts = [(STDLIB / name).read_text(encoding="utf-8") for name in ("textwrap.py", "shlex.py", "csv.py", "glob.py")]
-    monkeypatch.setattr(profile_text, "MAX_NGRAM_KEYS", 2000)
+    monkeypatch.setattr(profile_words, "MAX_NGRAM_KEYS", 2000)
     total = TextStats()
     for text in texts:
         total.merge(analyze_chunk([text], None, near_duplicates=False))
@@ -79,13 +95,16 @@ def test_binary_lines_and_character_classes_of_ascii_and_unicode_documents_in_on
                                      "CYRILLIC": 6})
 
 
-def test_the_hash_table_groups_keys_exactly_as_a_dictionary_does():
+def test_the_word_table_counts_exactly_as_a_counter_does_as_it_grows():
     rng = np.random.default_rng(0)
-    for distinct, n in ((5, 1000), (3000, 20000), (20000, 20000)):  # few repeated keys .. all distinct
-        keys = rng.integers(0, 2**63, distinct, dtype=np.int64).view(np.uint64)[rng.integers(0, distinct, n)]
-        weights = rng.integers(1, 5, n)
-        first, sums = count_keys(keys, weights)
-        want: dict = {}
-        for k, w in zip(keys.tolist(), weights.tolist()):
-            want[k] = want.get(k, 0) + w
-        assert keys[first].tolist() == list(want) and sums.tolist() == list(want.values())  # first-seen order
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    for distinct, n in ((5, 1000), (3000, 20000), (20000, 20000)):  # few repeated words .. nearly all distinct
+        vocab = ["".join(rng.choice(letters, 8)) for _ in range(distinct)]
+        found = [vocab[i] for i in rng.integers(0, distinct, n)]
+        text = " ".join(found)
+        keys, counts, offsets, names, pairs = count_words(np.frombuffer(text.encode(), dtype=np.uint8),
+                                                          np.array([len(text)]))
+        words = [bytes(names[a:b]).decode() for a, b in zip(offsets[:-1], offsets[1:])]
+        want = Counter(found)
+        assert words == list(want) and counts.tolist() == list(want.values())  # first-seen order
+        assert len(set(keys.tolist())) == len(keys) and len(pairs) == n - 1

@@ -11,7 +11,7 @@ import unicodedata
 
 import numpy as np
 
-from fmforge.data.fastscan import minhash_min, word_hashes
+from fmforge.data.fastscan import minhash_min, shingle_hashes
 
 MERSENNE = (1 << 61) - 1  # hash family (a*x + b) mod p with p = 2^61 - 1
 NUM_PERM = 128
@@ -19,7 +19,6 @@ BANDS = 32  # 32 bands x 4 rows: a pair at Jaccard 0.8 shares a band with probab
 THRESHOLD = 0.8
 NGRAM = 5  # word 5-gram shingles
 _FNV_PRIME = np.uint64(0x100000001B3)
-_LOW32 = np.uint64(0xFFFFFFFF)
 
 
 def normalize(text: str) -> str:
@@ -59,20 +58,12 @@ def _words_bytes(text: str) -> bytes:
 def shingles(text: str, n: int = NGRAM) -> np.ndarray:
     """Distinct 32-bit hashes of the word n-grams of ``text`` (one shingle for texts shorter than n words).
 
-    Words are ``str.split()``'s; each word's hash is its ``zlib.crc32`` (``fastscan.word_hashes``)."""
-    h = word_hashes(_words_bytes(text))
-    if not h.size:
-        return np.empty(0, dtype=np.uint64)
-    n = min(n, len(h))
-    m = len(h) - n + 1
-    # Combine n consecutive word hashes, order-sensitive, in wrapping uint64 arithmetic (FNV-style), then
-    # fold to 32 bits, the input size the permutations below are exact for.
-    s = h[:m].copy()
-    for k in range(1, n):
-        s = (s * _FNV_PRIME) ^ h[k:k + m]
-    s = (s >> np.uint64(32)) ^ (s & _LOW32)
+    Words are ``str.split()``'s; each word's hash is its ``zlib.crc32``; n consecutive ones are combined
+    order-sensitively in wrapping uint64 arithmetic (FNV-style) and folded to 32 bits, the input size the
+    permutations below are exact for (``fastscan.shingle_hashes``)."""
+    s = shingle_hashes(_words_bytes(text), n)
     s.sort()
-    return s[np.concatenate(([True], s[1:] != s[:-1]))]  # distinct, as np.unique but faster on small arrays
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s  # distinct, as np.unique but faster
 
 
 def _hash_params(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +98,7 @@ class MinHashDeduper:
 
     def signature(self, text: str) -> np.ndarray | None:
         """The MinHash signature (``num_perm`` uint32), or None for a text without words."""
-        x = shingles(text, self.ngram)
+        x = shingle_hashes(_words_bytes(text), self.ngram)  # repeats kept: they do not change a minimum
         return self.signature_of(x) if x.size else None
 
     def set_permutations(self, a: np.ndarray, b: np.ndarray) -> None:

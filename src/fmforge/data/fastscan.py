@@ -4,15 +4,15 @@ Each kernel computes exactly what a slower reference in plain Python/numpy compu
 
 - ``word_hashes``: the CRC-32 of every word of an ASCII text as ``str.split()`` splits it, the input of
   ``clean.shingles``;
+- ``shingle_hashes``: those CRCs combined into the hashes of word n-grams (``clean.shingles`` before it
+  sorts and drops repeats);
 - ``minhash_min``: per permutation, the minimum of ``(a*x + b) mod 2^61-1`` over 32-bit shingles, exactly
   (split multiplication, no float estimate), which is ``clean.MinHashDeduper.signature_of`` before its cast;
-- ``count_keys``: distinct 64-bit keys with their summed weights and first positions (a hash table; the same
-  groups as sorting would give, in order of first occurrence);
 - ``digit_runs``: the spans where personal data with digits can be (``pii._digit_windows``);
 - ``byte_counts``: how often each byte value occurs (``np.bincount`` without its copy to 64-bit integers);
-- ``scan_words``: the spans and 64-bit FNV-1a hashes of the words of a code-point array, where a word is a
-  maximal run of characters that Python's ``re`` ``\\w`` matches (``str.isalnum()`` or ``_``), as
-  ``re.findall(r"\\w+", text)`` finds them.
+- ``count_words``: the ``\\w+`` words of a code-point array, where a word is a maximal run of characters that
+  Python's ``re`` ``\\w`` matches (``str.isalnum()`` or ``_``), as ``re.findall(r"\\w+", text)`` finds them:
+  each distinct word's 64-bit FNV-1a hash, count and text, and the keys of consecutive word pairs.
 
 Kernels compile on first use (about a second; ``cache=True`` keeps the machine code next to this file when the
 directory is writable), so a process pool that forks after the first call shares it.
@@ -25,6 +25,10 @@ from numba import njit
 
 _MASK61 = np.uint64((1 << 61) - 1)
 _MASK29 = np.uint64((1 << 29) - 1)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+PAIR = np.uint64(0x9E3779B97F4A7C15)  # word pair keys: (first * PAIR) ^ second
 _WS = np.zeros(256, dtype=np.bool_)
 _WS[[9, 10, 11, 12, 13, 28, 29, 30, 31, 32]] = True  # the ASCII characters str.split() splits at
 
@@ -69,25 +73,63 @@ def word_hashes(data: bytes) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
+def _shingle_hashes(data, ws, crc, n):  # pragma: no cover - compiled
+    h = _word_hashes(data, ws, crc)
+    if len(h) == 0:
+        return h
+    n = min(n, len(h))
+    m = len(h) - n + 1
+    out = np.empty(m, dtype=np.uint64)
+    for i in range(m):
+        s = h[i]
+        for k in range(1, n):
+            s = (s * _FNV_PRIME) ^ h[i + k]
+        out[i] = (s >> np.uint64(32)) ^ (s & _LOW32)
+    return out
+
+
+def shingle_hashes(data: bytes, n: int) -> np.ndarray:
+    """The 32-bit hash of every run of ``n`` consecutive words of ``data`` (split as ``word_hashes`` splits; one
+    hash of all words when there are fewer than ``n``), in order, repeats kept (uint64): each word's CRC-32,
+    combined FNV-style (``h = h * FNV_PRIME ^ next``, wrapping uint64), folded to 32 bits (high ^ low)."""
+    return _shingle_hashes(np.frombuffer(data, dtype=np.uint8), _WS, _CRC, n)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mod_p(a_hi, a_lo, b, x):  # pragma: no cover - compiled
+    # (a*x + b) mod 2^61-1 for a = a_hi*2^32 + a_lo and 32-bit x. Every operand of the two products is masked
+    # to 32 bits, so the compiler multiplies 32x32->64 (vpmuludq, one fast instruction per lane) rather than
+    # 64x64 (vpmullq, several).
+    hi = (a_hi & _LOW32) * (x & _LOW32)  # < 2^61
+    t = ((hi & _MASK29) << np.uint64(32)) + (hi >> np.uint64(29))  # hi * 2^32 mod p, < 2^61 + 2^32
+    lo = (a_lo & _LOW32) * (x & _LOW32)
+    lo = (lo & _MASK61) + (lo >> np.uint64(61))
+    v = t + lo + b
+    v = (v & _MASK61) + (v >> np.uint64(61))
+    return v - _MASK61 if v >= _MASK61 else v
+
+
+@njit(cache=True, nogil=True)
 def _minhash_min(a, b, x):  # pragma: no cover - compiled
+    # Two permutations per pass over x: each x is loaded once for both, and the vectorised loop has two
+    # independent minimum chains.
     k = len(a)
     sig = np.empty(k, dtype=np.uint64)
-    for j in range(k):
-        a_hi = a[j] >> np.uint64(32)
-        a_lo = a[j] & np.uint64(0xFFFFFFFF)
-        bj = b[j]
+    for j in range(0, k - 1, 2):
+        hi0, lo0, b0 = a[j] >> np.uint64(32), a[j] & _LOW32, b[j]
+        hi1, lo1, b1 = a[j + 1] >> np.uint64(32), a[j + 1] & _LOW32, b[j + 1]
+        best0 = _MASK61
+        best1 = _MASK61
+        for i in range(len(x)):
+            best0 = min(best0, _mod_p(hi0, lo0, b0, x[i]))
+            best1 = min(best1, _mod_p(hi1, lo1, b1, x[i]))
+        sig[j] = best0
+        sig[j + 1] = best1
+    if k % 2:
         best = _MASK61
         for i in range(len(x)):
-            xi = x[i]
-            hi = a_hi * xi  # < 2^61
-            t = ((hi & _MASK29) << np.uint64(32)) + (hi >> np.uint64(29))  # hi * 2^32 mod p, < 2^61 + 2^32
-            lo = a_lo * xi
-            lo = (lo & _MASK61) + (lo >> np.uint64(61))
-            v = t + lo + bj
-            v = (v & _MASK61) + (v >> np.uint64(61))
-            v = v - _MASK61 if v >= _MASK61 else v
-            best = v if v < best else best
-        sig[j] = best
+            best = min(best, _mod_p(a[k - 1] >> np.uint64(32), a[k - 1] & _LOW32, b[k - 1], x[i]))
+        sig[k - 1] = best
     return sig
 
 
@@ -96,35 +138,32 @@ def minhash_min(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
     return _minhash_min(np.ascontiguousarray(a), np.ascontiguousarray(b), np.ascontiguousarray(x))
 
 
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
+@njit(cache=True, nogil=True, inline="always")
+def _is_word(c, word_bmp):  # pragma: no cover - compiled
+    return word_bmp[c] if c < 0x110000 else False
 
 
 @njit(cache=True, nogil=True)
-def _scan_words(cps, word_bmp):  # pragma: no cover - compiled
-    n = len(cps)
-    starts = np.empty(n // 2 + 1, dtype=np.int64)
-    ends = np.empty(n // 2 + 1, dtype=np.int64)
-    hashes = np.empty(n // 2 + 1, dtype=np.uint64)
-    m = 0
-    i = 0
-    while i < n:
-        c = cps[i]
-        if not (word_bmp[c] if c < 0x110000 else False):
-            i += 1
-            continue
-        h = _FNV_OFFSET
-        starts[m] = i
-        while i < n:
-            c = cps[i]
-            if not (word_bmp[c] if c < 0x110000 else False):
-                break
-            h = (h ^ np.uint64(c)) * _FNV_PRIME
-            i += 1
-        ends[m] = i
-        hashes[m] = h
-        m += 1
-    return starts[:m], ends[:m], hashes[:m]
+def _put_utf8(out, n, c):  # pragma: no cover - compiled
+    # Append code point c as UTF-8 (lone surrogates as their 3-byte form, as "surrogatepass" does).
+    c = np.int64(c)
+    if c < 0x80:
+        out[n] = c
+        return n + 1
+    if c < 0x800:
+        out[n] = 0xC0 | (c >> 6)
+        out[n + 1] = 0x80 | (c & 0x3F)
+        return n + 2
+    if c < 0x10000:
+        out[n] = 0xE0 | (c >> 12)
+        out[n + 1] = 0x80 | ((c >> 6) & 0x3F)
+        out[n + 2] = 0x80 | (c & 0x3F)
+        return n + 3
+    out[n] = 0xF0 | (c >> 18)
+    out[n + 1] = 0x80 | ((c >> 12) & 0x3F)
+    out[n + 2] = 0x80 | ((c >> 6) & 0x3F)
+    out[n + 3] = 0x80 | (c & 0x3F)
+    return n + 4
 
 
 @njit(cache=True, nogil=True)
@@ -135,49 +174,90 @@ def _slot(k, shift, mask, used, slot_key):  # pragma: no cover - compiled
     return j
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _folded(c, fold):  # pragma: no cover - compiled
+    c = np.uint64(c)
+    # unsigned arithmetic throughout: a comparison of uint64 with a signed literal would go through float64
+    return c + np.uint64(32) if fold and c - np.uint64(65) < np.uint64(26) else c
+
+
 @njit(cache=True, nogil=True)
-def _count_keys(keys, weights):  # pragma: no cover - compiled
-    # Open addressing, grown 4x when half full: sized by the distinct keys, so it stays in the CPU cache
-    # when few keys repeat many times (words).
-    n = len(keys)
+def _count_words(cps, word_bmp, doc_ends, fold, width):  # pragma: no cover - compiled
+    # The output arrays are sized for the most words n characters can hold and never reallocated: an array
+    # that is both returned and reassigned inside the loop costs reference counting on every iteration
+    # (measured: 6 -> 40 ns a character). np.empty leaves the untouched part unmapped.
+    n = len(cps)
     bits = 12
     used = np.zeros(1 << bits, dtype=np.bool_)
     slot_key = np.empty(1 << bits, dtype=np.uint64)
     slot_id = np.empty(1 << bits, dtype=np.int64)
-    first = np.empty(n, dtype=np.int64)
-    sums = np.zeros(n, dtype=np.int64)
+    keys = np.empty(n // 2 + 1, dtype=np.uint64)
+    counts = np.empty(n // 2 + 1, dtype=np.int64)
+    offsets = np.empty(n // 2 + 2, dtype=np.int64)
+    names = np.empty(width * n + 4, dtype=np.uint8)  # each distinct word once, as UTF-8
+    pairs = np.empty(n // 2 + 1, dtype=np.uint64)
+    offsets[0] = 0
     m = 0
-    for i in range(n):
-        k = keys[i]
-        j = _slot(k, np.uint64(64 - bits), (1 << bits) - 1, used, slot_key)
+    p = 0
+    doc = 0
+    prev_doc = -1
+    prev = np.uint64(0)
+    i = 0
+    while i < n:
+        if not _is_word(cps[i], word_bmp):
+            i += 1
+            continue
+        start = i
+        h = _FNV_OFFSET
+        while i < n and _is_word(cps[i], word_bmp):
+            h = (h ^ _folded(cps[i], fold)) * _FNV_PRIME
+            i += 1
+        while doc < len(doc_ends) and start >= doc_ends[doc]:
+            doc += 1
+        if doc == prev_doc:
+            pairs[p] = (prev * PAIR) ^ h
+            p += 1
+        prev_doc = doc
+        prev = h
+        j = _slot(h, np.uint64(64 - bits), (1 << bits) - 1, used, slot_key)
         if used[j]:
-            sums[slot_id[j]] += weights[i]
+            counts[slot_id[j]] += 1
             continue
         used[j] = True
-        slot_key[j] = k
+        slot_key[j] = h
         slot_id[j] = m
-        first[m] = i
-        sums[m] = weights[i]
+        keys[m] = h
+        counts[m] = 1
+        o = offsets[m]
+        for t in range(start, i):
+            o = _put_utf8(names, o, _folded(cps[t], fold))
+        offsets[m + 1] = o
         m += 1
-        if 2 * m > (1 << bits):
+        if 2 * m > (1 << bits):  # half full: grow 4x and reinsert
             bits += 2
             used = np.zeros(1 << bits, dtype=np.bool_)
             slot_key = np.empty(1 << bits, dtype=np.uint64)
             slot_id = np.empty(1 << bits, dtype=np.int64)
             for t in range(m):
-                j = _slot(keys[first[t]], np.uint64(64 - bits), (1 << bits) - 1, used, slot_key)
+                j = _slot(keys[t], np.uint64(64 - bits), (1 << bits) - 1, used, slot_key)
                 used[j] = True
-                slot_key[j] = keys[first[t]]
+                slot_key[j] = keys[t]
                 slot_id[j] = t
-    return first[:m], sums[:m]
+    return keys[:m], counts[:m], offsets[:m + 1], names[:offsets[m]], pairs[:p]
 
 
-def count_keys(keys: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """For the distinct values of ``keys`` (uint64), in order of first occurrence: the index of that first
-    occurrence and the sum of ``weights`` (int64; 1 each when None) over the occurrences."""
-    keys = np.ascontiguousarray(keys, dtype=np.uint64)
-    w = np.ones(len(keys), dtype=np.int64) if weights is None else np.ascontiguousarray(weights, dtype=np.int64)
-    return _count_keys(keys, w)
+def count_words(cps: np.ndarray, doc_ends: np.ndarray, fold_ascii: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``\\w+`` words of a code-point array (uint32, or uint8 for ASCII text: the same words and hashes),
+    counted in one pass.
+
+    ``doc_ends``: sorted offsets where documents end (a word pair never spans one). ``fold_ascii``: hash and
+    name ``A-Z`` as ``a-z`` (``str.lower()`` of ASCII text, without making the lowered copy).
+    Returns the distinct hashes in order of first occurrence, their counts, each one's text as UTF-8 (word
+    ``i`` is ``names[offsets[i]:offsets[i + 1]]``), and the key of every pair of consecutive words within a
+    document (``(first * PAIR) ^ second``, wrapping uint64)."""
+    return _count_words(cps, word_table(), np.ascontiguousarray(doc_ends, dtype=np.int64), fold_ascii,
+                        1 if cps.dtype == np.uint8 else 4)
 
 
 _RUN_CHARS = np.zeros(128, dtype=np.bool_)
@@ -247,19 +327,13 @@ def word_table() -> np.ndarray:
     return _WORD_TABLE[0]
 
 
-def scan_words(cps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Start and end offsets (int64) and FNV-1a hashes (uint64) of the ``\\w+`` words of a code-point array
-    (uint32, or uint8 for ASCII text: the same words and hashes)."""
-    return _scan_words(cps, word_table())
-
-
 def warm_up() -> None:
     """Compile every kernel now (before a process pool forks, so the workers inherit the machine code)."""
     word_hashes(b"a b")
+    shingle_hashes(b"a b", 5)
     minhash_min(np.ones(1, np.uint64), np.ones(1, np.uint64), np.ones(1, np.uint64))
-    scan_words(np.array([97, 32], dtype=np.uint32))
-    scan_words(np.array([97, 32], dtype=np.uint8))
     digit_runs(np.array([49, 32], dtype=np.uint32))
-    count_keys(np.ones(2, np.uint64))
     byte_counts(b"ab")
+    count_words(np.array([97, 32], dtype=np.uint8), np.array([2]), True)
+    count_words(np.array([97, 32], dtype=np.uint32), np.array([2]), False)
     digit_runs(np.array([49, 32], dtype=np.uint8))

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fmforge.data.clean import ExactDeduper, MinHashDeduper, normalize, text_digest
-from fmforge.data.fastscan import byte_counts, count_keys, scan_words
+from fmforge.data.fastscan import PAIR, byte_counts
 from fmforge.data.pii import PiiScan
+from fmforge.data.profile_words import HashCounts, WordNames, chunk_words
 from fmforge.data.tokenizer import TextTokenizer
 
 TOP_K = 30
-MAX_NGRAM_KEYS = 1_000_000  # a counter past this is pruned to its most common half (bounded memory)
 # A line with a control character (tab aside), a NUL or DEL: binary that got into the text.
 BINARY_LINE = re.compile(r"^.*[\x00-\x08\x0b\x0c\x0e-\x1f\x7f].*$", re.MULTILINE)
 _CONTROL_POINTS = np.array([*range(0, 9), 11, 12, *range(14, 32), 127])  # the characters BINARY_LINE looks for
@@ -32,79 +32,6 @@ CLASS_NAMES = {"L": "letter", "N": "digit", "Z": "space", "P": "punctuation", "S
                "M": "mark"}
 _ASCII_CLASS = np.array([CLASS_NAMES.get(unicodedata.category(chr(i))[0], "other") if chr(i) not in "\t\n\r"
                          else "space" for i in range(128)], dtype=object)
-
-
-def _group(keys: np.ndarray, counts: np.ndarray | None = None, *, repeats: bool = False
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct ``keys`` with summed ``counts`` (1 each when None) and the index of one occurrence of each.
-    ``repeats``: few distinct keys, each many times (words), where a hash table beats sorting; with mostly
-    distinct keys (merged tables) sorting is faster."""
-    if repeats:
-        first, sums = count_keys(keys, counts)
-        return keys[first], sums, first
-    order = np.argsort(keys)
-    ks = keys[order]
-    starts = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]])) if len(ks) else np.zeros(0, np.int64)
-    if counts is None:
-        sums = np.diff(np.append(starts, len(ks)))
-    else:
-        sums = np.add.reduceat(counts[order], starts) if len(starts) else np.zeros(0, np.int64)
-    return ks[starts], sums.astype(np.int64), order[starts]
-
-
-_PAIR = np.uint64(0x9E3779B97F4A7C15)
-
-
-def pair_key(first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """The key of a word pair from its words' keys (wrapping uint64): given the first word's key, the second's
-    is ``key ^ (first * _PAIR)``, which is how a pair's words are found again (``TextStats.top_bigrams``)."""
-    return (first * _PAIR) ^ second
-
-
-@dataclass
-class HashCounts:
-    """Exact counts of words or word pairs, keyed by 64-bit hashes; their text is looked up only for the few
-    reported at the end.
-
-    Additions queue up and are combined in one sort once MAX_NGRAM_KEYS entries are waiting; past
-    MAX_NGRAM_KEYS distinct keys only the most common half stays (bounded memory; the tail is approximate).
-    """
-
-    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
-    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    pending: list = field(default_factory=list)
-
-    def add(self, other: HashCounts) -> bool:
-        """Queue ``other``'s counts; True when that compacted and pruned the table."""
-        self.pending += [other] + other.pending
-        if sum(len(p.keys) for p in self.pending) < MAX_NGRAM_KEYS:
-            return False
-        return self.compact()
-
-    def compact(self) -> bool:
-        """Combine the queued counts; True when that pruned the table."""
-        if not self.pending:
-            return False
-        tables = [self] + self.pending
-        self.pending = []
-        self.keys, self.counts, _ = _group(np.concatenate([t.keys for t in tables]),
-                                           np.concatenate([t.counts for t in tables]))
-        if len(self.keys) > MAX_NGRAM_KEYS:
-            keep = np.sort(np.argpartition(-self.counts, MAX_NGRAM_KEYS // 2)[:MAX_NGRAM_KEYS // 2])
-            self.keys, self.counts = self.keys[keep], self.counts[keep]
-            return True
-        return False
-
-    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and counts of the ``k`` most frequent entries (ties at the cut: smaller key first)."""
-        self.compact()
-        if len(self.counts) > k:  # only entries at or above the k-th count need sorting
-            cut = np.partition(self.counts, len(self.counts) - k)[len(self.counts) - k]
-            sel = np.flatnonzero(self.counts >= cut)
-        else:
-            sel = np.arange(len(self.counts))
-        order = sel[np.lexsort((self.keys[sel], -self.counts[sel]))][:k]
-        return self.keys[order], self.counts[order]
 
 
 @dataclass
@@ -124,7 +51,7 @@ class TextStats:
     scripts: Counter = field(default_factory=Counter)
     words: HashCounts = field(default_factory=HashCounts)
     bigrams: HashCounts = field(default_factory=HashCounts)
-    names: dict = field(default_factory=dict)  # word hash -> the word, for the words counted above
+    names: WordNames = field(default_factory=WordNames)  # the text of the words counted above
     pii: PiiScan = field(default_factory=PiiScan)
     digests: list[bytes] = field(default_factory=list)
     sigs: list[np.ndarray | None] = field(default_factory=list)
@@ -139,10 +66,10 @@ class TextStats:
             getattr(self, name).update(getattr(o, name))
         self.pii.merge(o.pii)
         self.token_counts = add_counts(self.token_counts, o.token_counts)
-        self.names.update(o.names)
+        self.names.add(o.names)
         self.bigrams.add(o.bigrams)
         if self.words.add(o.words):
-            self.names = {h: self.names[h] for h in self.words.keys.tolist()}
+            self.names.compact(self.words.keys)
 
     def top_words(self, k: int) -> list[tuple[str, int]]:
         """The ``k`` most frequent words as (word, count), by count then text (ties at the cut: text order)."""
@@ -150,7 +77,10 @@ class TextStats:
         if not len(self.words.keys):
             return []
         cut = np.sort(self.words.counts)[-min(k, len(self.words.counts))]
-        rows = [(self.names[h], c) for h, c in zip(self.words.keys.tolist(), self.words.counts.tolist()) if c >= cut]
+        sel = self.words.counts >= cut
+        keys, counts = self.words.keys[sel].tolist(), self.words.counts[sel].tolist()
+        names = self.names.lookup(keys)
+        rows = [(names[h], c) for h, c in zip(keys, counts)]
         return sorted(rows, key=lambda r: (-r[1], r[0]))[:k]
 
     def top_bigrams(self, k: int) -> list[tuple[str, int]]:
@@ -159,14 +89,15 @@ class TextStats:
         among the words counted that often, the first is the one whose ``pair_key`` partner is also there."""
         keys, counts = self.bigrams.top(k)
         self.words.compact()
-        rows = []
+        found = []
         for key, count in zip(keys.tolist(), counts.tolist()):
             often = self.words.keys[self.words.counts >= count]
-            second = np.uint64(key) ^ (often * _PAIR)
+            second = np.uint64(key) ^ (often * PAIR)
             hit = np.flatnonzero(np.isin(second, often))
-            text = (f"{self.names[int(often[hit[0]])]} {self.names[int(second[hit[0]])]}" if len(hit)
-                    else f"#{key:016x}")  # a word pruned from the table (only past MAX_NGRAM_KEYS words)
-            rows.append((text, count))
+            found.append((int(often[hit[0]]), int(second[hit[0]])) if len(hit) else None)
+        names = self.names.lookup([h for pair in found if pair for h in pair])
+        rows = [(f"{names[pair[0]]} {names[pair[1]]}" if pair else f"#{key:016x}", count)  # pruned: past the bound
+                for pair, key, count in zip(found, keys.tolist(), counts.tolist())]
         return sorted(rows, key=lambda r: (-r[1], r[0]))
 
 
@@ -178,27 +109,6 @@ def add_counts(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     out[:len(a)] += a
     out[:len(b)] += b
     return out
-
-
-def _words(texts: list[str], stats: TextStats) -> None:
-    """Lowercased ``\\w+`` words (``re``'s definition, found by ``fastscan.scan_words``) and the pairs of
-    consecutive words within each document, counted by hash."""
-    lowered = [t.lower() for t in texts]
-    big = "\n".join(lowered)  # a newline is not a word character: no word spans two documents
-    points = (np.frombuffer(big.encode("ascii"), dtype=np.uint8) if big.isascii() else
-              np.frombuffer(big.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
-    starts, ends, h = scan_words(points)
-    if not len(h):
-        return
-    uniq, counts, rep = _group(h, repeats=True)
-    stats.words = HashCounts(uniq, counts)
-    first, last = starts[rep].tolist(), ends[rep].tolist()
-    stats.names = {key: big[a:b] for key, a, b in zip(uniq.tolist(), first, last)}
-    doc_start = np.cumsum([0] + [len(t) + 1 for t in lowered[:-1]])
-    doc = np.searchsorted(doc_start, starts, side="right")
-    i = np.flatnonzero(doc[:-1] == doc[1:])
-    keys, counts = np.unique(pair_key(h[i], h[i + 1]), return_counts=True)
-    stats.bigrams = HashCounts(keys, counts.astype(np.int64))
 
 
 def script_of(ch: str) -> str:
@@ -275,7 +185,7 @@ def analyze_chunk(items: list, tok: TextTokenizer | None, near_duplicates: bool)
         ids = tok.encode_batch(texts)
     for text, control in zip(texts, _characters(texts, stats)):
         analyze_document(text, stats, near, control)
-    _words(texts, stats)
+    stats.words, stats.bigrams, stats.names = chunk_words(texts)
     if ids:
         lengths = [len(x) for x in ids]
         stats.doc_tokens = lengths

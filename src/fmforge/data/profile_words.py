@@ -1,0 +1,173 @@
+"""Word and word-pair counts of ``data profile``: counted by 64-bit hash in each chunk, merged exactly.
+
+A word is a run of ``\\w`` characters of the lowercased text (``re.findall(r"\\w+", text.lower())``); a pair is
+two consecutive words of one document. ``fastscan.count_words`` counts a chunk's words in one pass and hands
+back each distinct word's text once, as UTF-8 in one buffer (``WordNames``): only the few words reported at
+the end are ever decoded, and a chunk's names cross from a worker process as three arrays, not as a dict of
+strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fmforge.data.fastscan import PAIR, count_words
+
+MAX_NGRAM_KEYS = 1_000_000  # a counter past this is pruned to its most common half (bounded memory)
+
+
+def group_keys(keys: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct ``keys`` (sorted) with summed ``counts`` (1 each when None) and the index of one occurrence of
+    each."""
+    order = np.argsort(keys)
+    ks = keys[order]
+    starts = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]])) if len(ks) else np.zeros(0, np.int64)
+    if counts is None:
+        sums = np.diff(np.append(starts, len(ks)))
+    else:
+        sums = np.add.reduceat(counts[order], starts) if len(starts) else np.zeros(0, np.int64)
+    return ks[starts], sums.astype(np.int64), order[starts]
+
+
+def pair_key(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The key of a word pair from its words' keys (wrapping uint64): given the first word's key, the second's
+    is ``key ^ (first * PAIR)``, which is how a pair's words are found again (``TextStats.top_bigrams``)."""
+    return (first * PAIR) ^ second
+
+
+@dataclass
+class HashCounts:
+    """Exact counts of words or word pairs, keyed by 64-bit hashes; their text is looked up only for the few
+    reported at the end.
+
+    Additions queue up and are combined in one sort once MAX_NGRAM_KEYS entries are waiting; past
+    MAX_NGRAM_KEYS distinct keys only the most common half stays (bounded memory; the tail is approximate).
+    """
+
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pending: list = field(default_factory=list)
+
+    def add(self, other: HashCounts) -> bool:
+        """Queue ``other``'s counts; True when that compacted and pruned the table."""
+        self.pending += [other] + other.pending
+        if sum(len(p.keys) for p in self.pending) < MAX_NGRAM_KEYS:
+            return False
+        return self.compact()
+
+    def compact(self) -> bool:
+        """Combine the queued counts; True when that pruned the table."""
+        if not self.pending:
+            return False
+        tables = [self] + self.pending
+        self.pending = []
+        self.keys, self.counts, _ = group_keys(np.concatenate([t.keys for t in tables]),
+                                               np.concatenate([t.counts for t in tables]))
+        if len(self.keys) > MAX_NGRAM_KEYS:
+            keep = np.sort(np.argpartition(-self.counts, MAX_NGRAM_KEYS // 2)[:MAX_NGRAM_KEYS // 2])
+            self.keys, self.counts = self.keys[keep], self.counts[keep]
+            return True
+        return False
+
+    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and counts of the ``k`` most frequent entries (ties at the cut: smaller key first)."""
+        self.compact()
+        if len(self.counts) > k:  # only entries at or above the k-th count need sorting
+            cut = np.partition(self.counts, len(self.counts) - k)[len(self.counts) - k]
+            sel = np.flatnonzero(self.counts >= cut)
+        else:
+            sel = np.arange(len(self.counts))
+        order = sel[np.lexsort((self.keys[sel], -self.counts[sel]))][:k]
+        return self.keys[order], self.counts[order]
+
+
+def _gather(offsets: np.ndarray, data: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The entries ``idx`` of a (``offsets``, ``data``) string table as a new table."""
+    starts = offsets[idx]
+    lengths = offsets[idx + 1] - starts
+    new = np.zeros(len(idx) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new[1:])
+    pos = np.arange(new[-1], dtype=np.int64) - np.repeat(new[:-1] - starts, lengths)
+    return new, data[pos]
+
+
+@dataclass
+class WordNames:
+    """The text of hashed words: word ``i`` has key ``keys[i]`` and UTF-8 bytes ``data[offsets[i]:offsets[i+1]]``.
+
+    Tables pile up as chunks merge and are combined (one entry per key, restricted to the keys still counted)
+    once more than MAX_NGRAM_KEYS entries wait, so memory follows the distinct words, not the chunks.
+    """
+
+    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
+    data: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    pending: list = field(default_factory=list)
+
+    def add(self, other: WordNames) -> None:
+        self.pending += [other] + other.pending
+        if sum(len(p.keys) for p in self.pending) >= MAX_NGRAM_KEYS:
+            self.compact()
+
+    def compact(self, keep: np.ndarray | None = None) -> None:
+        """One sorted entry per key; with ``keep`` (the keys still counted), only those."""
+        tables = [self] + self.pending
+        self.pending = []
+        shift = np.cumsum([0] + [len(t.data) for t in tables[:-1]])
+        keys = np.concatenate([t.keys for t in tables])
+        ends = [[shift[-1] + len(tables[-1].data)]]
+        offsets = np.concatenate([t.offsets[:-1] + s for t, s in zip(tables, shift)] + ends)
+        data = np.concatenate([t.data for t in tables])
+        uniq, idx = np.unique(keys, return_index=True)
+        if keep is not None:
+            wanted = np.isin(uniq, keep)
+            uniq, idx = uniq[wanted], idx[wanted]
+        self.keys = uniq
+        self.offsets, self.data = _gather(offsets.astype(np.int64), data, idx)
+
+    def lookup(self, keys: list[int]) -> dict[int, str]:
+        """The words of ``keys`` (those known), decoded."""
+        if self.pending or (len(self.keys) > 1 and not (self.keys[:-1] < self.keys[1:]).all()):
+            self.compact()
+        want = np.asarray(keys, dtype=np.uint64)
+        pos = np.minimum(np.searchsorted(self.keys, want), max(0, len(self.keys) - 1))
+        out = {}
+        for key, i in zip(keys, pos.tolist()):
+            if len(self.keys) and int(self.keys[i]) == key:
+                out[key] = bytes(self.data[self.offsets[i]:self.offsets[i + 1]]).decode("utf-8", "surrogatepass")
+        return out
+
+
+def _count(points: np.ndarray, doc_ends: np.ndarray, fold: bool) -> tuple[HashCounts, np.ndarray, WordNames]:
+    keys, counts, offsets, names, pairs = count_words(points, doc_ends, fold)
+    return HashCounts(keys, counts), pairs, WordNames(keys, offsets, names)
+
+
+def chunk_words(texts: list[str]) -> tuple[HashCounts, HashCounts, WordNames]:
+    """Words, word pairs and the words' text of a chunk of documents. ASCII documents are scanned as their
+    bytes, lowercased on the fly; the others are lowercased by ``str.lower()`` (whose Unicode rules can change a
+    text's length) and scanned as code points."""
+    parts = []
+    for ascii_ in (True, False):
+        docs = [t if ascii_ else t.lower() for t in texts if t.isascii() == ascii_]
+        if not docs:
+            continue
+        big = "\n".join(docs)  # a newline is not a word character: no word spans two documents
+        points = (np.frombuffer(big.encode("ascii"), dtype=np.uint8) if ascii_ else
+                  np.frombuffer(big.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
+        ends = np.cumsum([len(d) + 1 for d in docs]) - 1
+        parts.append(_count(points, ends, ascii_))
+    if not parts:
+        return HashCounts(), HashCounts(), WordNames()
+    if len(parts) == 1:
+        words, pairs, names = parts[0]
+    else:
+        (w1, p1, n1), (w2, p2, n2) = parts
+        words = HashCounts(*group_keys(np.concatenate([w1.keys, w2.keys]), np.concatenate([w1.counts, w2.counts]))[:2])
+        pairs = np.concatenate([p1, p2])
+        names = n1
+        names.pending.append(n2)
+    keys, counts = np.unique(pairs, return_counts=True)
+    return words, HashCounts(keys, counts.astype(np.int64)), names
