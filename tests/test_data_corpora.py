@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import lzma
+import os
 import pydoc_data.topics
 import sys
 import sysconfig
@@ -267,6 +268,17 @@ def test_every_file_a_directory_walk_skips_is_reported_by_extension(plain_corpus
     assert any(line.startswith("  skipped files: ") for line in lines)
     assert any(line.startswith("  validation share: asked 10.00%; got documents") for line in lines)
     assert m["dropped"] == {"exact_duplicate": 60}  # b.jsonl.gz and c.csv repeat b.jsonl's 30 topics
+
+
+def test_one_file_named_several_ways_is_read_once(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "a.txt").write_text("one file\n")
+    (d / "link.txt").symlink_to(d / "a.txt")
+    os.link(d / "a.txt", d / "hard.txt")
+    (d / "b.txt").write_text("another file\n")
+    named = [str(d / "a.txt"), str(d / "." / "a.txt"), str(d / "link.txt"), str(d / "hard.txt"), str(d / "b.txt")]
+    assert [p.name for p in resolve_inputs(named)] == ["a.txt", "b.txt"]
 
 
 # --- compatibility ---------------------------------------------------------------------------------------------

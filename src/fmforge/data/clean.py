@@ -110,22 +110,24 @@ class MinHashDeduper:
         bits of the minimum of (a*x + b) mod 2^61-1, exactly (``fastscan.minhash_min``)."""
         return minhash_min(self.a, self.b, x).astype(np.uint32)  # keep the low 32 bits
 
-    def _band_keys(self, sig: np.ndarray) -> list[int]:
-        rows = sig.reshape(self.bands, -1).astype(np.uint64)
-        key = np.arange(self.bands, dtype=np.uint64)  # the band index is part of the key
-        for r in range(rows.shape[1]):
-            key = (key * _FNV_PRIME) ^ rows[:, r]
-        return key.tolist()
+    def band_keys(self, sigs: np.ndarray) -> np.ndarray:
+        """The LSH bucket keys (``bands`` uint64 per row) of a batch of signatures (rows of ``num_perm``)."""
+        rows = sigs.reshape(len(sigs), self.bands, -1).astype(np.uint64)
+        key = np.broadcast_to(np.arange(self.bands, dtype=np.uint64), rows.shape[:2])  # the band index is part of it
+        for r in range(rows.shape[2]):
+            key = (key * _FNV_PRIME) ^ rows[:, :, r]
+        return key
 
     def is_near_duplicate(self, text: str) -> bool:
         """True if ``text`` is a near-duplicate of a document seen before; otherwise remember it."""
         return self.is_near_duplicate_signature(self.signature(text))
 
-    def is_near_duplicate_signature(self, sig: np.ndarray | None) -> bool:
-        """``is_near_duplicate`` from a signature computed earlier (``signature``), e.g. in another process."""
+    def is_near_duplicate_signature(self, sig: np.ndarray | None, keys: list[int] | None = None) -> bool:
+        """``is_near_duplicate`` from a signature computed earlier (``signature``), e.g. in another process;
+        ``keys``: its ``band_keys``, when computed for a batch."""
         if sig is None:
             return False
-        keys = self._band_keys(sig)
+        keys = self.band_keys(sig[None])[0].tolist() if keys is None else keys
         candidates: set[int] = set()
         for k in keys:
             hit = self._buckets.get(k)

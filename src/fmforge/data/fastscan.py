@@ -8,6 +8,7 @@ Each kernel computes exactly what a slower reference in plain Python/numpy compu
   sorts and drops repeats);
 - ``minhash_min``: per permutation, the minimum of ``(a*x + b) mod 2^61-1`` over 32-bit shingles, exactly
   (split multiplication, no float estimate), which is ``clean.MinHashDeduper.signature_of`` before its cast;
+- ``merge_counts``: two sorted count tables as one (the merge step of a merge sort, equal keys summed);
 - ``digit_runs``: the spans where personal data with digits can be (``pii._digit_windows``);
 - ``byte_counts``: how often each byte value occurs (``np.bincount`` without its copy to 64-bit integers);
 - ``count_words``: the ``\\w+`` words of a code-point array, where a word is a maximal run of characters that
@@ -260,6 +261,39 @@ def count_words(cps: np.ndarray, doc_ends: np.ndarray, fold_ascii: bool = False
                         1 if cps.dtype == np.uint8 else 4)
 
 
+@njit(cache=True, nogil=True)
+def _merge_counts(a_keys, a_counts, b_keys, b_counts):  # pragma: no cover - compiled
+    out_keys = np.empty(len(a_keys) + len(b_keys), dtype=np.uint64)
+    out_counts = np.empty(len(a_keys) + len(b_keys), dtype=np.int64)
+    i = j = m = 0
+    while i < len(a_keys) and j < len(b_keys):
+        if a_keys[i] < b_keys[j]:
+            out_keys[m], out_counts[m] = a_keys[i], a_counts[i]
+            i += 1
+        elif b_keys[j] < a_keys[i]:
+            out_keys[m], out_counts[m] = b_keys[j], b_counts[j]
+            j += 1
+        else:
+            out_keys[m], out_counts[m] = a_keys[i], a_counts[i] + b_counts[j]
+            i += 1
+            j += 1
+        m += 1
+    for t in range(i, len(a_keys)):
+        out_keys[m], out_counts[m] = a_keys[t], a_counts[t]
+        m += 1
+    for t in range(j, len(b_keys)):
+        out_keys[m], out_counts[m] = b_keys[t], b_counts[t]
+        m += 1
+    return out_keys[:m], out_counts[:m]
+
+
+def merge_counts(a_keys: np.ndarray, a_counts: np.ndarray, b_keys: np.ndarray, b_counts: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Two tables of distinct, sorted uint64 keys with int64 counts as one (sorted, distinct, counts of a key
+    in both summed): a linear merge, where sorting the concatenation would cost n log n."""
+    return _merge_counts(a_keys, a_counts, b_keys, b_counts)
+
+
 _RUN_CHARS = np.zeros(128, dtype=np.bool_)
 _RUN_CHARS[[ord(c) for c in "0123456789 ().+/-"]] = True
 
@@ -334,6 +368,7 @@ def warm_up() -> None:
     minhash_min(np.ones(1, np.uint64), np.ones(1, np.uint64), np.ones(1, np.uint64))
     digit_runs(np.array([49, 32], dtype=np.uint32))
     byte_counts(b"ab")
+    merge_counts(np.ones(1, np.uint64), np.ones(1, np.int64), np.ones(1, np.uint64), np.ones(1, np.int64))
     count_words(np.array([97, 32], dtype=np.uint8), np.array([2]), True)
     count_words(np.array([97, 32], dtype=np.uint32), np.array([2]), False)
     digit_runs(np.array([49, 32], dtype=np.uint8))

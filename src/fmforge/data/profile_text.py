@@ -35,6 +35,28 @@ _ASCII_CLASS = np.array([CLASS_NAMES.get(unicodedata.category(chr(i))[0], "other
 
 
 @dataclass
+class DuplicateCount:
+    """Exact and near-duplicate counts over documents fed in order, as ``data prepare`` would find them (the same
+    detectors: a later copy counts, the first does not)."""
+
+    exact: int = 0
+    near: int = 0
+    exact_seen: ExactDeduper = field(default_factory=ExactDeduper)
+    near_seen: MinHashDeduper | None = None  # made at the first signature
+
+    def add(self, digests: list[bytes], sigs: list[np.ndarray | None]) -> None:
+        have = [i for i, sig in enumerate(sigs) if sig is not None]
+        if have and self.near_seen is None:
+            self.near_seen = MinHashDeduper()
+        keys = dict(zip(have, self.near_seen.band_keys(np.stack([sigs[i] for i in have])).tolist())) if have else {}
+        for i, (digest, sig) in enumerate(zip(digests, sigs)):
+            if self.exact_seen.is_duplicate(digest):
+                self.exact += 1
+            elif sig is not None and self.near_seen.is_near_duplicate_signature(sig, keys[i]):
+                self.near += 1
+
+
+@dataclass
 class TextStats:
     """Mergeable statistics of a run of documents (in order)."""
 
@@ -53,8 +75,9 @@ class TextStats:
     bigrams: HashCounts = field(default_factory=HashCounts)
     names: WordNames = field(default_factory=WordNames)  # the text of the words counted above
     pii: PiiScan = field(default_factory=PiiScan)
-    digests: list[bytes] = field(default_factory=list)
+    digests: list[bytes] = field(default_factory=list)  # of documents not yet counted into ``duplicates``
     sigs: list[np.ndarray | None] = field(default_factory=list)
+    duplicates: DuplicateCount = field(default_factory=DuplicateCount)
     token_counts: np.ndarray | None = None
 
     def merge(self, o: TextStats) -> None:
@@ -62,6 +85,7 @@ class TextStats:
             setattr(self, name, getattr(self, name) + getattr(o, name))
         for name in ("doc_chars", "doc_tokens", "digests", "sigs"):
             getattr(self, name).extend(getattr(o, name))
+        self.count_duplicates()  # as chunks arrive: the main process waits on the workers meanwhile
         for name in ("char_classes", "scripts"):
             getattr(self, name).update(getattr(o, name))
         self.pii.merge(o.pii)
@@ -70,6 +94,11 @@ class TextStats:
         self.bigrams.add(o.bigrams)
         if self.words.add(o.words):
             self.names.compact(self.words.keys)
+
+    def count_duplicates(self) -> None:
+        """Count the documents added since the last call into ``duplicates`` (and forget their hashes)."""
+        self.duplicates.add(self.digests, self.sigs)
+        self.digests, self.sigs = [], []
 
     def top_words(self, k: int) -> list[tuple[str, int]]:
         """The ``k`` most frequent words as (word, count), by count then text (ties at the cut: text order)."""
@@ -197,17 +226,11 @@ def analyze_chunk(items: list, tok: TextTokenizer | None, near_duplicates: bool)
 
 def duplicates(stats: TextStats, near_duplicates: bool) -> dict:
     """Exact and near-duplicate counts over the documents in order, as ``data prepare`` would find them."""
-    exact, near = ExactDeduper(), MinHashDeduper()
-    n_exact = n_near = 0
-    for digest, sig in zip(stats.digests, stats.sigs):
-        if exact.is_duplicate(digest):
-            n_exact += 1
-        elif near_duplicates and near.is_near_duplicate_signature(sig):
-            n_near += 1
-    docs = max(1, stats.documents)
-    return {"exact": n_exact, "exact_rate": n_exact / docs,
-            "near": n_near if near_duplicates else None,
-            "near_rate": n_near / docs if near_duplicates else None}
+    stats.count_duplicates()
+    dup, docs = stats.duplicates, max(1, stats.documents)
+    return {"exact": dup.exact, "exact_rate": dup.exact / docs,
+            "near": dup.near if near_duplicates else None,
+            "near_rate": dup.near / docs if near_duplicates else None}
 
 
 def histogram(values: list[int], bins: int = 30) -> dict:

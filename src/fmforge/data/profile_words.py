@@ -13,22 +13,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fmforge.data.fastscan import PAIR, count_words
+from fmforge.data.fastscan import PAIR, count_words, merge_counts
 
 MAX_NGRAM_KEYS = 1_000_000  # a counter past this is pruned to its most common half (bounded memory)
 
 
-def group_keys(keys: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct ``keys`` (sorted) with summed ``counts`` (1 each when None) and the index of one occurrence of
-    each."""
-    order = np.argsort(keys)
-    ks = keys[order]
-    starts = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]])) if len(ks) else np.zeros(0, np.int64)
-    if counts is None:
-        sums = np.diff(np.append(starts, len(ks)))
-    else:
-        sums = np.add.reduceat(counts[order], starts) if len(starts) else np.zeros(0, np.int64)
-    return ks[starts], sums.astype(np.int64), order[starts]
+def merged(tables: list[HashCounts]) -> tuple[np.ndarray, np.ndarray]:
+    """The keys and summed counts of sorted tables, merged pairwise (``fastscan.merge_counts``, linear) in a
+    balanced tree."""
+    pairs = [(t.keys, t.counts) for t in tables]
+    while len(pairs) > 1:
+        pairs = [merge_counts(*pairs[i], *pairs[i + 1]) if i + 1 < len(pairs) else pairs[i]
+                 for i in range(0, len(pairs), 2)]
+    return pairs[0] if pairs else (np.zeros(0, np.uint64), np.zeros(0, np.int64))
 
 
 def pair_key(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -39,8 +36,8 @@ def pair_key(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 @dataclass
 class HashCounts:
-    """Exact counts of words or word pairs, keyed by 64-bit hashes; their text is looked up only for the few
-    reported at the end.
+    """Exact counts of words or word pairs, keyed by 64-bit hashes (sorted, distinct); their text is looked up
+    only for the few reported at the end.
 
     Additions queue up and are combined in one sort once MAX_NGRAM_KEYS entries are waiting; past
     MAX_NGRAM_KEYS distinct keys only the most common half stays (bounded memory; the tail is approximate).
@@ -53,7 +50,7 @@ class HashCounts:
     def add(self, other: HashCounts) -> bool:
         """Queue ``other``'s counts; True when that compacted and pruned the table."""
         self.pending += [other] + other.pending
-        if sum(len(p.keys) for p in self.pending) < MAX_NGRAM_KEYS:
+        if not _due(self.pending):
             return False
         return self.compact()
 
@@ -63,8 +60,7 @@ class HashCounts:
             return False
         tables = [self] + self.pending
         self.pending = []
-        self.keys, self.counts, _ = group_keys(np.concatenate([t.keys for t in tables]),
-                                               np.concatenate([t.counts for t in tables]))
+        self.keys, self.counts = merged(tables)
         if len(self.keys) > MAX_NGRAM_KEYS:
             keep = np.sort(np.argpartition(-self.counts, MAX_NGRAM_KEYS // 2)[:MAX_NGRAM_KEYS // 2])
             self.keys, self.counts = self.keys[keep], self.counts[keep]
@@ -83,6 +79,12 @@ class HashCounts:
         return self.keys[order], self.counts[order]
 
 
+def _due(pending: list) -> bool:
+    """Whether queued tables are due to be combined (one sort per MAX_NGRAM_KEYS entries: each combination
+    re-sorts the whole table, so combining as every chunk arrives would cost more than it saves)."""
+    return sum(len(p.keys) for p in pending) >= MAX_NGRAM_KEYS
+
+
 def _gather(offsets: np.ndarray, data: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The entries ``idx`` of a (``offsets``, ``data``) string table as a new table."""
     starts = offsets[idx]
@@ -98,7 +100,7 @@ class WordNames:
     """The text of hashed words: word ``i`` has key ``keys[i]`` and UTF-8 bytes ``data[offsets[i]:offsets[i+1]]``.
 
     Tables pile up as chunks merge and are combined (one entry per key, restricted to the keys still counted)
-    once more than MAX_NGRAM_KEYS entries wait, so memory follows the distinct words, not the chunks.
+    as ``HashCounts`` tables are, so memory follows the distinct words, not the chunks.
     """
 
     keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
@@ -108,7 +110,7 @@ class WordNames:
 
     def add(self, other: WordNames) -> None:
         self.pending += [other] + other.pending
-        if sum(len(p.keys) for p in self.pending) >= MAX_NGRAM_KEYS:
+        if _due(self.pending):
             self.compact()
 
     def compact(self, keep: np.ndarray | None = None) -> None:
@@ -120,7 +122,9 @@ class WordNames:
         ends = [[shift[-1] + len(tables[-1].data)]]
         offsets = np.concatenate([t.offsets[:-1] + s for t, s in zip(tables, shift)] + ends)
         data = np.concatenate([t.data for t in tables])
-        uniq, idx = np.unique(keys, return_index=True)
+        order = np.argsort(keys, kind="stable")  # sorted runs (the table so far) merge in linear time
+        first = np.concatenate([[True], keys[order][1:] != keys[order][:-1]]) if len(keys) else np.zeros(0, bool)
+        uniq, idx = keys[order][first], order[first]
         if keep is not None:
             wanted = np.isin(uniq, keep)
             uniq, idx = uniq[wanted], idx[wanted]
@@ -140,16 +144,16 @@ class WordNames:
         return out
 
 
-def _count(points: np.ndarray, doc_ends: np.ndarray, fold: bool) -> tuple[HashCounts, np.ndarray, WordNames]:
-    keys, counts, offsets, names, pairs = count_words(points, doc_ends, fold)
-    return HashCounts(keys, counts), pairs, WordNames(keys, offsets, names)
+def _sorted(keys: np.ndarray, counts: np.ndarray) -> HashCounts:
+    order = np.argsort(keys)
+    return HashCounts(keys[order], counts[order])
 
 
 def chunk_words(texts: list[str]) -> tuple[HashCounts, HashCounts, WordNames]:
     """Words, word pairs and the words' text of a chunk of documents. ASCII documents are scanned as their
     bytes, lowercased on the fly; the others are lowercased by ``str.lower()`` (whose Unicode rules can change a
     text's length) and scanned as code points."""
-    parts = []
+    words, pairs, names = [], [], WordNames()
     for ascii_ in (True, False):
         docs = [t if ascii_ else t.lower() for t in texts if t.isascii() == ascii_]
         if not docs:
@@ -157,17 +161,9 @@ def chunk_words(texts: list[str]) -> tuple[HashCounts, HashCounts, WordNames]:
         big = "\n".join(docs)  # a newline is not a word character: no word spans two documents
         points = (np.frombuffer(big.encode("ascii"), dtype=np.uint8) if ascii_ else
                   np.frombuffer(big.encode("utf-32-le", "surrogatepass"), dtype=np.uint32))
-        ends = np.cumsum([len(d) + 1 for d in docs]) - 1
-        parts.append(_count(points, ends, ascii_))
-    if not parts:
-        return HashCounts(), HashCounts(), WordNames()
-    if len(parts) == 1:
-        words, pairs, names = parts[0]
-    else:
-        (w1, p1, n1), (w2, p2, n2) = parts
-        words = HashCounts(*group_keys(np.concatenate([w1.keys, w2.keys]), np.concatenate([w1.counts, w2.counts]))[:2])
-        pairs = np.concatenate([p1, p2])
-        names = n1
-        names.pending.append(n2)
-    keys, counts = np.unique(pairs, return_counts=True)
-    return words, HashCounts(keys, counts.astype(np.int64)), names
+        keys, counts, offsets, text, pair_keys = count_words(points, np.cumsum([len(d) + 1 for d in docs]) - 1, ascii_)
+        words.append(_sorted(keys, counts))
+        pairs.append(pair_keys)
+        names.add(WordNames(keys, offsets, text))
+    keys, counts = np.unique(np.concatenate(pairs) if pairs else np.zeros(0, np.uint64), return_counts=True)
+    return HashCounts(*merged(words)), HashCounts(keys, counts.astype(np.int64)), names

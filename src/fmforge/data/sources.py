@@ -200,11 +200,22 @@ def resolve_inputs(inputs: list[str], skipped: Counter | None = None) -> list[Pa
                 files.append(p)
     seen, unique = set(), []
     for f in files:
-        key = f if isinstance(f, str) else f.resolve()
+        key = f if isinstance(f, str) else _identity(f)
         if key not in seen:
             seen.add(key)
             unique.append(f)
     return unique
+
+
+def _identity(path: Path) -> object:
+    """What makes two local paths the same file: device and inode (one ``stat``, where ``resolve`` costs a call
+    per path component; a symlink or hard link names its target's inode), or the resolved path of one that
+    cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path.resolve()
+    return (st.st_dev, st.st_ino)
 
 
 def _import_pyarrow():
