@@ -3,6 +3,7 @@ Python reference with big integers: the compiled kernels' arithmetic (``fastscan
 field, and the shingle split."""
 
 import pydoc_data.topics
+import sys
 import sysconfig
 import zlib
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fmforge.data.clean import MERSENNE, NGRAM, MinHashDeduper, shingles
-from fmforge.data.fastscan import minhash_min
+from fmforge.data.fastscan import minhash_min, word_hashes
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MASK64 = 2**64 - 1
@@ -80,3 +81,12 @@ def test_minhash_kernel_is_exactly_a_x_plus_b_mod_2_61_minus_1_for_every_32_bit_
         got = minhash_min(d.a, d.b, np.array([v], dtype=np.uint64))
         assert got.tolist() == [(int(a) * v + int(b)) % MERSENNE for a, b in zip(d.a, d.b)]
     assert int(d.a.max()) > 2**60  # multipliers span the field, so a*x wraps around p many times
+
+
+def test_word_hashes_split_utf8_at_every_character_str_isspace_accepts_and_nowhere_else():
+    spaces = [chr(i) for i in range(sys.maxunicode + 1) if chr(i).isspace()]
+    near_misses = ["\u0084", "\u00a1", "\u1681", "\u200b", "\u2027", "\u202a", "\u205e", "\u3001", "\u00c2", "\u00e3"]
+    text = "".join(f"w{i}{sp}é{near_misses[i % len(near_misses)]}z" for i, sp in enumerate(spaces * 3))
+    want = [zlib.crc32(w.encode("utf-8")) for w in text.split()]
+    assert word_hashes(text.encode("utf-8")).tolist() == want
+    assert len(want) == 3 * len(spaces) + 1

@@ -108,3 +108,18 @@ def test_the_word_table_counts_exactly_as_a_counter_does_as_it_grows():
         want = Counter(found)
         assert words == list(want) and counts.tolist() == list(want.values())  # first-seen order
         assert len(set(keys.tolist())) == len(keys) and len(pairs) == n - 1
+
+
+def test_lines_and_bad_lines_of_random_mixed_chunks_equal_a_line_by_line_count():
+    rng = np.random.default_rng(1)
+    alphabet = list("ab \n\n\t\x01\x7f") + ["\ufffd", "Ã©", "â€™", "é", "Ж", "\x85"]
+    texts = ["".join(rng.choice(alphabet, rng.integers(0, 40))) for _ in range(300)]
+    texts = [t for t in texts if t]
+    stats = analyze_chunk(texts, None, near_duplicates=False)
+    lines = [line for t in texts for line in (t[:-1] if t.endswith("\n") else t).split("\n")]
+    assert stats.lines == len(lines)
+    assert stats.binary_lines == sum(any(c in line for c in "\x01\x7f") for line in lines)
+    garbled = [line for t in texts if not t.isascii()
+               for line in (t[:-1] if t.endswith("\n") else t).split("\n")]
+    assert stats.garbled_lines == sum(any(m in line for m in ("\ufffd", "Ã©", "â€™")) for line in garbled)
+    assert sum(stats.char_classes.values()) == sum(map(len, texts))

@@ -30,7 +30,12 @@ def normalize(text: str) -> str:
 
 def text_digest(text: str) -> bytes:
     """128-bit content hash: the exact-dedup key, and the source of a document's train/val split."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    return bytes_digest(text.encode("utf-8"))
+
+
+def bytes_digest(data: bytes) -> bytes:
+    """``text_digest`` of a text from its UTF-8 bytes."""
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class ExactDeduper:
@@ -46,22 +51,13 @@ class ExactDeduper:
         return False
 
 
-def _words_bytes(text: str) -> bytes:
-    """``text`` as bytes whose words ``fastscan.word_hashes`` splits exactly as ``str.split()`` does: the text
-    itself when ASCII, else its ``str.split()`` words joined by spaces (Unicode whitespace never occurs inside a
-    word, and UTF-8 never encodes a non-ASCII character with an ASCII byte)."""
-    if text.isascii():
-        return text.encode("ascii")
-    return " ".join(text.split()).encode("utf-8")
-
-
 def shingles(text: str, n: int = NGRAM) -> np.ndarray:
     """Distinct 32-bit hashes of the word n-grams of ``text`` (one shingle for texts shorter than n words).
 
     Words are ``str.split()``'s; each word's hash is its ``zlib.crc32``; n consecutive ones are combined
     order-sensitively in wrapping uint64 arithmetic (FNV-style) and folded to 32 bits, the input size the
     permutations below are exact for (``fastscan.shingle_hashes``)."""
-    s = shingle_hashes(_words_bytes(text), n)
+    s = shingle_hashes(text.encode("utf-8", "surrogatepass"), n)
     s.sort()
     return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s  # distinct, as np.unique but faster
 
@@ -98,7 +94,7 @@ class MinHashDeduper:
 
     def signature(self, text: str) -> np.ndarray | None:
         """The MinHash signature (``num_perm`` uint32), or None for a text without words."""
-        x = shingle_hashes(_words_bytes(text), self.ngram)  # repeats kept: they do not change a minimum
+        x = shingle_hashes(text.encode("utf-8", "surrogatepass"), self.ngram)  # repeats kept: a minimum is the same
         return self.signature_of(x) if x.size else None
 
     def set_permutations(self, a: np.ndarray, b: np.ndarray) -> None:

@@ -15,19 +15,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fmforge.data.clean import ExactDeduper, MinHashDeduper, normalize, text_digest
+from fmforge.data.clean import ExactDeduper, MinHashDeduper, bytes_digest, normalize
 from fmforge.data.fastscan import PAIR, byte_counts
 from fmforge.data.pii import PiiScan
 from fmforge.data.profile_words import HashCounts, WordNames, chunk_words
 from fmforge.data.tokenizer import TextTokenizer
 
 TOP_K = 30
-# A line with a control character (tab aside), a NUL or DEL: binary that got into the text.
-BINARY_LINE = re.compile(r"^.*[\x00-\x08\x0b\x0c\x0e-\x1f\x7f].*$", re.MULTILINE)
-_CONTROL_POINTS = np.array([*range(0, 9), 11, 12, *range(14, 32), 127])  # the characters BINARY_LINE looks for
+# A binary line holds a control character (tab aside), a NUL or DEL: binary that got into the text.
+_CONTROL_POINTS = np.array([*range(0, 9), 11, 12, *range(14, 32), 127])
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-# A line with U+FFFD (undecodable bytes replaced) or UTF-8 read as Latin-1/cp1252 (mojibake: "Ã©", "â€™").
-GARBLED_LINE = re.compile(r"^.*(?:\ufffd|[\u00c2\u00c3][\u0080-\u00bf]|\u00e2\u20ac).*$", re.MULTILINE)
+# A garbled line holds U+FFFD (undecodable bytes replaced) or UTF-8 read as Latin-1/cp1252 (mojibake: "Ã©", "â€™").
+GARBLED = re.compile(r"\ufffd|[\u00c2\u00c3][\u0080-\u00bf]|\u00e2\u20ac")
 CLASS_NAMES = {"L": "letter", "N": "digit", "Z": "space", "P": "punctuation", "S": "symbol", "C": "control",
                "M": "mark"}
 _ASCII_CLASS = np.array([CLASS_NAMES.get(unicodedata.category(chr(i))[0], "other") if chr(i) not in "\t\n\r"
@@ -151,55 +150,67 @@ def script_of(ch: str) -> str:
 
 
 def _characters(texts: list[str], stats: TextStats) -> list[bool]:
-    """Character classes (Unicode general category) and scripts of letters, counted by code point in numpy
-    (the ASCII documents of a chunk in one count); returns, per document, whether it holds a control
-    character (one of ``_CONTROL_POINTS``)."""
+    """Character classes (Unicode general category), scripts of letters and lines, counted by code point over
+    the chunk's ASCII documents joined (as bytes) and its other documents joined (as UTF-32); returns, per
+    document, whether it holds a control character (one of ``_CONTROL_POINTS``)."""
     control = [False] * len(texts)
-    ascii_docs = [i for i, t in enumerate(texts) if t.isascii()]
-    if ascii_docs:
-        joined = "\n".join(texts[i] for i in ascii_docs).encode("ascii")
-        counts = byte_counts(joined)[:128]
-        counts[10] -= len(ascii_docs) - 1  # the joins
+    for ascii_ in (True, False):
+        docs = [i for i, t in enumerate(texts) if t.isascii() == ascii_]
+        if not docs:
+            continue
+        joined = "\n".join(texts[i] for i in docs)
+        if ascii_:
+            counts, high = byte_counts(joined.encode("ascii"))[:128], None
+        else:
+            points = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            low = points < 128
+            counts = byte_counts(points[low].astype(np.uint8).tobytes())[:128]
+            high = np.unique(points[~low], return_counts=True)
+        counts[10] -= len(docs) - 1  # the joins
+        stats.lines += int(counts[10]) + sum(not texts[i].endswith("\n") for i in docs)
         for i in np.flatnonzero(counts).tolist():
             stats.char_classes[_ASCII_CLASS[i]] += int(counts[i])
         letters = int(counts[65:91].sum() + counts[97:123].sum())
         if letters:
             stats.scripts["LATIN"] += letters
+        if high is not None:
+            _unicode_classes(*high, stats)
         if counts[_CONTROL_POINTS].any():
-            for i in ascii_docs:
+            for i in docs:
                 control[i] = _CONTROL.search(texts[i]) is not None
-    for i, text in enumerate(texts):
-        if not text.isascii():
-            control[i] = _unicode_characters(text, stats)
     return control
 
 
-def _unicode_characters(text: str, stats: TextStats) -> bool:
-    points, counts = np.unique(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), return_counts=True)
+def _unicode_classes(points: np.ndarray, counts: np.ndarray, stats: TextStats) -> None:
+    """Classes and scripts of distinct non-ASCII code points seen ``counts`` times."""
     for cp, n in zip(points.tolist(), counts.tolist()):
         ch = chr(cp)
         cat = unicodedata.category(ch)
-        stats.char_classes["space" if ch in "\t\n\r" else CLASS_NAMES.get(cat[0], "other")] += n
+        stats.char_classes[CLASS_NAMES.get(cat[0], "other")] += n
         if cat[0] == "L":
             stats.scripts[script_of(ch)] += n
-    return bool(np.isin(points, _CONTROL_POINTS).any())
+
+
+def lines_matching(pattern: re.Pattern, text: str) -> int:
+    """How many lines of ``text`` hold a match of ``pattern`` (each line counted once)."""
+    starts = {text.rfind("\n", 0, m.start()) for m in pattern.finditer(text)}
+    return len(starts)
 
 
 def analyze_document(text: str, stats: TextStats, near: MinHashDeduper | None, control: bool) -> None:
     """What one document contributes besides its characters and words (``text`` already normalized as
     ``data prepare`` does; ``control``: it holds a control character)."""
-    n_bytes = len(text.encode("utf-8"))
+    data = text.encode("utf-8")
     stats.documents += 1
     stats.chars += len(text)
-    stats.bytes += n_bytes
+    stats.bytes += len(data)
     stats.doc_chars.append(len(text))
-    stats.lines += text.count("\n") + (not text.endswith("\n"))
     if control:
-        stats.binary_lines += len(BINARY_LINE.findall(text))
+        stats.binary_lines += lines_matching(_CONTROL, text)
     if not text.isascii():
-        stats.garbled_lines += len(GARBLED_LINE.findall(text))
+        stats.garbled_lines += lines_matching(GARBLED, text)
     stats.pii.add(text)
-    stats.digests.append(text_digest(text))
+    stats.digests.append(bytes_digest(data))
     stats.sigs.append(near.signature(text) if near is not None else None)
 
 
