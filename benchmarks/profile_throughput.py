@@ -4,7 +4,11 @@ The corpus is the one ``fmforge quickstart`` prepares: the standard library's so
 (``quickstart.stdlib_sources``) plus pydoc's topics as JSONL. Each configuration is profiled ``--rounds``
 times and the median round is reported, so a burst of load on a shared machine does not decide the figure:
 
-- ``full``: every statistic, MinHash near-duplicates included (the default ``data profile``);
+- ``full``: every statistic, MinHash near-duplicates included (the default ``data profile``), timed inside a
+  fresh interpreter that imports only what ``fmforge data profile`` imports (this script also imports torch
+  through ``data prepare``, and forking the workers from a process that big costs more), after one untimed
+  round there; ``full-first`` is that first round (loading the compiled kernels and the plot font once);
+- ``cli``: ``fmforge data profile`` as a command, interpreter start and imports included;
 - ``analysis``: the same statistics without reading files or writing profile.json/profile.html: the chunks
   analysed by ``--workers`` processes and merged, what grows with the corpus (the page's plots are a fixed
   cost of a few seconds whatever the corpus size);
@@ -36,6 +40,8 @@ import os
 import re
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -47,7 +53,7 @@ from fmforge.data.clean import MERSENNE, MinHashDeduper, normalize, shingles
 from fmforge.data.fastscan import warm_up
 from fmforge.data.pii import find_pii
 from fmforge.data.prepare import prepare_data
-from fmforge.data.profile import _chunked, _in_order, profile_data
+from fmforge.data.profile import _in_order, chunked, profile_data
 from fmforge.data.profile_text import TextStats
 from fmforge.data.profile_words import chunk_words
 from fmforge.data.sources import DocumentReader
@@ -131,7 +137,7 @@ def hashed_words(texts: list[str]) -> TextStats:
 
 def analysis(texts: list[str], workers: int) -> TextStats:
     total = TextStats()
-    for part in _in_order(_chunked(iter(texts), len), workers, None, True):
+    for part in _in_order(chunked(iter(texts), len), workers, None, True):
         total.merge(part)
     total.top_words(30)
     total.top_bigrams(30)
@@ -150,7 +156,38 @@ def timed(fn) -> tuple[float, float]:
     return time.perf_counter() - start, cpu_seconds() - cpu
 
 
-CONFIGS = ("full", "analysis", "no-near", "+tokenizer", "tokenize-only", "prepared", "minhash", "minhash-numpy", "words", "words-counter", "pii",
+# Rounds of profile_data in a fresh interpreter (imports as the CLI's): the first reported apart.
+CHILD = """
+import json, resource, sys, time
+from fmforge.data.profile import profile_data
+files, out, rounds, workers = json.loads(sys.argv[1])
+def cpu():
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+times = []
+for _ in range(rounds + 1):
+    start, used = time.perf_counter(), cpu()
+    profile_data(files, out, workers=workers, log=None)
+    times.append((time.perf_counter() - start, cpu() - used))
+print(json.dumps(times))
+"""
+
+
+def child_rounds(files: list[str], out: Path, rounds: int, workers: int) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of ``rounds + 1`` profiles in a fresh interpreter, the first one first."""
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps([files, str(out), rounds, workers])],
+                          capture_output=True, text=True, check=True)
+    return [tuple(r) for r in json.loads(done.stdout)]
+
+
+def cli_round(files: list[str], out: Path, workers: int) -> tuple[float, float]:
+    start, cpu = time.perf_counter(), cpu_seconds()
+    subprocess.run([sys.executable, "-m", "fmforge", "data", "profile", *files, "--out", str(out),
+                    "--workers", str(workers)], capture_output=True, check=True)
+    return time.perf_counter() - start, cpu_seconds() - cpu
+
+
+CONFIGS = ("full", "full-first", "cli", "analysis", "no-near", "+tokenizer", "tokenize-only", "prepared", "minhash", "minhash-numpy", "words", "words-counter", "pii",
            "pii-full-scan")
 PAIRS = (("minhash", "minhash-numpy"), ("words", "words-counter"), ("pii", "pii-full-scan"))
 
@@ -183,7 +220,6 @@ def main() -> None:
         if "prepared" in wanted:
             prepare_data(files, tmp / "prepared", vocab_size=4096, log=None)
         runs = {
-            "full": lambda: profile_data(files, tmp / "full", workers=args.workers, log=None),
             "analysis": lambda: analysis(texts, args.workers),
             "no-near": lambda: profile_data(files, tmp / "nonear", workers=args.workers, near_duplicates=False,
                                             log=None),
@@ -198,9 +234,18 @@ def main() -> None:
             "pii": lambda: [find_pii(t) for t in texts],
             "pii-full-scan": lambda: [find_pii(t, [(0, len(t))]) for t in texts],
         }
+        if "full" in wanted or "full-first" in wanted:
+            child = child_rounds(files, tmp / "full", args.rounds, args.workers)
         results = {}
         for name in wanted:
-            rounds = sorted(timed(runs[name]) for _ in range(args.rounds))
+            if name == "full":
+                rounds = sorted(child[1:])
+            elif name == "full-first":
+                rounds = child[:1]
+            elif name == "cli":
+                rounds = sorted(cli_round(files, tmp / "cli", args.workers) for _ in range(args.rounds))
+            else:
+                rounds = sorted(timed(runs[name]) for _ in range(args.rounds))
             seconds, cpu = rounds[len(rounds) // 2]
             results[name] = {"seconds": round(seconds, 3), "mb_per_s": round(mb / seconds, 2),
                              "cpu_seconds": round(cpu, 3), "mb_per_cpu_s": round(mb / cpu, 2)}

@@ -21,7 +21,14 @@ from fmforge.data import text_units
 from fmforge.data.image_prepare import prepare_images
 from fmforge.data.image_shards import INDEX
 from fmforge.data.prepare import prepare_data
-from fmforge.data.profile import js_divergence, ks_statistic, profile_data
+from fmforge.data.profile import (
+    CHUNK_CHARS,
+    MIN_CHUNK_CHARS,
+    chunked,
+    js_divergence,
+    ks_statistic,
+    profile_data,
+)
 from fmforge.data.profile_images import dhash
 from fmforge.data.shards import read_shard
 from fmforge.data.tokenizer import load_tokenizer
@@ -211,9 +218,22 @@ def test_divergence_and_ks_on_hand_computed_cases():
     assert ks_statistic([1, 2], [3, 4]) == 1 and ks_statistic([1, 2, 3, 4], [3, 4, 5, 6]) == 0.5
 
 
+def test_chunks_start_small_grow_to_the_cap_and_shrink_toward_the_end_of_a_known_input():
+    sizes = [sum(map(len, c)) for c in chunked(iter(["x" * 10_000] * 1_040), len, 10_400_000, 2)]
+    assert sum(sizes) == 10_400_000
+    assert sizes[:4] == [MIN_CHUNK_CHARS, 2 * MIN_CHUNK_CHARS, 4 * MIN_CHUNK_CHARS, CHUNK_CHARS]
+    assert max(sizes) == CHUNK_CHARS and sizes[-3:-1] == [MIN_CHUNK_CHARS] * 2 and sizes[-1] <= MIN_CHUNK_CHARS
+    assert all(a >= b for a, b in zip(sizes[3:-1], sizes[4:-1]))  # never growing again after the peak
+    unknown = [sum(map(len, c)) for c in chunked(iter(["x" * 10_000] * 1_040), len)]
+    assert unknown[3:-1] == [CHUNK_CHARS] * (len(unknown) - 4)
+
+
 def test_user_mistakes_are_one_line_errors(corpus, reference, prepared_same_tok, tmp_path):
     with pytest.raises(FmforgeError, match="input not found: .*nope"):
         profile_data([str(tmp_path / "nope")], tmp_path / "p", log=quiet)
+    with pytest.raises(FmforgeError, match="input not found: .*nope"):  # among several inputs
+        profile_data([str(corpus), str(tmp_path / "nope")], tmp_path / "p", log=quiet)
+    assert not (tmp_path / "p").exists()
     other = tmp_path / "other"
     other.mkdir()
     (other / "manifest.json").write_text(json.dumps({"format": "someone-else", "format_version": 1}))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fmforge.data import profile_text, profile_words
-from fmforge.data.fastscan import count_words
+from fmforge.data.fastscan import count_words, word_table
 from fmforge.data.profile_text import TextStats, analyze_chunk
 from fmforge.data.profile_words import pair_key
 
@@ -123,3 +123,8 @@ def test_lines_and_bad_lines_of_random_mixed_chunks_equal_a_line_by_line_count()
                for line in (t[:-1] if t.endswith("\n") else t).split("\n")]
     assert stats.garbled_lines == sum(any(m in line for m in ("\ufffd", "Ã©", "â€™")) for line in garbled)
     assert sum(stats.char_classes.values()) == sum(map(len, texts))
+
+
+def test_the_word_character_table_is_isalnum_or_underscore_for_every_code_point():
+    want = np.fromiter((chr(i).isalnum() or chr(i) == "_" for i in range(0x110000)), dtype=np.bool_, count=0x110000)
+    assert (word_table() == want).all()

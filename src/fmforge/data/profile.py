@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fmforge import __version__
+from fmforge.data.compression import split_compression
 from fmforge.data.fastscan import warm_up
 from fmforge.data.image_shards import INDEX, load_index
 from fmforge.data.manifest import MANIFEST, load_manifest, write_json_atomic
@@ -42,6 +43,7 @@ PROFILE_JSON = "profile.json"
 PROFILE_HTML = "profile.html"
 CHUNK_DOCS = 512
 CHUNK_CHARS = 2_000_000
+MIN_CHUNK_CHARS = 250_000
 TOP_TOKENS = 20
 MIN_TOKEN_COUNT = 5  # over/under-represented tokens: only those seen this often in the two corpora together
 
@@ -79,16 +81,41 @@ def _in_order(chunks: Iterator[list], workers: int, tokenizer_path: str | None, 
             yield pending.popleft().get()
 
 
-def _chunked(items: Iterator, size_of: Callable[[object], int]) -> Iterator[list]:
-    chunk, size = [], 0
+def chunk_target(index: int, done: int, total: int | None, workers: int) -> int:
+    """Characters for chunk ``index`` once ``done`` characters are chunked, of about ``total`` (None: unknown).
+
+    Sizes double from MIN_CHUNK_CHARS up to CHUNK_CHARS, so every worker starts on a small first chunk instead
+    of waiting for the main process to read a full one; with the input's size known they shrink again to a
+    quarter of the rest per worker, so the workers finish together instead of one waiting on the other's last
+    chunk."""
+    tail = (total - done) // (2 * workers) if total is not None and done < total else CHUNK_CHARS
+    return max(MIN_CHUNK_CHARS, min(CHUNK_CHARS, MIN_CHUNK_CHARS << min(index, 16), tail))
+
+
+def chunked(items: Iterator, size_of: Callable[[object], int], total: int | None = None,
+             workers: int = 1) -> Iterator[list]:
+    chunk, size, done, index = [], 0, 0, 0
+    target = chunk_target(0, 0, total, workers)
     for item in items:
         chunk.append(item)
         size += size_of(item)
-        if len(chunk) >= CHUNK_DOCS or size >= CHUNK_CHARS:
+        if len(chunk) >= CHUNK_DOCS or size >= target:
             yield chunk
+            done, index = done + size, index + 1
             chunk, size = [], 0
+            target = chunk_target(index, done, total, workers)
     if chunk:
         yield chunk
+
+
+def _local_size(files: list) -> int | None:
+    """The bytes of uncompressed local files (about their characters), or None when that says little."""
+    if any(isinstance(f, str) or split_compression(f.name)[1] for f in files):
+        return None
+    try:
+        return sum(os.stat(f).st_size for f in files)
+    except OSError:
+        return None
 
 
 def _documents_of(tokens: np.ndarray, tok: TextTokenizer) -> Iterator[np.ndarray]:
@@ -119,10 +146,11 @@ def _prepared_tokenizer(data_dir: Path, manifest: dict) -> tuple[TextTokenizer, 
 
 
 def kind_of(inputs: list[str]) -> str:
-    """``text-dir``, ``image-dir`` or ``raw``; a missing path is a one-line error."""
-    for item in inputs:
-        if not any(c in item for c in "*?[") and "://" not in item and not Path(item).exists():
-            raise FmforgeError(f"input not found: {item}")
+    """``text-dir``, ``image-dir`` or ``raw``; a missing path is a one-line error (for raw inputs, from
+    ``resolve_inputs``, which stats each file anyway)."""
+    if len(inputs) == 1 and not any(c in inputs[0] for c in "*?[") and "://" not in inputs[0] \
+            and not Path(inputs[0]).exists():
+        raise FmforgeError(f"input not found: {inputs[0]}")
     if len(inputs) == 1 and Path(inputs[0]).is_dir():
         d = Path(inputs[0])
         if (d / MANIFEST).is_file():
@@ -152,6 +180,7 @@ def _text_stats(inputs: list[str], kind: str, tokenizer: str | None, ref_tok: Pa
         manifest = load_manifest(data_dir)
         tok, path = _prepared_tokenizer(data_dir, manifest)
         items: Iterator = _prepared_docs(data_dir, manifest, tok)
+        expected = None
         info = _tokenizer_info(tok, "prepared data")
         source = {"prepared": str(data_dir), "sources": manifest.get("sources", [])}
         say(f"profiling prepared data {data_dir} ({sum(manifest['tokens'].values()):,} tokens)")
@@ -162,10 +191,12 @@ def _text_stats(inputs: list[str], kind: str, tokenizer: str | None, ref_tok: Pa
         tok = load_tokenizer(path) if path else None
         info = _tokenizer_info(tok, "--tokenizer" if tokenizer else "the reference's") if tok else None
         items = (d.text for d in reader)
+        expected = _local_size(reader.files)
         source = {"raw": list(inputs), "reader": reader, "skipped": skipped}
         say(f"profiling {len(reader.files)} files" + (f" (skipped {format_counts(skipped)})" if skipped else ""))
     total = TextStats()
-    for part in _in_order(_chunked(items, len), workers, str(path) if path else None, near_duplicates):
+    chunks = chunked(items, len, expected, workers)
+    for part in _in_order(chunks, workers, str(path) if path else None, near_duplicates):
         total.merge(part)
     if "reader" in source:
         reader = source.pop("reader")

@@ -388,7 +388,9 @@ class DocumentReader:
             # The common case, without a line loop in Python: the whole file within the bound and no NUL
             # line is one document, as cut_documents would make it (lines split as readline splits them).
             body = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
-            documents: Iterable = [io.BytesIO(body).readlines()] if head else []
+            # ASCII always decodes: no need for the lines that let undecodable bytes cost only their own line
+            lines = [body] if body.isascii() else io.BytesIO(body).readlines()
+            documents: Iterable = [lines] if head else []
         else:
             documents = cut_documents(self._text_lines(f, head), self.target_bytes, self.hard_bytes)
         for lines in documents:
