@@ -132,15 +132,16 @@ class WordNames:
         self.offsets, self.data = _gather(offsets.astype(np.int64), data, idx)
 
     def lookup(self, keys: list[int]) -> dict[int, str]:
-        """The words of ``keys`` (those known), decoded."""
-        if self.pending or (len(self.keys) > 1 and not (self.keys[:-1] < self.keys[1:]).all()):
-            self.compact()
+        """The words of ``keys`` (those known), decoded: searched table by table (a few keys are wanted, so
+        combining every table first would cost more)."""
         want = np.asarray(keys, dtype=np.uint64)
-        pos = np.minimum(np.searchsorted(self.keys, want), max(0, len(self.keys) - 1))
-        out = {}
-        for key, i in zip(keys, pos.tolist()):
-            if len(self.keys) and int(self.keys[i]) == key:
-                out[key] = bytes(self.data[self.offsets[i]:self.offsets[i + 1]]).decode("utf-8", "surrogatepass")
+        out: dict[int, str] = {}
+        for table in [self] + self.pending:
+            for i in np.flatnonzero(np.isin(table.keys, want)).tolist():
+                key = int(table.keys[i])
+                if key not in out:
+                    out[key] = bytes(table.data[table.offsets[i]:table.offsets[i + 1]]).decode("utf-8",
+                                                                                              "surrogatepass")
         return out
 
 
