@@ -53,7 +53,7 @@ from fmforge.data.clean import MERSENNE, MinHashDeduper, normalize, shingles
 from fmforge.data.fastscan import warm_up
 from fmforge.data.pii import find_pii
 from fmforge.data.prepare import prepare_data
-from fmforge.data.profile import _in_order, chunked, profile_data
+from fmforge.data.profile import chunked, in_order, profile_data, worker_pool
 from fmforge.data.profile_text import TextStats
 from fmforge.data.profile_words import chunk_words
 from fmforge.data.sources import DocumentReader
@@ -137,8 +137,9 @@ def hashed_words(texts: list[str]) -> TextStats:
 
 def analysis(texts: list[str], workers: int) -> TextStats:
     total = TextStats()
-    for part in _in_order(chunked(iter(texts), len), workers, None, True):
-        total.merge(part)
+    with worker_pool(workers, None, True) as pool:
+        for part in in_order(chunked(iter(texts), len), pool, workers):
+            total.merge(part)
     total.top_words(30)
     total.top_bigrams(30)
     return total

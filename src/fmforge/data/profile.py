@@ -20,7 +20,9 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from multiprocessing.pool import Pool
 from pathlib import Path
 
 import numpy as np
@@ -62,23 +64,33 @@ def _run_chunk(items: list) -> TextStats:
     return analyze_chunk(items, _worker["tok"], _worker["near"])
 
 
-def _in_order(chunks: Iterator[list], workers: int, tokenizer_path: str | None, near: bool) -> Iterator[TextStats]:
-    """Each chunk's statistics, in input order; at most 2 chunks per worker in flight (bounded memory)."""
+@contextmanager
+def worker_pool(workers: int, tokenizer_path: str | None, near: bool) -> Iterator[Pool | None]:
+    """``workers`` processes analysing chunks (None for one: the chunks are analysed in this process). Open it
+    before reading the inputs: the workers start (fork, warm up) while the first chunk is read."""
     warm_up()  # compile (or load) the kernels once, before forking: the workers inherit them
     if workers <= 1:
         _init_worker(tokenizer_path, near)
-        yield from map(_run_chunk, chunks)
+        yield None
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ctx.Pool(workers, _init_worker, (tokenizer_path, near)) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_run_chunk, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
+        yield pool
+
+
+def in_order(chunks: Iterator[list], pool: Pool | None, workers: int) -> Iterator[TextStats]:
+    """Each chunk's statistics, in input order; at most 2 chunks per worker in flight (bounded memory)."""
+    if pool is None:
+        yield from map(_run_chunk, chunks)
+        return
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_run_chunk, (chunk,)))
+        if len(pending) >= 2 * workers:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def chunk_target(index: int, done: int, total: int | None, workers: int) -> int:
@@ -179,25 +191,27 @@ def _text_stats(inputs: list[str], kind: str, tokenizer: str | None, ref_tok: Pa
         data_dir = Path(inputs[0])
         manifest = load_manifest(data_dir)
         tok, path = _prepared_tokenizer(data_dir, manifest)
-        items: Iterator = _prepared_docs(data_dir, manifest, tok)
-        expected = None
-        info = _tokenizer_info(tok, "prepared data")
-        source = {"prepared": str(data_dir), "sources": manifest.get("sources", [])}
-        say(f"profiling prepared data {data_dir} ({sum(manifest['tokens'].values()):,} tokens)")
     else:
-        skipped: Counter = Counter()
-        reader = DocumentReader(resolve_inputs(inputs, skipped), text_field)
         path = Path(tokenizer) if tokenizer else ref_tok
         tok = load_tokenizer(path) if path else None
-        info = _tokenizer_info(tok, "--tokenizer" if tokenizer else "the reference's") if tok else None
-        items = (d.text for d in reader)
-        expected = _local_size(reader.files)
-        source = {"raw": list(inputs), "reader": reader, "skipped": skipped}
-        say(f"profiling {len(reader.files)} files" + (f" (skipped {format_counts(skipped)})" if skipped else ""))
-    total = TextStats()
-    chunks = chunked(items, len, expected, workers)
-    for part in _in_order(chunks, workers, str(path) if path else None, near_duplicates):
-        total.merge(part)
+    with worker_pool(workers, str(path) if path else None, near_duplicates) as pool:
+        if kind == "text-dir":
+            items: Iterator = _prepared_docs(data_dir, manifest, tok)
+            expected = None
+            info = _tokenizer_info(tok, "prepared data")
+            source = {"prepared": str(data_dir), "sources": manifest.get("sources", [])}
+            say(f"profiling prepared data {data_dir} ({sum(manifest['tokens'].values()):,} tokens)")
+        else:
+            skipped: Counter = Counter()
+            reader = DocumentReader(resolve_inputs(inputs, skipped), text_field)
+            info = _tokenizer_info(tok, "--tokenizer" if tokenizer else "the reference's") if tok else None
+            items = (d.text for d in reader)
+            expected = _local_size(reader.files)
+            source = {"raw": list(inputs), "reader": reader, "skipped": skipped}
+            say(f"profiling {len(reader.files)} files" + (f" (skipped {format_counts(skipped)})" if skipped else ""))
+        total = TextStats()
+        for part in in_order(chunked(items, len, expected, workers), pool, workers):
+            total.merge(part)
     if "reader" in source:
         reader = source.pop("reader")
         source.update(sources=[{"path": s.path, "bytes": s.bytes, "sha256": s.sha256} for s in reader.sources],

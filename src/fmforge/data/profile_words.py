@@ -48,8 +48,15 @@ class HashCounts:
     pending: list = field(default_factory=list)
 
     def add(self, other: HashCounts) -> bool:
-        """Queue ``other``'s counts; True when that compacted and pruned the table."""
+        """Queue ``other``'s counts; True when that compacted and pruned the table.
+
+        The queue stays a stack of sorted runs, each more than twice the size of the next: the newest two merge
+        while the newer is at least half the older (as a merge sort's runs do), so the merging keeps pace with
+        the chunks as they arrive and only a few runs are left for the end."""
         self.pending += [other] + other.pending
+        while len(self.pending) > 1 and 2 * len(self.pending[-1].keys) >= len(self.pending[-2].keys):
+            newer, older = self.pending.pop(), self.pending.pop()
+            self.pending.append(HashCounts(*merge_counts(older.keys, older.counts, newer.keys, newer.counts)))
         if not _due(self.pending):
             return False
         return self.compact()
@@ -132,16 +139,23 @@ class WordNames:
         self.offsets, self.data = _gather(offsets.astype(np.int64), data, idx)
 
     def lookup(self, keys: list[int]) -> dict[int, str]:
-        """The words of ``keys`` (those known), decoded: searched table by table (a few keys are wanted, so
-        combining every table first would cost more)."""
-        want = np.asarray(keys, dtype=np.uint64)
+        """The words of ``keys`` (those known), decoded: searched in every table at once (a few keys are
+        wanted, so combining the tables first would cost more)."""
+        tables = [self] + self.pending
+        starts = np.cumsum([0] + [len(t.keys) for t in tables])
+        every = np.concatenate([t.keys for t in tables])
+        want = np.unique(np.asarray(keys, dtype=np.uint64))
+        if not len(want) or not len(every):
+            return {}
+        near = want[np.minimum(np.searchsorted(want, every), len(want) - 1)]  # a binary search in the few wanted
+        hits = np.flatnonzero(near == every)
         out: dict[int, str] = {}
-        for table in [self] + self.pending:
-            for i in np.flatnonzero(np.isin(table.keys, want)).tolist():
-                key = int(table.keys[i])
-                if key not in out:
-                    out[key] = bytes(table.data[table.offsets[i]:table.offsets[i + 1]]).decode("utf-8",
-                                                                                              "surrogatepass")
+        for hit in hits.tolist():
+            t = int(np.searchsorted(starts, hit, side="right")) - 1
+            table, i = tables[t], hit - int(starts[t])
+            key = int(table.keys[i])
+            if key not in out:
+                out[key] = bytes(table.data[table.offsets[i]:table.offsets[i + 1]]).decode("utf-8", "surrogatepass")
         return out
 
 
