@@ -307,12 +307,14 @@ def test_output_holding_files_with_our_names_but_no_manifest_needs_overwrite(goo
     out.mkdir()
     (out / "tokenizer.json").write_text("the user's tokenizer")
     (out / ".staging.jsonl").write_text("left by a killed run\n")
+    (out / "manifest.json.tmp-4242").write_text("{")  # write_json_atomic's temp file, from a killed process
     with pytest.raises(FmforgeError, match=r"already holds tokenizer.json .*pass --overwrite"):
         _prep([good], out)
     assert (out / "tokenizer.json").read_text() == "the user's tokenizer"
     (out / "tokenizer.json").unlink()
     _prep([good], out)  # leftovers that are unmistakably ours are cleaned up without asking
     assert not (out / ".staging.jsonl").exists() and (out / "manifest.json").exists()
+    assert not (out / "manifest.json.tmp-4242").exists()
 
 
 def test_nothing_usable_is_one_error_summarizing_the_drop_reasons(tmp_path):

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-from fmforge.data.workplan import UnitFailed, WorkDir, read_small_json, run_logged, write_json
+from fmforge.data.manifest import write_json_atomic
+from fmforge.data.workplan import UnitFailed, WorkDir, read_small_json, run_logged
 from fmforge.errors import FmforgeError, clip
 from fmforge.lazy import resolve
 
@@ -87,8 +88,9 @@ def run_local(out: str, units: list[str], task: str, *, workers: int, retries: i
                 except BrokenProcessPool:
                     broken = True
                     error = f"{unit}: its worker process died (killed, or out of memory)"
-                    write_json(work.failed_path(unit), {"unit": unit, "attempt": next_attempt(work, unit),
-                                                        "error": error, "log": str(work.log_path(unit))})
+                    write_json_atomic(work.failed_path(unit), {"unit": unit, "attempt": next_attempt(work, unit),
+                                                               "error": error, "log": str(work.log_path(unit))},
+                                      indent=1)
                 except UnitFailed as err:
                     error = str(err)
                 final = tries[unit] > retries

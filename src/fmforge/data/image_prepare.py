@@ -67,7 +67,7 @@ LIST_EXTENSIONS = (".csv", ".jsonl")
 VERIFY_CHUNK = 512
 _NAMES = r"((train|val)_\d{6}\.tar|index\.json|tokenizer\.json|special_tokens_map\.json)"
 OUR_OUTPUTS = re.compile(rf"^{_NAMES}$")
-_OUR_LEFTOVERS = re.compile(rf"^{_NAMES}\.tmp$")
+_OUR_LEFTOVERS = re.compile(rf"^{_NAMES}\.tmp(-\d+)?$")  # -PID: write_json_atomic
 
 
 @dataclass

@@ -59,7 +59,7 @@ from fmforge.data.image_shards import INDEX
 from fmforge.data.limits import MAX_PIXELS, MAX_RECORD_LINE_BYTES, check_limit
 from fmforge.data.manifest import check_output_dir, write_json_atomic
 from fmforge.data.tokenizer import load_tokenizer
-from fmforge.data.workplan import DONE, PLAN_FORMAT, PLAN_VERSION, WorkDir, unit_name, write_json
+from fmforge.data.workplan import DONE, PLAN_FORMAT, PLAN_VERSION, WorkDir, unit_name
 from fmforge.errors import FmforgeError, clip
 from fmforge.io.fs import sha256_file
 from fmforge.io.paths import UnsafePath, confined
@@ -179,7 +179,7 @@ def run_unit(out: str, unit_id: str) -> dict:
     try:
         stats = _check_and_write(records, plan["settings"], staged)
         stats["unit"] = unit_id
-        write_json(staged / DONE, stats)
+        write_json_atomic(staged / DONE, stats, indent=1)
         work.commit(unit_id, staged)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

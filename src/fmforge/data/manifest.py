@@ -37,11 +37,12 @@ def check_output_dir(out: Path, marker: str, ours: re.Pattern, what: str, overwr
                            "(an interrupted run, or not ours); pass --overwrite to replace them")
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Temp file, fsync, rename: a reader sees the old file or the whole new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_json_atomic(path: Path, obj: dict, indent: int = 2) -> None:
+    """Temp file, fsync, rename: a reader sees the old file or the whole new one, never a torn one. The temp
+    file's name carries the process id, so processes writing the same file never share one."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

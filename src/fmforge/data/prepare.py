@@ -58,7 +58,7 @@ ENCODE_BATCH_CHARS = 4_000_000  # bounds memory (each token is a Rust Encoding e
 # an interrupted run (temp files, staging) are unmistakably ours; the final names could be a user's files.
 _NAMES = r"((train|val)_\d{6}\.bin|manifest\.json|tokenizer\.json|special_tokens_map\.json|removed\.jsonl)"
 OUR_OUTPUTS = re.compile(rf"^{_NAMES}$")
-_OUR_LEFTOVERS = re.compile(rf"^{_NAMES}\.tmp$|^\.staging\.jsonl$")
+_OUR_LEFTOVERS = re.compile(rf"^{_NAMES}\.tmp(-\d+)?$|^\.staging\.jsonl$")  # -PID: write_json_atomic
 
 
 @dataclass

@@ -53,7 +53,7 @@ from fmforge.data.shards import ShardWriter, shard_dtype
 from fmforge.data.sources import DocumentReader
 from fmforge.data.splits import check_split
 from fmforge.data.tokenizer import load_tokenizer, train_tokenizer
-from fmforge.data.workplan import DONE, WorkDir, write_json
+from fmforge.data.workplan import DONE, WorkDir
 from fmforge.errors import FmforgeError
 
 TASK = "fmforge.data.text_units:run_unit"
@@ -129,7 +129,7 @@ def run_unit(out: str, unit_id: str) -> dict:
     try:
         stats = _encode_unit(unit.files, s, tok, staged)
         stats.update(unit=unit_id, files=len(unit.files), stored_bytes=unit.bytes)
-        write_json(staged / DONE, stats)
+        write_json_atomic(staged / DONE, stats, indent=1)
         work.commit(unit_id, staged)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmforge.data.limits import MAX_DESCRIPTION_BYTES
+from fmforge.data.manifest import write_json_atomic
 from fmforge.errors import FmforgeError, clip
 from fmforge.io import fs as remote
 from fmforge.io.bounded import read_json_object
@@ -127,7 +128,7 @@ class WorkDir:
         """Write a new plan (the directory must not hold one)."""
         for d in (self.path, self.units_dir, self.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
-        write_json(self.plan_path, plan)
+        write_json_atomic(self.plan_path, plan, indent=1)
         self._plan = plan
 
     def remove(self) -> None:
@@ -222,8 +223,8 @@ def run_logged(work: WorkDir, unit_id: str, attempt: int, fn) -> dict:
         error = clip(f"{type(err).__name__}: {err}" if not isinstance(err, FmforgeError) else str(err), 300)
         with open(log, "a", encoding="utf-8") as f:
             f.write(traceback.format_exc())
-        write_json(work.failed_path(unit_id), {"unit": unit_id, "attempt": attempt, "error": error,
-                                               "log": str(log)})
+        write_json_atomic(work.failed_path(unit_id), {"unit": unit_id, "attempt": attempt, "error": error,
+                                                      "log": str(log)}, indent=1)
         raise UnitFailed(f"{unit_id}: {error}") from None
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {unit_id} done in {time.perf_counter() - start:.1f}s: "
@@ -233,16 +234,6 @@ def run_logged(work: WorkDir, unit_id: str, attempt: int, fn) -> dict:
 
 class UnitFailed(FmforgeError):
     """One unit's attempt failed (its log holds the traceback)."""
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_small_json(path: Path) -> dict:

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fmforge.data.workplan import WorkDir, read_small_json, write_json
+from fmforge.data.manifest import write_json_atomic
+from fmforge.data.workplan import WorkDir, read_small_json
 from fmforge.errors import FmforgeError
 from fmforge.launch import slurm
 from fmforge.launch.common import WORD, check_text, require_tool, resolve_options, run_tool
@@ -67,7 +68,7 @@ def submit(out: str, work: WorkDir, *, workers: int, retries: int, options: dict
     groups = max(1, min(len(pending), MAX_ARRAY_TASKS))
     d = work.path / "slurm"
     d.mkdir(parents=True, exist_ok=True)
-    write_json(d / "pending.json", {"units": pending})
+    write_json_atomic(d / "pending.json", {"units": pending}, indent=1)
     base = [python, "-m", WORKER]
     scripts = {
         "tokenizer": _script(work, opts, name + "-tok", [], [*base, "tokenizer", out_abs]),
@@ -88,7 +89,7 @@ def submit(out: str, work: WorkDir, *, workers: int, retries: int, options: dict
     tok_job = sb("tokenizer", None) if need_tokenizer else None
     units_job = sb("units", f"afterok:{tok_job}" if tok_job else None)
     sb("merge", f"afterany:{units_job}")
-    write_json(d / "jobs.json", {**jobs, "groups": groups, "submitted": time.time()})
+    write_json_atomic(d / "jobs.json", {**jobs, "groups": groups, "submitted": time.time()}, indent=1)
     echo(f"submitted Slurm jobs: {', '.join(f'{k} {v}' for k, v in jobs.items())} ({len(pending)} units in "
          f"{groups} array tasks, at most {workers} at once)")
     return jobs
