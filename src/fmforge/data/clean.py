@@ -25,7 +25,7 @@ def normalize(text: str) -> str:
     """NFC, and every line ending as ``\\n``. Nothing else is touched: whitespace and case are data."""
     if not unicodedata.is_normalized("NFC", text):
         text = unicodedata.normalize("NFC", text)
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text  # a search costs 1/30 of two replaces
 
 
 def text_digest(text: str) -> bytes:
