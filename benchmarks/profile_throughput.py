@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -53,7 +54,7 @@ from fmforge.data.clean import MERSENNE, MinHashDeduper, normalize, shingles
 from fmforge.data.fastscan import warm_up
 from fmforge.data.pii import find_pii
 from fmforge.data.prepare import prepare_data
-from fmforge.data.profile import chunked, in_order, profile_data, worker_pool
+from fmforge.data.profile import POOL_EXIT_THREAD, chunked, in_order, profile_data, worker_pool
 from fmforge.data.profile_text import TextStats
 from fmforge.data.profile_words import chunk_words
 from fmforge.data.sources import DocumentReader
@@ -151,16 +152,26 @@ def cpu_seconds() -> float:
 
 
 def timed(fn) -> tuple[float, float]:
-    """Wall seconds and CPU seconds (this process and its finished workers) of one call."""
+    """Wall seconds and CPU seconds (this process and its workers) of one call. The worker pool is stopped in
+    the background after the call returns: its end is waited for after the wall time is taken, so that the
+    workers' CPU counts (a finished process's CPU is known once it is joined)."""
     start, cpu = time.perf_counter(), cpu_seconds()
     fn()
-    return time.perf_counter() - start, cpu_seconds() - cpu
+    wall = time.perf_counter() - start
+    join_pool_exit()
+    return wall, cpu_seconds() - cpu
+
+
+def join_pool_exit() -> None:
+    for t in threading.enumerate():
+        if t.name == POOL_EXIT_THREAD:
+            t.join()
 
 
 # Rounds of profile_data in a fresh interpreter (imports as the CLI's): the first reported apart.
 CHILD = """
-import json, resource, sys, time
-from fmforge.data.profile import profile_data
+import json, resource, sys, threading, time
+from fmforge.data.profile import POOL_EXIT_THREAD, profile_data
 files, out, rounds, workers = json.loads(sys.argv[1])
 def cpu():
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -169,7 +180,11 @@ times = []
 for _ in range(rounds + 1):
     start, used = time.perf_counter(), cpu()
     profile_data(files, out, workers=workers, log=None)
-    times.append((time.perf_counter() - start, cpu() - used))
+    wall = time.perf_counter() - start
+    for t in threading.enumerate():  # the pool's end (in the background): its workers' CPU counts once joined
+        if t.name == POOL_EXIT_THREAD:
+            t.join()
+    times.append((wall, cpu() - used))
 print(json.dumps(times))
 """
 

@@ -9,6 +9,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import sys
 import sysconfig
 import tarfile
 from pathlib import Path
@@ -28,6 +30,7 @@ from fmforge.data.profile import (
     js_divergence,
     ks_statistic,
     profile_data,
+    worker_pool,
 )
 from fmforge.data.profile_images import dhash
 from fmforge.data.shards import read_shard
@@ -171,6 +174,17 @@ def test_garbled_and_binary_lines_and_scripts_are_counted(tmp_path):
     t = profile_data([str(src)], tmp_path / "p", workers=1, log=quiet)["text"]
     assert t["lines"] == {"total": 6, "binary": 1, "garbled": 2, "bad_share": 0.5}
     assert {"LATIN", "CYRILLIC", "CJK"} <= set(t["scripts"])
+
+
+def test_workers_end_on_sigterm_whatever_handler_the_caller_installed():
+    """ray.init() leaves a SIGTERM handler that calls sys.exit in its caller; forked workers inheriting it
+    caught the pool's SIGTERM and once never exited (a hung full suite). Workers restore the default."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    try:
+        with worker_pool(2, None, False) as pool:
+            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_two_workers_find_exactly_what_one_finds(corpus, raw_profile, tmp_path):

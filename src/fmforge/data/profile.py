@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -50,9 +52,14 @@ TOP_TOKENS = 20
 MIN_TOKEN_COUNT = 5  # over/under-represented tokens: only those seen this often in the two corpora together
 
 _worker: dict = {}
+POOL_EXIT_THREAD = "fmforge-profile-pool-exit"  # stops a finished pool's workers in the background
 
 
 def _init_worker(tokenizer_path: str | None, near_duplicates: bool) -> None:
+    # A forked worker inherits the parent's Python-level signal handlers (a training loop's stop flag, a
+    # server's graceful shutdown): with one of those, the SIGTERM that ends a pool would be caught and ignored.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     _worker["tok"] = load_tokenizer(tokenizer_path) if tokenizer_path else None
     _worker["near"] = near_duplicates
     # A first, tiny chunk while the main process reads the first real one: a forked worker's first pass
@@ -75,8 +82,14 @@ def worker_pool(workers: int, tokenizer_path: str | None, near: bool) -> Iterato
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core already
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, _init_worker, (tokenizer_path, near)) as pool:
+    pool = ctx.Pool(workers, _init_worker, (tokenizer_path, near))
+    try:
         yield pool
+    except BaseException:
+        pool.terminate()
+        raise
+    # Done: the workers are stopped (SIGTERM, then joined) in the background while the results are summarised.
+    threading.Thread(target=pool.terminate, name=POOL_EXIT_THREAD).start()
 
 
 def in_order(chunks: Iterator[list], pool: Pool | None, workers: int) -> Iterator[TextStats]:
