@@ -90,3 +90,31 @@ def test_word_hashes_split_utf8_at_every_character_str_isspace_accepts_and_nowhe
     want = [zlib.crc32(w.encode("utf-8")) for w in text.split()]
     assert word_hashes(text.encode("utf-8")).tolist() == want
     assert len(want) == 3 * len(spaces) + 1
+
+
+def test_a_batch_of_signatures_gets_exactly_the_answers_of_one_by_one_calls():
+    """``near_duplicates`` registers rows without candidates at once: the answers (and what later batches see)
+    must be those of sequential ``is_near_duplicate_signature`` calls, with near copies inside a batch, across
+    batches, and of copies that were themselves dropped."""
+    rng = np.random.default_rng(0)
+    files = sorted((STDLIB / "json").glob("*.py")) + sorted((STDLIB / "email").glob("*.py"))[:12]
+    docs = [f.read_text(encoding="utf-8") for f in files]
+    variants = []
+    for text in docs:
+        words = text.split()
+        for _ in range(int(rng.integers(0, 3))):  # near copies: one word changed, or a copy of a copy
+            w = list(words)
+            w[int(rng.integers(len(w)))] = "changed"
+            variants.append(" ".join(w))
+    texts = docs + variants
+    texts = [texts[i] for i in rng.permutation(len(texts))]
+    one = MinHashDeduper()
+    sigs = np.stack([one.signature(t) for t in texts])
+    want = [one.is_near_duplicate_signature(s) for s in sigs]
+    assert 0 < sum(want) < len(want)
+    batched = MinHashDeduper()
+    got = []
+    for start, stop in ((0, 1), (1, 9), (9, len(sigs) // 2), (len(sigs) // 2, len(sigs))):
+        got += batched.near_duplicates(sigs[start:stop]).tolist()
+    assert got == want
+    assert batched.near_duplicates(sigs[:5]).all()  # all remembered (or near what was)

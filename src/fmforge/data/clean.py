@@ -139,9 +139,37 @@ class MinHashDeduper:
         self._register(sig, keys)
         return False
 
-    def _register(self, sig: np.ndarray, keys: list[int]) -> None:
-        if self._count == len(self._sigs):
+    def near_duplicates(self, sigs: np.ndarray) -> np.ndarray:
+        """``is_near_duplicate_signature`` for each row of ``sigs`` in order (bool per row), the same answers
+        and state. A row none of whose band keys is known yet, or made by an earlier row of the batch, has no
+        candidate: those rows are registered at once; the others go one by one (in order; no earlier row can
+        be one of the first kind, whose keys all start with it)."""
+        n = len(sigs)
+        if not n:
+            return np.zeros(0, bool)
+        keys = self.band_keys(sigs)
+        flat = keys.ravel()
+        _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+        earlier = (first[inverse] // self.bands).reshape(n, self.bands) < np.arange(n)[:, None]
+        known = np.fromiter(map(self._buckets.__contains__, flat.tolist()), bool, len(flat)).reshape(n, self.bands)
+        alone = ~(earlier | known).any(axis=1)
+        self._grow(int(alone.sum()))
+        rows = np.flatnonzero(alone)
+        idx = np.arange(self._count, self._count + len(rows))
+        self._sigs[idx] = sigs[rows]
+        self._count += len(rows)
+        self._buckets.update(zip(keys[rows].ravel().tolist(), np.repeat(idx, self.bands).tolist()))
+        out = np.zeros(n, bool)
+        for i in np.flatnonzero(~alone).tolist():
+            out[i] = self.is_near_duplicate_signature(sigs[i], keys[i].tolist())
+        return out
+
+    def _grow(self, more: int) -> None:
+        while self._count + more > len(self._sigs):
             self._sigs = np.concatenate([self._sigs, np.empty_like(self._sigs)])
+
+    def _register(self, sig: np.ndarray, keys: list[int]) -> None:
+        self._grow(1)
         i = self._count
         self._sigs[i] = sig
         self._count += 1

@@ -47,12 +47,11 @@ class DuplicateCount:
         have = [i for i, sig in enumerate(sigs) if sig is not None]
         if have and self.near_seen is None:
             self.near_seen = MinHashDeduper()
-        keys = dict(zip(have, self.near_seen.band_keys(np.stack([sigs[i] for i in have])).tolist())) if have else {}
-        for i, (digest, sig) in enumerate(zip(digests, sigs)):
-            if self.exact_seen.is_duplicate(digest):
-                self.exact += 1
-            elif sig is not None and self.near_seen.is_near_duplicate_signature(sig, keys[i]):
-                self.near += 1
+        exact = [self.exact_seen.is_duplicate(digest) for digest in digests]
+        self.exact += sum(exact)
+        near = [i for i in have if not exact[i]]  # an exact copy is not looked at (nor remembered) as near
+        if near:
+            self.near += int(self.near_seen.near_duplicates(np.stack([sigs[i] for i in near])).sum())
 
 
 @dataclass
@@ -101,32 +100,49 @@ class TextStats:
 
     def top_words(self, k: int) -> list[tuple[str, int]]:
         """The ``k`` most frequent words as (word, count), by count then text (ties at the cut: text order)."""
-        self.words.compact()
-        if not len(self.words.keys):
-            return []
-        cut = np.sort(self.words.counts)[-min(k, len(self.words.counts))]
-        sel = self.words.counts >= cut
-        keys, counts = self.words.keys[sel].tolist(), self.words.counts[sel].tolist()
-        names = self.names.lookup(keys)
-        rows = [(names[h], c) for h, c in zip(keys, counts)]
-        return sorted(rows, key=lambda r: (-r[1], r[0]))[:k]
+        return self.top_words_and_bigrams(k, words=True, bigrams=False)[0]
 
     def top_bigrams(self, k: int) -> list[tuple[str, int]]:
         """The ``k`` most frequent word pairs as ("first second", count), by count then text (ties at the cut:
-        by key). A pair's words are found again from its key: both occur at least as often as the pair, so
-        among the words counted that often, the first is the one whose ``pair_key`` partner is also there."""
-        keys, counts = self.bigrams.top(k)
+        by key)."""
+        return self.top_words_and_bigrams(k, words=False, bigrams=True)[1]
+
+    def top_words_and_bigrams(self, k: int, words: bool = True, bigrams: bool = True) -> tuple[list, list]:
+        """``top_words(k)`` and ``top_bigrams(k)``, their words' text looked up at once."""
         self.words.compact()
-        found = []
-        for key, count in zip(keys.tolist(), counts.tolist()):
-            often = self.words.keys[self.words.counts >= count]
-            second = np.uint64(key) ^ (often * PAIR)
-            hit = np.flatnonzero(np.isin(second, often))
-            found.append((int(often[hit[0]]), int(second[hit[0]])) if len(hit) else None)
-        names = self.names.lookup([h for pair in found if pair for h in pair])
-        rows = [(f"{names[pair[0]]} {names[pair[1]]}" if pair else f"#{key:016x}", count)  # pruned: past the bound
-                for pair, key, count in zip(found, keys.tolist(), counts.tolist())]
-        return sorted(rows, key=lambda r: (-r[1], r[0]))
+        word_keys, word_counts = [], []
+        if words and len(self.words.keys):
+            cut = np.sort(self.words.counts)[-min(k, len(self.words.counts))]
+            sel = self.words.counts >= cut
+            word_keys, word_counts = self.words.keys[sel].tolist(), self.words.counts[sel].tolist()
+        pair_keys, pair_counts = self.bigrams.top(k) if bigrams else (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+        found = self._pair_words(pair_keys, pair_counts)
+        names = self.names.lookup(word_keys + [h for pair in found if pair for h in pair])
+        top = sorted(((names[h], c) for h, c in zip(word_keys, word_counts)), key=lambda r: (-r[1], r[0]))[:k]
+        pairs = [(f"{names[pair[0]]} {names[pair[1]]}" if pair else f"#{key:016x}", count)  # pruned: past the bound
+                 for pair, key, count in zip(found, pair_keys.tolist(), pair_counts.tolist())]
+        return top, sorted(pairs, key=lambda r: (-r[1], r[0]))
+
+    def _pair_words(self, keys: np.ndarray, counts: np.ndarray) -> list[tuple[int, int] | None]:
+        """The (first, second) word keys of each pair key, None when not found (pruned). Both words occur at
+        least as often as the pair, so among the words counted that often, the first is the one whose
+        ``pair_key`` partner is also there."""
+        if not len(keys):
+            return []
+        sel = self.words.counts >= counts.min()  # every pair's words are among these (keys stay sorted)
+        often, often_counts = self.words.keys[sel], self.words.counts[sel]
+        if not len(often):
+            return [None] * len(keys)
+        found: list[tuple[int, int] | None] = []
+        step = max(1, 2**20 // len(often))  # rows of (pairs x candidate first words) per block: bounded memory
+        for at in range(0, len(keys), step):
+            block, need = keys[at:at + step], counts[at:at + step, None]
+            second = block[:, None] ^ (often * PAIR)[None, :]  # each candidate first word's partner
+            pos = np.minimum(np.searchsorted(often, second), len(often) - 1)
+            ok = (often[pos] == second) & (often_counts[None, :] >= need) & (often_counts[pos] >= need)
+            first = ok.argmax(axis=1)
+            found += [(int(often[j]), int(second[i, j])) if ok[i, j] else None for i, j in enumerate(first.tolist())]
+        return found
 
 
 def add_counts(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
@@ -264,6 +280,7 @@ def _shares(counter: Counter) -> dict:
 
 def summarize(stats: TextStats, near_duplicates: bool, tokenizer: dict | None) -> dict:
     """The ``text`` section of profile.json."""
+    top_words, top_bigrams = stats.top_words_and_bigrams(TOP_K)
     doc = {
         "documents": stats.documents, "characters": stats.chars, "bytes": stats.bytes,
         "tokens": stats.tokens if stats.doc_tokens else None,
@@ -276,8 +293,8 @@ def summarize(stats: TextStats, near_duplicates: bool, tokenizer: dict | None) -
         "duplicates": duplicates(stats, near_duplicates),
         "lines": {"total": stats.lines, "binary": stats.binary_lines, "garbled": stats.garbled_lines,
                   "bad_share": (stats.binary_lines + stats.garbled_lines) / max(1, stats.lines)},
-        "top_words": stats.top_words(TOP_K),
-        "top_bigrams": stats.top_bigrams(TOP_K),
+        "top_words": top_words,
+        "top_bigrams": top_bigrams,
         "pii": stats.pii.to_dict(),
     }
     return doc

@@ -149,13 +149,14 @@ class WordNames:
             return {}
         near = want[np.minimum(np.searchsorted(want, every), len(want) - 1)]  # a binary search in the few wanted
         hits = np.flatnonzero(near == every)
+        _, first = np.unique(every[hits], return_index=True)  # a key's first entry is enough
+        hits = hits[first]
+        table_of = np.searchsorted(starts, hits, side="right") - 1
         out: dict[int, str] = {}
-        for hit in hits.tolist():
-            t = int(np.searchsorted(starts, hit, side="right")) - 1
+        for hit, t in zip(hits.tolist(), table_of.tolist()):
             table, i = tables[t], hit - int(starts[t])
-            key = int(table.keys[i])
-            if key not in out:
-                out[key] = bytes(table.data[table.offsets[i]:table.offsets[i + 1]]).decode("utf-8", "surrogatepass")
+            text = bytes(table.data[table.offsets[i]:table.offsets[i + 1]])
+            out[int(table.keys[i])] = text.decode("utf-8", "surrogatepass")
         return out
 
 
