@@ -294,3 +294,12 @@ def test_a_directory_prepared_before_these_fields_still_loads_and_verifies(tmp_p
     (out / "manifest.json").write_text(json.dumps(m))
     assert load_manifest(out)["tokens"] == m["tokens"]
     verify_prepared_data(out, log=None)
+
+
+def test_an_input_that_cannot_be_looked_at_is_a_one_line_error_naming_it(tmp_path):
+    loop = tmp_path / "loop.txt"
+    loop.symlink_to(loop)  # stat fails with ELOOP, not "no such file"
+    with pytest.raises(FmforgeError, match=r"cannot read input .*loop\.txt: Too many levels of symbolic links"):
+        resolve_inputs([str(loop)])
+    with pytest.raises(FmforgeError, match=r"input not found: .*missing\.txt$"):
+        resolve_inputs([str(tmp_path / "missing.txt")])

@@ -20,12 +20,14 @@ read through in pieces (still hashed) and never held in memory. Undecodable byte
 from __future__ import annotations
 
 import csv
+import errno
 import fnmatch
 import glob
 import hashlib
 import io
 import json
 import os
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -174,6 +176,7 @@ def resolve_inputs(inputs: list[str], skipped: Counter | None = None) -> list[Pa
         raise FmforgeError("no inputs given")
     skipped = Counter() if skipped is None else skipped
     files: list[Path | str] = []
+    named: dict[Path, tuple[int, int]] = {}
     for item in inputs:
         item = str(item)
         if remote.is_remote(item):
@@ -187,9 +190,12 @@ def resolve_inputs(inputs: list[str], skipped: Counter | None = None) -> list[Pa
                 files += _walk(m, skipped) if m.is_dir() else [m]
         else:
             p = Path(item).expanduser()
-            if not p.exists():
-                raise FmforgeError(f"input not found: {item}")
-            if p.is_dir():
+            try:
+                st = os.stat(p)  # one call says whether it exists, is a directory, and which file it is
+            except OSError as e:
+                raise FmforgeError(f"input not found: {item}" if e.errno in (errno.ENOENT, errno.ENOTDIR)
+                                   else f"cannot read input {item}: {e.strerror}") from None
+            if stat.S_ISDIR(st.st_mode):
                 here: Counter = Counter()
                 found = _walk(p, here)
                 skipped.update(here)
@@ -198,9 +204,10 @@ def resolve_inputs(inputs: list[str], skipped: Counter | None = None) -> list[Pa
                 files += found
             else:
                 files.append(p)
+                named[p] = (st.st_dev, st.st_ino)
     seen, unique = set(), []
     for f in files:
-        key = f if isinstance(f, str) else _identity(f)
+        key = f if isinstance(f, str) else named.get(f) or _identity(f)
         if key not in seen:
             seen.add(key)
             unique.append(f)
