@@ -149,12 +149,14 @@ def test_engine_flags_without_an_engine_and_bad_values_are_one_line_errors(corpu
 def test_three_local_workers_and_ray_give_the_same_shards_as_one_worker(corpus, single, tmp_path):
     tok = str(single / "tokenizer.json")
     outs = {}
+    sigterm = signal.getsignal(signal.SIGTERM)
     for name, engine, workers in (("w1", "local", 1), ("w3", "local", 3), ("ray", "ray", 2)):
         outs[name] = tmp_path / name
         m = prepare_sharded([str(corpus)], outs[name], engine=engine, workers=workers, unit_bytes=60_000,
                             tokenizer=tok, log=None, **SETTINGS)
         assert m["engine"]["engine"] == engine
     assert shard_bytes(outs["w1"]) == shard_bytes(outs["w3"]) == shard_bytes(outs["ray"]) == shard_bytes(single)
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # the Ray started for the run took its handler with it
 
 
 @pytest.mark.slow

@@ -8,8 +8,10 @@ A failed unit is retried up to ``retries`` times, then reported by name; the oth
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -140,6 +142,7 @@ def run_ray(out: str, units: list[str], task: str, *, workers: int, retries: int
     runs as one Ray task before the units (the tokenizer job)."""
     ray = import_ray()
     started = False
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     if not ray.is_initialized():
         kwargs = {"num_cpus": workers} if address is None else {"address": address}
         try:
@@ -168,3 +171,9 @@ def run_ray(out: str, units: list[str], task: str, *, workers: int, retries: int
     finally:
         if started:
             ray.shutdown()
+            # ray.init leaves a SIGTERM handler that calls sys.exit: the caller gets its own back (a process
+            # forked later, such as data profile's workers, would otherwise inherit it)
+            with contextlib.suppress(ValueError):  # not the main thread: Ray set none
+                for sig, handler in handlers.items():
+                    if handler is not None:  # None: set outside Python, not ours to put back
+                        signal.signal(sig, handler)
